@@ -1,0 +1,51 @@
+"""Defaults shared by every path (Python, GGUF export, C++ runtime): they live in `defaults.json` beside this file."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+
+from .errors import FlexSelectError
+
+log = logging.getLogger("flexselect")
+
+DEFAULTS_FILE = resources.files("flexselect") / "defaults.json"
+_RAW = json.loads(DEFAULTS_FILE.read_text())
+
+SET_FRAMES: int = _RAW["set_frames"]
+AGGREGATE: str = _RAW["aggregate"]
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    family: str
+    num_layers: int  # depth of the model the paper tuned `reference_layer` on
+    reference_layer: int  # 0-based
+    budget: int  # kept visual tokens for the whole video
+    fps: float
+    max_frames: int
+    max_side: int
+
+
+def family_defaults(family: str) -> FamilyDefaults:
+    try:
+        return FamilyDefaults(family=family, **_RAW["families"][family])
+    except KeyError:
+        known = ", ".join(sorted(_RAW["families"]))
+        raise FlexSelectError(f"unknown model family {family!r}; supported families: {known}") from None
+
+
+def reference_layer_for(family: str, num_layers: int) -> int:
+    """The paper's reference layer, or the layer at the same relative depth for a model of another depth."""
+    d = family_defaults(family)
+    if num_layers == d.num_layers:
+        return d.reference_layer
+    layer = min(num_layers - 1, max(1, round(d.reference_layer * num_layers / d.num_layers)))
+    log.warning(
+        "%s: the paper's reference layer %d is for %d layers; this model has %d, using layer %d (same relative "
+        "depth). Run `flexselect layer-scan` to measure the best one.",
+        family, d.reference_layer, d.num_layers, num_layers, layer,
+    )
+    return layer
