@@ -27,6 +27,8 @@ class FamilyDefaults:
     fps: float
     max_frames: int
     max_side: int
+    prompt_prefix: str = ""  # chat template up to the video (families whose template all paths share)
+    prompt_suffix: str = "{question}"  # everything after the video; {question} is replaced
 
 
 def family_defaults(family: str) -> FamilyDefaults:

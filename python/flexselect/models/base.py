@@ -1,0 +1,96 @@
+"""What every model backend provides to the pipeline, and the data that flows between the steps.
+
+video -> Clip (video.py) -> VisualTokens (backend.encode) -> frame sets (selection.py) -> scores (backend.score or a
+Lite ranker) -> kept token indices (selection.py) -> answer (backend.generate). A backend is a thin adapter: how
+frames become visual tokens, where they sit in the prompt, how positions work, which layer is the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from ..selection import Aggregate
+from ..video import Clip
+
+Progress = Callable[[int, int], None]  # (done, total); may raise to cancel (ComfyUI does)
+
+
+@dataclass
+class VisualTokens:
+    """A video's visual tokens as the language model takes them: encoded once, cached, then scored per frame set."""
+
+    embeds: torch.Tensor  # [num_frames * tokens_per_frame, hidden], frame-major, on the model's device
+    num_frames: int  # temporal units (Qwen2.5-VL: pairs of sampled frames)
+    grid: tuple[int, int]  # merged tokens per frame as (rows, cols)
+    timestamps: np.ndarray  # [num_frames] seconds at which each unit starts
+    time_interval: float  # temporal position step per unit (M-RoPE families; 1.0 elsewhere)
+    frame_size: tuple[int, int]  # (height, width) in pixels fed to the vision tower
+    source: str = ""
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_frames * self.tokens_per_frame
+
+    def frame_tokens(self, frames: list[int]) -> torch.Tensor:
+        """Global token indices of the given frames, in the given order."""
+        tpf = self.tokens_per_frame
+        return (torch.tensor(frames)[:, None] * tpf + torch.arange(tpf)[None, :]).reshape(-1)
+
+
+@dataclass
+class Prompt:
+    """The chat prompt around the video. The suffix (question + answer cue) holds the rows that score."""
+
+    prefix_ids: torch.Tensor  # [P] long: text before the video
+    suffix_ids: torch.Tensor  # [T] long: text after the video
+    question: str
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    ttft_s: float  # from the start of the answer pass to the first sampled token
+    prompt_tokens: int  # prefix + kept visual + suffix
+    stats: dict = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """A Video-LLM as FlexSelect needs it. Implemented by the transformers adapters and the llama.cpp backend."""
+
+    family: str  # key into defaults.json
+    num_layers: int
+    hidden_size: int
+
+    def encode(self, clip: Clip, progress: Progress | None = None) -> VisualTokens: ...
+
+    def prompt(self, question: str) -> Prompt: ...
+
+    def score(
+        self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, aggregate: Aggregate
+    ) -> torch.Tensor:
+        """Scores of the tokens of `frames` (in visual.frame_tokens(frames) order) at the reference `layer`,
+        from a pass over [prefix + those frames' tokens as a short video + suffix] that stops at that layer."""
+        ...
+
+    def generate(
+        self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt, config: GenerationConfig
+    ) -> Generation:
+        """Answer from [prefix + the kept tokens (ascending global indices) + suffix]."""
+        ...
