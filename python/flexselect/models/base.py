@@ -8,13 +8,15 @@ frames become visual tokens, where they sit in the prompt, how positions work, w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import torch
 
 from ..selection import Aggregate
-from ..video import Clip
+
+if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
+    from ..video import Clip
 
 Progress = Callable[[int, int], None]  # (done, total); may raise to cancel (ComfyUI does)
 

@@ -1,0 +1,193 @@
+"""Qwen2.5-VL (and Qwen2-VL) on transformers: frames -> visual tokens, the prompt around them, M-RoPE positions.
+
+Frames are paired into temporal units (temporal patch 2); each unit becomes (H/28) x (W/28) visual tokens. The
+positions follow the original Qwen2.5-VL definition (what the models were trained with): a video starting at
+position s gives token (unit u, row r, col c) the position (s + floor(u * interval), s + r, s + c), with
+interval = tokens_per_second * temporal_patch_size / sampling fps, and the text after the video resumes at the
+largest video position + 1. (transformers 5.23's own `get_rope_index` resumes text at s + max(rows, cols)
+instead, which differs for videos; we keep the original, and the llama.cpp and C++ paths use these functions.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..defaults import family_defaults
+from ..errors import FlexSelectError
+from .base import Progress, Prompt, VisualTokens
+from .hf import HFBackend, LayoutedInput, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
+    from ..video import Clip
+
+PIXEL_FACTOR = 28  # patch 14 x spatial merge 2: each side of a frame must be a multiple of this
+ENCODE_CHUNK_UNITS = 16  # units per vision-tower call: bounds activation memory on long videos
+
+
+def frame_size(height: int, width: int, factor: int = PIXEL_FACTOR) -> tuple[int, int]:
+    """Each side rounded to the nearest multiple of `factor` (at least one): the size the vision tower takes."""
+    return max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+
+
+def patchify(frames: torch.Tensor, patch: int, temporal_patch: int, merge: int) -> tuple[torch.Tensor, tuple]:
+    """Normalised frames [N, C, H, W] -> Qwen vision patches [units*gh*gw, C*tp*p*p] and the (t, gh, gw) grid.
+
+    The order (2x2 merge blocks contiguous) is the one Qwen's image processor produces; an odd last frame is
+    repeated to fill the last temporal patch, as the processor does.
+    """
+    if frames.shape[0] % temporal_patch:
+        pad = temporal_patch - frames.shape[0] % temporal_patch
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+    n, c, h, w = frames.shape
+    t, gh, gw = n // temporal_patch, h // patch, w // patch
+    x = frames.reshape(t, temporal_patch, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(t * gh * gw, c * temporal_patch * patch * patch), (t, gh, gw)
+
+
+def video_positions(num_frames: int, grid: tuple[int, int], interval: float) -> torch.Tensor:
+    """M-RoPE offsets [3, num_frames*rows*cols] of a video's tokens relative to the video's start position."""
+    rows, cols = grid
+    t = torch.tensor([math.floor(u * interval) for u in range(num_frames)], dtype=torch.long)
+    return torch.stack([
+        t[:, None, None].expand(num_frames, rows, cols),
+        torch.arange(rows)[None, :, None].expand(num_frames, rows, cols),
+        torch.arange(cols)[None, None, :].expand(num_frames, rows, cols),
+    ]).reshape(3, -1)
+
+
+def layout_positions(
+    prefix_len: int, video_offsets: torch.Tensor, video_extent: int, suffix_len: int
+) -> tuple[torch.Tensor, int]:
+    """Positions [3, P + V + T] of prefix, video tokens and suffix, and the position of the next token.
+
+    `video_extent` is the largest offset of the *whole* video the tokens come from, so the text after a subset of
+    tokens keeps the position it has after the full video.
+    """
+    prefix = torch.arange(prefix_len).expand(3, -1)
+    suffix_start = prefix_len + video_extent + 1
+    suffix = torch.arange(suffix_start, suffix_start + suffix_len).expand(3, -1)
+    return torch.cat([prefix, video_offsets + prefix_len, suffix], dim=1), suffix_start + suffix_len
+
+
+def full_video_extent(visual: VisualTokens) -> int:
+    rows, cols = visual.grid
+    return max(math.floor((visual.num_frames - 1) * visual.time_interval), rows - 1, cols - 1)
+
+
+def compact_positions(offsets: torch.Tensor) -> torch.Tensor:
+    """Re-grid kept tokens: temporal offsets become the dense rank of the kept units, so no gaps remain in time."""
+    t = offsets[0]
+    ranks = torch.unique(t, return_inverse=True)[1]
+    return torch.stack([ranks, offsets[1], offsets[2]])
+
+
+class Qwen25VLBackend(HFBackend):
+    """Qwen2.5-VL / Qwen2-VL via `Qwen2_5_VLForConditionalGeneration` / `Qwen2VLForConditionalGeneration`."""
+
+    def __init__(self, model, tokenizer, preprocessor: dict, family: str = "qwen2_5_vl",
+                 positions: str = "original") -> None:
+        if positions not in ("original", "compact"):
+            raise FlexSelectError(f"positions must be 'original' or 'compact', got {positions!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.family = family
+        self.positions = positions
+        vision = model.config.vision_config
+        self.patch = vision.patch_size
+        self.temporal_patch = vision.temporal_patch_size
+        self.merge = vision.spatial_merge_size
+        self.tokens_per_second = getattr(vision, "tokens_per_second", 2)
+        self.mean = torch.tensor(preprocessor.get("image_mean", [0.48145466, 0.4578275, 0.40821073]))
+        self.std = torch.tensor(preprocessor.get("image_std", [0.26862954, 0.26130258, 0.27577711]))
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_token_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+        self.defaults = family_defaults(family)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", positions: str = "original"):
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = Path(path)
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type == "qwen2_5_vl":
+            from transformers import Qwen2_5_VLForConditionalGeneration as model_class
+        else:
+            from transformers import Qwen2VLForConditionalGeneration as model_class
+        dev = resolve_device(device)
+        model = model_class.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
+        preprocessor_file = path / "preprocessor_config.json"
+        preprocessor = json.loads(preprocessor_file.read_text()) if preprocessor_file.is_file() else {}
+        return cls(model, AutoTokenizer.from_pretrained(path), preprocessor, config.model_type, positions)
+
+    # -- frames -> visual tokens --------------------------------------------------------------------------------
+    def pixels(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 [N, H, W, 3] -> normalised float [N, 3, H', W'] at a size the vision tower takes."""
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+        size = frame_size(x.shape[2], x.shape[3])
+        if size != tuple(x.shape[2:]):
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
+        return (x / 255.0 - self.mean[:, None, None]) / self.std[:, None, None]
+
+    @torch.inference_mode()
+    def encode(self, clip: Clip, progress: Progress | None = None) -> VisualTokens:
+        visual_tower = self.model.model.visual
+        frames_per_chunk = ENCODE_CHUNK_UNITS * self.temporal_patch
+        n = len(clip.frames)
+        chunks, grid = [], None
+        for start in range(0, n, frames_per_chunk):
+            pixels = self.pixels(clip.frames[start : start + frames_per_chunk])
+            patches, (t, gh, gw) = patchify(pixels, self.patch, self.temporal_patch, self.merge)
+            grid_thw = torch.tensor([[t, gh, gw]], device=self.device)
+            out = visual_tower(patches.to(self.device, visual_tower.dtype), grid_thw=grid_thw)
+            chunks.append(out.pooler_output)
+            grid = (gh // self.merge, gw // self.merge)
+            if progress:
+                progress(min(start + frames_per_chunk, n), n)
+        units = math.ceil(n / self.temporal_patch)
+        return VisualTokens(
+            embeds=torch.cat(chunks).to(self.model.dtype),
+            num_frames=units,
+            grid=grid,
+            timestamps=np.asarray(clip.timestamps[:: self.temporal_patch], dtype=np.float64),
+            time_interval=self.tokens_per_second * self.temporal_patch / clip.sample_fps,
+            frame_size=(grid[0] * PIXEL_FACTOR, grid[1] * PIXEL_FACTOR),
+            source=clip.source,
+        )
+
+    # -- prompt and layouts -------------------------------------------------------------------------------------
+    def prompt(self, question: str) -> Prompt:
+        def ids(text: str) -> torch.Tensor:
+            return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+        d = self.defaults
+        return Prompt(ids(d.prompt_prefix), ids(d.prompt_suffix.replace("{question}", question)), question)
+
+    def _layout(self, visual_embeds, offsets, extent, prompt: Prompt) -> LayoutedInput:
+        embeds = torch.cat([self.embed_ids(prompt.prefix_ids), visual_embeds, self.embed_ids(prompt.suffix_ids)])
+        positions, next_position = layout_positions(len(prompt.prefix_ids), offsets, extent, len(prompt.suffix_ids))
+        return LayoutedInput(embeds[None], positions[:, None, :].to(self.device), next_position)
+
+    def scoring_inputs(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> LayoutedInput:
+        # The set is scored as a short video of its own frames (as in the paper's code).
+        offsets = video_positions(len(frames), visual.grid, visual.time_interval)
+        extent = int(offsets.max())
+        return self._layout(visual.embeds[visual.frame_tokens(frames).to(self.device)], offsets, extent, prompt)
+
+    def answer_inputs(self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt) -> LayoutedInput:
+        offsets = self.kept_positions(visual, kept)
+        extent = full_video_extent(visual) if self.positions == "original" else int(offsets.max())
+        return self._layout(visual.embeds[kept.to(self.device)], offsets, extent, prompt)
+
+    def kept_positions(self, visual: VisualTokens, kept: torch.Tensor) -> torch.Tensor:
+        """Offsets of the kept tokens: their original full-video positions, or re-gridded compactly."""
+        offsets = video_positions(visual.num_frames, visual.grid, visual.time_interval)[:, kept]
+        return offsets if self.positions == "original" else compact_positions(offsets)
