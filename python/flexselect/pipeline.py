@@ -280,7 +280,7 @@ def _stage(progress: StageProgress | None, stage: str):
 _LOADED: dict[tuple, FlexSelect] = {}
 
 
-def answer(video: str | os.PathLike, question: str, model: str | os.PathLike, **options) -> Answer:
+def answer(video: str | os.PathLike, question: str, model: str | os.PathLike | None = None, **options) -> Answer:
     """One call: load `model` (kept loaded for the next call) and answer `question` about `video`.
 
     `options` are those of `FlexSelect.load` (device, dtype, gguf, mmproj, ranker, positions) and of

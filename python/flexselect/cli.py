@@ -1,0 +1,172 @@
+"""`flexselect` command line. Errors the user can fix print one line and exit 2; no torch tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+from .errors import FlexSelectError
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="transformers checkpoint folder (e.g. Qwen2.5-VL-7B-Instruct)")
+    g.add_argument("--gguf", help="text GGUF for the llama.cpp backend (with --mmproj)")
+    g.add_argument("--mmproj", help="the vision projector GGUF that belongs to --gguf")
+    g.add_argument("--ranker", help="FlexSelect-Lite ranker: a bundle folder or a .onnx file")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: bf16 on GPU)")
+    g.add_argument("--n-ctx", type=int, default=32768, help="llama.cpp context size (default 32768)")
+    g.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="llama.cpp layers on the GPU (-1: all)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("frames")
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--frames", type=int, help="sample N frames uniformly")
+    how.add_argument("--fps", type=float, help="sample at F frames per second (default: the model's, 2 for Qwen)")
+    g.add_argument("--start", type=float, help="start time in seconds")
+    g.add_argument("--end", type=float, help="end time in seconds")
+    g.add_argument("--max-frames", type=int, help="cap on sampled frames (default: the model's, 1024 for Qwen)")
+    g.add_argument("--max-side", type=int, help="resize frames so the longest side is at most this (default 560)")
+
+
+def add_selection_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("selection")
+    g.add_argument("--selector", choices=["reference", "lite", "none"],
+                   help="who scores tokens: the model's reference layer (default), a Lite ranker, or keep all")
+    g.add_argument("--budget", type=int, help="visual tokens to keep for the whole video (default: the model's)")
+    g.add_argument("--layer", type=int, help="reference layer, 0-based (default: the model's, 20 for Qwen2.5-VL-7B)")
+    g.add_argument("--set-frames", type=int, help="frame units per frame set (default 64)")
+    g.add_argument("--aggregate", choices=["max", "mean"], help="over heads and question tokens (default max)")
+    g.add_argument("--positions", choices=["original", "compact"], default="original",
+                   help="answer-pass positions of kept tokens: original (paper) or compact re-gridding")
+
+
+def add_answer_command(sub) -> None:
+    p = sub.add_parser("answer", help="answer a question about a video (no arguments: the offline demo)",
+                       description="Answer a question about a long video with FlexSelect token selection.")
+    p.add_argument("video", nargs="?", help="video file (omit for the built-in demo)")
+    p.add_argument("question", nargs="?", help="the question")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    add_selection_arguments(p)
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=run_answer)
+
+
+def run_answer(args: argparse.Namespace) -> int:
+    from .demo import DEMO_NOTICE, DEMO_QUESTION, demo_assets
+    from .models.base import GenerationConfig
+    from .pipeline import FlexSelect, Sampling
+
+    demo = args.video is None and args.model is None and args.gguf is None
+    if demo:
+        print(DEMO_NOTICE, file=sys.stderr)
+        model, video = demo_assets()
+        args.model, args.video, args.question = str(model), str(video), args.question or DEMO_QUESTION
+        args.frames = args.frames or 120
+    elif args.video is None or args.question is None:
+        raise FlexSelectError('give a video and a question: flexselect answer VIDEO "QUESTION" --model PATH')
+    elif args.model is None and args.gguf is None:
+        raise FlexSelectError(
+            "no model given: pass --model /path/to/Qwen2.5-VL-7B-Instruct (or --gguf + --mmproj); "
+            "run `flexselect answer` with no arguments for the offline demo"
+        )
+    pipe = FlexSelect.load(args.model, gguf=args.gguf, mmproj=args.mmproj, ranker=args.ranker, device=args.device,
+                           dtype=args.dtype, positions=args.positions, n_ctx=args.n_ctx,
+                           n_gpu_layers=args.n_gpu_layers)
+    with ProgressBars(disable=args.json) as progress:
+        result = pipe.answer(
+            args.video, args.question,
+            sampling=Sampling(args.frames, args.fps, args.start, args.end, args.max_frames, args.max_side),
+            budget=args.budget, layer=args.layer, set_frames=args.set_frames, aggregate=args.aggregate,
+            selector=args.selector,
+            generation=GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed),
+            progress=progress,
+        )
+    if args.json:
+        print(json.dumps({"answer": result.text, "demo": demo, "stats": result.stats,
+                          "answer_token_ids": result.generation.token_ids,
+                          "kept_token_indices": result.selection.kept.tolist()}))
+    else:
+        print(result.text)
+        print(format_stats(result.stats), file=sys.stderr)
+    return 0
+
+
+def format_stats(s: dict) -> str:
+    sec = s["seconds"]
+    kept_share = 100.0 * s["kept_tokens"] / max(1, s["visual_tokens"])
+    layer = f", reference layer {s['reference_layer']}" if s["reference_layer"] is not None else ""
+    memory = ", ".join(f"{k} {v:.0f} MiB" for k, v in s["peak_memory_mb"].items())
+    frames = "cached" if s["video_cached"] else f"{s['frames']} sampled"
+    return (
+        f"frames: {frames} -> {s['frame_units']} units x {s['tokens_per_frame']} tokens | "
+        f"visual tokens: {s['visual_tokens']} | kept: {s['kept_tokens']} ({kept_share:.1f}%) in "
+        f"{s['frame_sets']} frame set(s), selector {s['selector']}{layer}\n"
+        f"time: decode {sec['decode']:.2f}s | encode {sec['encode']:.2f}s | select {sec['select']:.2f}s | "
+        f"answer {sec['answer']:.2f}s (first token {sec['ttft_answer']:.2f}s) | total {sec['total']:.2f}s\n"
+        f"peak memory: {memory}"
+    )
+
+
+class ProgressBars:
+    """One tqdm bar per pipeline stage, on stderr, shown only on a terminal."""
+
+    def __init__(self, disable: bool = False) -> None:
+        self.disable = disable
+        self.bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="", leave=False, disable=self.disable or None)
+        bar.update(done - bar.n)
+
+    def __enter__(self) -> "ProgressBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexselect", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_answer_command(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="flexselect: %(message)s")
+    try:
+        return args.run(args)
+    except FlexSelectError as e:
+        print(f"flexselect: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flexselect: interrupted", file=sys.stderr)
+        return 130
+    except (MemoryError, torch.OutOfMemoryError):
+        print("flexselect: error: out of memory; use fewer --frames, a smaller --max-side or --budget, "
+              "or --dtype bfloat16", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
