@@ -74,7 +74,8 @@ def run_answer(args: argparse.Namespace) -> int:
         print(DEMO_NOTICE, file=sys.stderr)
         model, video = demo_assets()
         args.model, args.video, args.question = str(model), str(video), args.question or DEMO_QUESTION
-        args.frames = args.frames or 120
+        # small enough for any CPU, large enough to show selection: 60 frame units in 4 sets, ~13% kept
+        args.frames, args.budget, args.set_frames = args.frames or 120, args.budget or 96, args.set_frames or 16
     elif args.video is None or args.question is None:
         raise FlexSelectError('give a video and a question: flexselect answer VIDEO "QUESTION" --model PATH')
     elif args.model is None and args.gguf is None:
