@@ -1,0 +1,231 @@
+// FlexSelect (NeurIPS 2025): query-aware visual token selection for long-video QA, as a small C++ library.
+//
+// The steps, in the order the CLI runs them (each matches a definition in python/flexselect/):
+//   1. load_clip        video -> sampled RGB frames (FFmpeg; uniform or fps sampling, streamed, resized)
+//   2. Llm::encode      frames -> visual tokens: one embedding row per token, frame unit after frame unit (mtmd)
+//   3. frame_sets       strided sets of frame units; split_budget gives each set its share of the token budget
+//   4. Llm::score_set   scoring pass over [prefix + the set's tokens + suffix] up to the reference layer only;
+//                       question_attention_scores turns the captured Q/K into one score per visual token
+//      (or Ranker::score, a FlexSelect-Lite ONNX ranker)
+//   5. top_k            per set, mapped back to global token indices, sorted ascending
+//   6. Llm::answer      answer pass over [prefix + kept tokens at their original positions + suffix], greedy
+//
+// A "frame unit" is the model's temporal unit (Qwen2.5-VL: two sampled frames), every unit holds the same
+// rows x cols tokens, and token j of unit u has the global index u * tokens_per_unit + j.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace flexselect {
+
+// Every error the user can fix (bad file, mismatched models, too long a prompt) is thrown as this, with one clear
+// message; the CLI prints it and exits with status 2.
+struct Error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// ---- selection math (selection.cpp; python/flexselect/selection.py) ---------------------------------------------
+
+// G = ceil(F / S) sets; set g holds units g, g+G, g+2G, ... (each set spans the whole video).
+std::vector<std::vector<int>> frame_sets(int num_units, int set_frames);
+
+// The budget rounded up to whole units' worth of tokens.
+int round_budget(int budget, int tokens_per_unit);
+
+// Equal shares, never more than a set holds; what a small set cannot use goes to the others (earlier sets take the
+// remainder first), so the shares add up to exactly min(budget, total tokens).
+std::vector<int> split_budget(int budget, const std::vector<int> & set_sizes);
+
+// Indices of the k highest scores in ascending index order; ties go to the lower index.
+std::vector<int> top_k(const std::vector<float> & scores, int k);
+
+enum class Aggregate { max, mean };
+Aggregate parse_aggregate(const std::string & name);
+
+// Score each visual token by how much the question attends to it, at one layer, from post-RoPE Q and K.
+//   q: [n_rows][n_heads][head_dim]      the last n_rows positions of the sequence (the text after the video)
+//   k: [n_keys][n_kv_heads][head_dim]   all positions; query head h uses KV head h / (n_heads / n_kv_heads)
+// softmax over the whole key span of q.k / sqrt(head_dim), causal among the n_rows question columns, restricted to
+// the columns [vis_begin, vis_end), then max (or mean) over heads and rows. Returns vis_end - vis_begin scores.
+std::vector<float> question_attention_scores(const float * q, const float * k, int n_rows, int n_keys, int n_heads,
+                                             int n_kv_heads, int head_dim, int vis_begin, int vis_end,
+                                             Aggregate aggregate);
+
+// ---- M-RoPE positions (positions.cpp; python/flexselect/models/qwen2_5_vl.py) -----------------------------------
+
+struct Pos3 {
+    int32_t t, y, x;
+};
+
+// Temporal step per unit: tokens_per_second * temporal_patch / sample_fps.
+double time_interval(double tokens_per_second, int temporal_patch, double sample_fps);
+
+// Offsets of a video's tokens relative to its start position, unit-major then row then col:
+// (floor(u * interval), r, c). floor is taken in double.
+std::vector<Pos3> video_offsets(int num_units, int rows, int cols, double interval);
+
+// The largest offset of a video in any of the three dims (the text after it resumes at start + extent + 1).
+int video_extent(int num_units, int rows, int cols, double interval);
+
+// A prompt laid out as [prefix (P tokens)] [video tokens at start P + offset] [suffix (T tokens)]:
+// prefix at p in all dims, suffix consecutive from P + extent + 1. `extent` is that of the video the tokens come
+// from (the full video in the answer pass, so the suffix keeps its full-video positions).
+struct Layout {
+    std::vector<Pos3> prefix, video, suffix;
+    int32_t next;  // position of the first generated token
+};
+Layout layout_positions(int prefix_len, const std::vector<Pos3> & video_offsets, int extent, int suffix_len);
+
+// llama.cpp's M-RoPE batch layout: 4 values per token, section-major (all t, all y, all x, then n zeros).
+std::vector<int32_t> mrope_section_major(const std::vector<Pos3> & pos);
+
+// ---- video (video.cpp) -------------------------------------------------------------------------------------------
+
+struct SamplingOptions {
+    int frames = 0;        // > 0: this many frames at the centres of equal segments
+    double fps = 0.0;      // > 0 (and frames == 0): this many frames per second
+    double start = -1.0;   // seconds; < 0: from the beginning
+    double end = -1.0;     // seconds; < 0: to the end
+    int max_frames = 0;    // > 0: cap on sampled frames (fps mode)
+    int max_side = 0;      // > 0: longest side at most this many pixels
+};
+
+struct Clip {
+    int width = 0, height = 0;                  // after resizing: multiples of 28
+    std::vector<std::vector<uint8_t>> frames;   // RGB24, height * width * 3 each
+    std::vector<double> timestamps;             // seconds
+    double sample_fps = 0.0;                    // sampled frames / sampled span in seconds
+    int64_t source_frames = 0;                  // frames in the (trimmed) source
+    double source_fps = 0.0;
+};
+
+// Frame indices (0-based, within n_frames) at the centres of n equal segments.
+std::vector<int64_t> uniform_indices(int64_t n_frames, int n);
+// Frame indices for sampling at `fps` from a source at `source_fps`, at most max_frames (then uniform).
+std::vector<int64_t> fps_indices(int64_t n_frames, double source_fps, double fps, int max_frames);
+// Frame size fed to the vision tower: longest side <= max_side, then each side rounded to a multiple of 28.
+void target_size(int width, int height, int max_side, int & out_width, int & out_height);
+
+// Decodes only what is needed and keeps only the sampled frames. Throws Error on unreadable input.
+Clip load_clip(const std::string & path, const SamplingOptions & opts);
+
+// ---- the Video-LLM through llama.cpp + mtmd (llm.cpp) ------------------------------------------------------------
+
+struct LlmOptions {
+    std::string model_path, mmproj_path;
+    int n_gpu_layers = -1;  // -1: all
+    int n_threads = 0;      // 0: llama.cpp's default
+    int n_ctx = 32768;
+    int n_batch = 2048;     // tokens per llama_decode call; the scoring capture accumulates across micro-batches
+    bool verbose = false;   // llama.cpp / mtmd logs
+};
+
+struct VisualTokens {
+    std::vector<float> embd;  // [num_units * rows * cols][n_embd], unit-major
+    int n_embd = 0, num_units = 0, rows = 0, cols = 0;
+    double interval = 1.0;    // M-RoPE temporal step per unit
+    int tokens_per_unit() const { return rows * cols; }
+    int num_tokens() const { return num_units * rows * cols; }
+    const float * token(int i) const { return embd.data() + (size_t) i * n_embd; }
+};
+
+struct Prompt {
+    std::vector<int32_t> prefix, suffix;  // token ids before / after the video
+    std::vector<int32_t> question;        // the question's own ids (for a Lite ranker)
+};
+
+struct Generation {
+    std::string text;
+    std::vector<int32_t> tokens;
+    int prompt_tokens = 0;
+    double ttft_s = 0.0;  // from the start of the answer pass to the first sampled token
+};
+
+struct GenerationOptions {
+    int max_new_tokens = 128;
+    float temperature = 0.0f;  // 0: greedy
+    uint32_t seed = 0;
+};
+
+class Llm {
+  public:
+    explicit Llm(const LlmOptions & opts);  // throws Error
+    ~Llm();
+    Llm(const Llm &) = delete;
+    Llm & operator=(const Llm &) = delete;
+
+    int n_layers() const;
+    int n_embd() const;
+    int n_ctx() const;
+    double tokens_per_second() const;  // vision config; 2 for Qwen2.5-VL
+
+    Prompt prompt(const std::string & question) const;
+    VisualTokens encode(const Clip & clip, int temporal_patch = 2);
+
+    // Scores of the tokens of `units` (in unit order) at `layer`: the set is scored as a short video of its own.
+    // The graph is cut right after layer `layer`'s Q/K (see llm.cpp); the KV cache is cleared before and after.
+    std::vector<float> score_set(const VisualTokens & v, const std::vector<int> & units, const Prompt & p, int layer,
+                                 Aggregate aggregate);
+
+    // Answer from [prefix + kept tokens (ascending global indices) at their full-video positions + suffix].
+    Generation answer(const VisualTokens & v, const std::vector<int> & kept, const Prompt & p,
+                      const GenerationOptions & g);
+
+    struct Impl;
+  private:
+    std::unique_ptr<Impl> impl_;
+};
+
+// ---- FlexSelect-Lite ranker through ONNX Runtime (ranker.cpp) ----------------------------------------------------
+//
+// Expected ONNX model (input and output names are looked up, not assumed):
+//   one floating-point input  [n_visual, D] or [1, n_visual, D]  the frame set's visual tokens (rows of `embd`,
+//                                                                   D = the LLM's n_embd_inp; checked at load)
+//   one integer input (int64 or int32) [T] or [1, T]            the question's token ids (Prompt::question)
+//   output 0: floating-point, n_visual elements (any shape)       one score per visual token, higher = keep
+// Built without ONNX Runtime (-DFLEXSELECT_WITH_ONNXRUNTIME=OFF), the constructor throws Error saying so.
+class Ranker {
+  public:
+    Ranker(const std::string & onnx_path, int n_threads);
+    ~Ranker();
+    Ranker(const Ranker &) = delete;
+    Ranker & operator=(const Ranker &) = delete;
+
+    int feature_dim() const;  // D, or -1 if the model leaves it dynamic
+    std::vector<float> score(const float * embd, int n_visual, int n_embd, const std::vector<int32_t> & question);
+
+    static bool available();  // built with ONNX Runtime?
+
+    struct Impl;
+  private:
+    std::unique_ptr<Impl> impl_;
+};
+
+// ---- the whole job (pipeline.cpp) --------------------------------------------------------------------------------
+
+struct SelectOptions {
+    int budget = 0;       // <= 0: the family default (rounded up to whole units, capped at the video's tokens)
+    int layer = -1;       // < 0: the family's reference layer, scaled to this model's depth
+    int set_frames = 0;   // <= 0: the default (64)
+    Aggregate aggregate = Aggregate::max;
+};
+
+struct Selection {
+    std::vector<int> kept;  // ascending global token indices
+    int budget = 0;         // after rounding and capping
+    int n_sets = 0;
+    int layer = -1;         // -1 when a ranker scored
+};
+
+// The reference layer of the paper for Qwen2.5-VL (28 layers), or the layer at the same relative depth.
+int reference_layer_for(int num_layers);
+
+// Selection over all frame sets; `ranker` may be null (then the model's reference layer scores).
+Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, const Prompt & p,
+                        const SelectOptions & opts);
+
+}  // namespace flexselect

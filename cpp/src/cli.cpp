@@ -1,0 +1,262 @@
+// flexselect-cli: answer a question about a long video with FlexSelect token selection, on llama.cpp.
+// Prints the answer on stdout and the same stats as the Python CLI on stderr (or everything as one JSON object).
+#include "flexselect/flexselect.h"
+#include "flexselect/defaults_gen.h"
+
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+using namespace flexselect;
+
+namespace {
+
+const char * kUsage =
+    "usage: flexselect-cli -m model.gguf --mmproj mmproj.gguf --video FILE -p \"QUESTION\" [options]\n"
+    "\n"
+    "  -m, --model FILE         Qwen2.5-VL (or Qwen2-VL) language model GGUF\n"
+    "      --mmproj FILE        its vision projector GGUF (required)\n"
+    "      --ranker FILE        FlexSelect-Lite ranker (.onnx) instead of the reference-layer scoring pass\n"
+    "      --video FILE         the video\n"
+    "  -p, --prompt TEXT        the question\n"
+    "frames:\n"
+    "      --frames N           sample N frames uniformly\n"
+    "      --fps F              sample F frames per second (default %g)\n"
+    "      --start S, --end S   only this time range (seconds)\n"
+    "      --max-frames N       cap on sampled frames (default %d)\n"
+    "      --max-side N         longest frame side in pixels (default %d)\n"
+    "selection:\n"
+    "      --budget K           visual tokens kept for the whole video (default %d)\n"
+    "      --layer L            reference layer, 0-based (default %d for a 28-layer model, same depth otherwise)\n"
+    "      --set-frames S       frame units per frame set (default %d)\n"
+    "      --aggregate max|mean over heads and question tokens (default %s)\n"
+    "generation:\n"
+    "      --max-new-tokens N   (default 128)\n"
+    "      --temp T             0 = greedy (default)\n"
+    "      --seed N             sampling seed when --temp > 0\n"
+    "runtime:\n"
+    "  -ngl, --n-gpu-layers N   layers on the GPU (-1 = all, default)\n"
+    "  -t, --threads N          CPU threads\n"
+    "  -c, --ctx-size N         context size (default 32768)\n"
+    "      --json               print one JSON object (answer, stats, kept token indices, answer token ids)\n"
+    "  -v, --verbose            show llama.cpp's logs\n";
+
+void usage(FILE * out) {
+    namespace d = defaults::qwen2_5_vl;
+    std::fprintf(out, kUsage, d::fps, d::max_frames, d::max_side, d::budget, d::reference_layer, defaults::set_frames,
+                 defaults::aggregate);
+}
+
+struct Args {
+    LlmOptions llm;
+    std::string ranker, video, question;
+    SamplingOptions sampling;
+    SelectOptions select;
+    GenerationOptions gen;
+    bool json = false;
+};
+
+int to_int(const std::string & flag, const char * v) {
+    char * end = nullptr;
+    const long x = std::strtol(v, &end, 10);
+    if (!*v || *end) throw Error(flag + " expects an integer, got '" + v + "'");
+    return (int) x;
+}
+
+double to_double(const std::string & flag, const char * v) {
+    char * end = nullptr;
+    const double x = std::strtod(v, &end);
+    if (!*v || *end) throw Error(flag + " expects a number, got '" + v + "'");
+    return x;
+}
+
+Args parse(int argc, char ** argv) {
+    namespace d = defaults::qwen2_5_vl;
+    Args a;
+    a.sampling.max_frames = d::max_frames;
+    a.sampling.max_side = d::max_side;
+    a.select.aggregate = parse_aggregate(defaults::aggregate);
+    for (int i = 1; i < argc; ++i) {
+        const std::string f = argv[i];
+        auto val = [&]() -> const char * {
+            if (i + 1 >= argc) throw Error(f + " needs a value");
+            return argv[++i];
+        };
+        if (f == "-h" || f == "--help") {
+            usage(stdout);
+            std::exit(0);
+        } else if (f == "-m" || f == "--model") a.llm.model_path = val();
+        else if (f == "--mmproj") a.llm.mmproj_path = val();
+        else if (f == "--ranker") a.ranker = val();
+        else if (f == "--video") a.video = val();
+        else if (f == "-p" || f == "--prompt") a.question = val();
+        else if (f == "--frames") a.sampling.frames = to_int(f, val());
+        else if (f == "--fps") a.sampling.fps = to_double(f, val());
+        else if (f == "--start") a.sampling.start = to_double(f, val());
+        else if (f == "--end") a.sampling.end = to_double(f, val());
+        else if (f == "--max-frames") a.sampling.max_frames = to_int(f, val());
+        else if (f == "--max-side") a.sampling.max_side = to_int(f, val());
+        else if (f == "--budget") a.select.budget = to_int(f, val());
+        else if (f == "--layer") a.select.layer = to_int(f, val());
+        else if (f == "--set-frames") a.select.set_frames = to_int(f, val());
+        else if (f == "--aggregate") a.select.aggregate = parse_aggregate(val());
+        else if (f == "--max-new-tokens") a.gen.max_new_tokens = to_int(f, val());
+        else if (f == "--temp") a.gen.temperature = (float) to_double(f, val());
+        else if (f == "--seed") a.gen.seed = (uint32_t) to_int(f, val());
+        else if (f == "-ngl" || f == "--n-gpu-layers") a.llm.n_gpu_layers = to_int(f, val());
+        else if (f == "-t" || f == "--threads") a.llm.n_threads = to_int(f, val());
+        else if (f == "-c" || f == "--ctx-size") a.llm.n_ctx = to_int(f, val());
+        else if (f == "--json") a.json = true;
+        else if (f == "-v" || f == "--verbose") a.llm.verbose = true;
+        else throw Error("unknown option " + f + " (see --help)");
+    }
+    if (a.llm.model_path.empty()) throw Error("no model given: pass -m model.gguf --mmproj mmproj.gguf");
+    if (a.llm.mmproj_path.empty()) {
+        throw Error("--mmproj is required: the vision projector GGUF that belongs to " + a.llm.model_path);
+    }
+    if (a.video.empty()) throw Error("no video given: pass --video FILE");
+    if (a.question.find_first_not_of(" \t\r\n") == std::string::npos) {
+        throw Error("the question is empty: pass -p \"QUESTION\" about the video");
+    }
+    if (a.sampling.frames < 0 || a.sampling.fps < 0) throw Error("--frames and --fps must be positive");
+    if (a.sampling.frames > 0 && a.sampling.fps > 0) throw Error("give either --frames or --fps, not both");
+    if (a.sampling.frames == 0 && a.sampling.fps == 0) a.sampling.fps = d::fps;
+    if (a.sampling.end > 0 && a.sampling.start > 0 && a.sampling.end <= a.sampling.start) {
+        throw Error("--end must be after --start");
+    }
+    if (a.select.budget < 0) throw Error("--budget must be positive");
+    if (a.select.set_frames < 0) throw Error("--set-frames must be positive");
+    if (a.gen.max_new_tokens < 1) throw Error("--max-new-tokens must be at least 1");
+    if (a.llm.n_ctx < 64) throw Error("--ctx-size must be at least 64");
+    if (a.sampling.max_side > 0 && a.sampling.max_side < 28) throw Error("--max-side must be at least 28");
+    return a;
+}
+
+std::string json_str(const std::string & s) {
+    std::string o = "\"";
+    for (unsigned char c : s) {
+        switch (c) {
+            case '"': o += "\\\""; break;
+            case '\\': o += "\\\\"; break;
+            case '\n': o += "\\n"; break;
+            case '\r': o += "\\r"; break;
+            case '\t': o += "\\t"; break;
+            default:
+                if (c < 0x20) {
+                    char b[8];
+                    std::snprintf(b, sizeof(b), "\\u%04x", c);
+                    o += b;
+                } else {
+                    o += (char) c;  // UTF-8 passes through
+                }
+        }
+    }
+    return o + "\"";
+}
+
+template <typename T> std::string json_list(const std::vector<T> & v) {
+    std::string o = "[";
+    for (size_t i = 0; i < v.size(); ++i) o += (i ? "," : "") + std::to_string(v[i]);
+    return o + "]";
+}
+
+double peak_rss_mb() {
+    struct rusage ru {};
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_maxrss / 1024.0;  // KiB on Linux
+}
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+int run(int argc, char ** argv) {
+    Args a = parse(argc, argv);
+    std::unique_ptr<Ranker> ranker;
+    if (!a.ranker.empty()) {
+        if (!Ranker::available()) {
+            throw Error("this flexselect-cli was built without ONNX Runtime, so --ranker is not available; rebuild "
+                        "with -DFLEXSELECT_WITH_ONNXRUNTIME=ON (see cpp/README.md)");
+        }
+        std::FILE * f = std::fopen(a.ranker.c_str(), "rb");
+        if (!f) throw Error("ranker not found: " + a.ranker);
+        std::fclose(f);
+    }
+    Llm llm(a.llm);
+    if (!a.ranker.empty()) {
+        ranker = std::make_unique<Ranker>(a.ranker, a.llm.n_threads);
+        if (ranker->feature_dim() > 0 && ranker->feature_dim() != llm.n_embd()) {
+            throw Error("ranker " + a.ranker + " does not match " + a.llm.model_path + ": it takes " +
+                        std::to_string(ranker->feature_dim()) + "-d visual tokens, the model's are " +
+                        std::to_string(llm.n_embd()) + "-d");
+        }
+    }
+
+    const auto t0 = Clock::now();
+    Clip clip = load_clip(a.video, a.sampling);
+    const double t_decode = since(t0);
+    const auto t1 = Clock::now();
+    VisualTokens v = llm.encode(clip);
+    const double t_encode = since(t1);
+    const size_t n_frames = clip.frames.size();
+    clip.frames.clear();  // pixels are no longer needed
+    clip.frames.shrink_to_fit();
+
+    const Prompt prompt = llm.prompt(a.question);
+    const auto t2 = Clock::now();
+    const Selection sel = select_tokens(llm, ranker.get(), v, prompt, a.select);
+    const double t_select = since(t2);
+    const Generation gen = llm.answer(v, sel.kept, prompt, a.gen);
+    const double total = since(t0);
+    const double t_answer = total - t_decode - t_encode - t_select;
+
+    const char * selector = ranker ? "lite" : "reference";
+    if (a.json) {
+        std::string layer = sel.layer >= 0 ? std::to_string(sel.layer) : "null";
+        std::printf(
+            "{\"answer\": %s, \"stats\": {\"frames\": %zu, \"frame_units\": %d, \"tokens_per_frame\": %d, "
+            "\"visual_tokens\": %d, \"kept_tokens\": %zu, \"frame_sets\": %d, \"selector\": \"%s\", "
+            "\"reference_layer\": %s, \"video_cached\": false, \"frame_size\": [%d, %d], \"sample_fps\": %.6g, "
+            "\"seconds\": {\"decode\": %.4f, \"encode\": %.4f, \"select\": %.4f, \"ttft_answer\": %.4f, "
+            "\"answer\": %.4f, \"total\": %.4f}, \"peak_memory_mb\": {\"process_rss\": %.1f}}, "
+            "\"answer_token_ids\": %s, \"kept_token_indices\": %s}\n",
+            json_str(gen.text).c_str(), n_frames, v.num_units, v.tokens_per_unit(), v.num_tokens(), sel.kept.size(),
+            sel.n_sets, selector, layer.c_str(), clip.height, clip.width, clip.sample_fps, t_decode, t_encode,
+            t_select, gen.ttft_s, t_answer, total, peak_rss_mb(), json_list(gen.tokens).c_str(),
+            json_list(sel.kept).c_str());
+    } else {
+        std::printf("%s\n", gen.text.c_str());
+        const double share = 100.0 * sel.kept.size() / std::max(1, v.num_tokens());
+        std::string layer = sel.layer >= 0 ? ", reference layer " + std::to_string(sel.layer) : "";
+        std::fprintf(stderr,
+                     "frames: %zu sampled -> %d units x %d tokens | visual tokens: %d | kept: %zu (%.1f%%) in %d "
+                     "frame set(s), selector %s%s\n"
+                     "time: decode %.2fs | encode %.2fs | select %.2fs | answer %.2fs (first token %.2fs) | "
+                     "total %.2fs\n"
+                     "peak memory: process_rss %.0f MiB\n",
+                     n_frames, v.num_units, v.tokens_per_unit(), v.num_tokens(), sel.kept.size(), share, sel.n_sets,
+                     selector, layer.c_str(), t_decode, t_encode, t_select, t_answer, gen.ttft_s, total, peak_rss_mb());
+    }
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char ** argv) {
+    try {
+        return run(argc, argv);
+    } catch (const Error & e) {
+        std::fprintf(stderr, "flexselect-cli: error: %s\n", e.what());
+        return 2;
+    } catch (const std::bad_alloc &) {
+        std::fprintf(stderr, "flexselect-cli: error: out of memory; use fewer --frames, a smaller --max-side or "
+                             "--budget\n");
+        return 2;
+    } catch (const std::exception & e) {
+        std::fprintf(stderr, "flexselect-cli: internal error: %s\n", e.what());
+        return 1;
+    }
+}

@@ -1,0 +1,70 @@
+// Selection over all frame sets: who scores (the model's reference layer or a Lite ranker) is the only difference.
+// Mirrors FlexSelect.select in python/flexselect/pipeline.py.
+#include "flexselect/flexselect.h"
+#include "flexselect/defaults_gen.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace flexselect {
+
+int reference_layer_for(int num_layers) {
+    namespace d = defaults::qwen2_5_vl;
+    if (num_layers == d::num_layers) return d::reference_layer;
+    // the same relative depth (Python's round(): ties to even), at least 1, at most the last layer
+    const int layer = (int) std::nearbyint((double) d::reference_layer * num_layers / d::num_layers);
+    return std::min(num_layers - 1, std::max(1, layer));
+}
+
+Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, const Prompt & p,
+                        const SelectOptions & opts) {
+    Selection sel;
+    const int total = v.num_tokens(), tpu = v.tokens_per_unit();
+    if (ranker == nullptr) {
+        sel.layer = opts.layer >= 0 ? opts.layer : reference_layer_for(llm.n_layers());
+        if (sel.layer >= llm.n_layers()) {
+            throw Error("reference layer " + std::to_string(sel.layer) + " is out of range: this model has layers 0.." +
+                        std::to_string(llm.n_layers() - 1));
+        }
+    }
+    if (opts.budget <= 0) {
+        sel.budget = std::min(round_budget(defaults::qwen2_5_vl::budget, tpu), total);
+    } else if (opts.budget > total) {
+        throw Error("the budget of " + std::to_string(opts.budget) + " tokens is larger than the video's " +
+                    std::to_string(total) + " visual tokens (" + std::to_string(v.num_units) + " frames x " +
+                    std::to_string(tpu) + "); use a smaller --budget or sample more frames");
+    } else {
+        sel.budget = std::min(round_budget(opts.budget, tpu), total);
+    }
+    const auto sets = frame_sets(v.num_units, opts.set_frames > 0 ? opts.set_frames : defaults::set_frames);
+    sel.n_sets = (int) sets.size();
+    std::vector<int> sizes;
+    for (const auto & s : sets) sizes.push_back((int) s.size() * tpu);
+    const auto shares = split_budget(sel.budget, sizes);
+
+    for (size_t g = 0; g < sets.size(); ++g) {
+        std::vector<int> tokens;  // global indices of the set's tokens, unit by unit
+        for (int u : sets[g]) {
+            for (int j = 0; j < tpu; ++j) tokens.push_back(u * tpu + j);
+        }
+        if (shares[g] >= (int) tokens.size()) {  // the whole set fits: no scoring pass needed
+            sel.kept.insert(sel.kept.end(), tokens.begin(), tokens.end());
+            continue;
+        }
+        if (shares[g] == 0) continue;
+        std::vector<float> scores;
+        if (ranker != nullptr) {
+            std::vector<float> embd;
+            embd.reserve(tokens.size() * (size_t) v.n_embd);
+            for (int t : tokens) embd.insert(embd.end(), v.token(t), v.token(t) + v.n_embd);
+            scores = ranker->score(embd.data(), (int) tokens.size(), v.n_embd, p.question);
+        } else {
+            scores = llm.score_set(v, sets[g], p, sel.layer, opts.aggregate);
+        }
+        for (int i : top_k(scores, shares[g])) sel.kept.push_back(tokens[i]);
+    }
+    std::sort(sel.kept.begin(), sel.kept.end());
+    return sel;
+}
+
+}  // namespace flexselect

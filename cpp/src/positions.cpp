@@ -1,0 +1,59 @@
+// Qwen2.5-VL M-RoPE positions, as python/flexselect/models/qwen2_5_vl.py defines them (the original Qwen2.5-VL
+// rule the models were trained with): token (unit u, row r, col c) of a video starting at s sits at
+// (s + floor(u * interval), s + r, s + c); text after the video resumes at the largest video position + 1.
+#include "flexselect/flexselect.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace flexselect {
+
+double time_interval(double tokens_per_second, int temporal_patch, double sample_fps) {
+    if (!(sample_fps > 0.0) || !std::isfinite(sample_fps)) throw Error("the sampling rate must be positive");
+    return tokens_per_second * temporal_patch / sample_fps;
+}
+
+static int32_t unit_time(int u, double interval) {
+    return (int32_t) std::floor((double) u * interval);
+}
+
+std::vector<Pos3> video_offsets(int num_units, int rows, int cols, double interval) {
+    std::vector<Pos3> out;
+    out.reserve((size_t) num_units * rows * cols);
+    for (int u = 0; u < num_units; ++u) {
+        const int32_t t = unit_time(u, interval);
+        for (int r = 0; r < rows; ++r) {
+            for (int c = 0; c < cols; ++c) out.push_back({t, r, c});
+        }
+    }
+    return out;
+}
+
+int video_extent(int num_units, int rows, int cols, double interval) {
+    return std::max({(int) unit_time(num_units - 1, interval), rows - 1, cols - 1});
+}
+
+Layout layout_positions(int prefix_len, const std::vector<Pos3> & offsets, int extent, int suffix_len) {
+    Layout l;
+    for (int32_t p = 0; p < prefix_len; ++p) l.prefix.push_back({p, p, p});
+    const int32_t s = prefix_len;
+    for (const Pos3 & o : offsets) l.video.push_back({s + o.t, s + o.y, s + o.x});
+    const int32_t start = s + extent + 1;
+    for (int32_t i = 0; i < suffix_len; ++i) l.suffix.push_back({start + i, start + i, start + i});
+    l.next = start + suffix_len;
+    return l;
+}
+
+std::vector<int32_t> mrope_section_major(const std::vector<Pos3> & pos) {
+    const size_t n = pos.size();
+    std::vector<int32_t> out(4 * n, 0);
+    for (size_t i = 0; i < n; ++i) {
+        out[i] = pos[i].t;
+        out[n + i] = pos[i].y;
+        out[2 * n + i] = pos[i].x;
+        // out[3 * n + i] stays 0: the 4th section is unused by Qwen2/2.5-VL
+    }
+    return out;
+}
+
+}  // namespace flexselect
