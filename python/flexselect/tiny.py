@@ -41,10 +41,6 @@ SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
-# Qwen2's pre-tokenizer split pattern, so the GGUF converter recognises the tokenizer family.
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 CORPUS = [
     "What is the color of the car in the video? The car is red.",
     "Describe what happens after the person opens the door.",
@@ -61,24 +57,53 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE with Qwen2's pre-tokenizer and special tokens, trained on a few sentences."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(vocab_size: int = 512):
+    """A SentencePiece BPE (byte fallback, the chat special tokens as control pieces) trained on a few sentences,
+    and the equivalent `tokenizers` tokenizer. Returns (tokenizer, sentencepiece model bytes).
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    Why SentencePiece: llama.cpp's converter identifies a byte-level BPE tokenizer by hashing how it tokenizes a
+    fixed text, which only the real (151k-token) Qwen2 vocabulary reproduces; with a `tokenizer.model` present it
+    takes the SentencePiece route instead. The `tokenizers` twin gives transformers exactly the ids llama.cpp's
+    SentencePiece tokenizer gives: a space is prepended to every text segment between special tokens (llama.cpp's
+    default for SentencePiece vocabularies), merges follow the piece scores, unknown characters fall back to bytes.
+    """
+    import io
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        hard_vocab_limit=False, byte_fallback=True, control_symbols=SPECIAL_TOKENS,
+        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+        split_digits=True, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, character_coverage=1.0, num_threads=1,
+        minloglevel=2,
     )
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    return tok
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    NORMAL = 1
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    # A merge for every way a normal piece splits into two pieces, ranked by the piece's score (its id order).
+    merges = []
+    for i, piece in enumerate(proto.pieces):
+        if piece.type != NORMAL:
+            continue
+        text = piece.piece
+        for cut in range(1, len(text)):
+            left, right = text[:cut], text[cut:]
+            if left in vocab and right in vocab:
+                merges.append((i, vocab[left], vocab[right], left, right))
+    merges.sort()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token="<unk>",
+                               byte_fallback=True, fuse_unk=True))
+    # Every segment between special tokens gets one leading space, even one that starts with a space.
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok, buf.getvalue()
 
 
 def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
@@ -92,7 +117,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     out = Path(out_dir)
     if (out / "config.json").is_file():
         return out
-    tok = build_tokenizer()
+    tok, spm_model = build_tokenizer()
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     vocab_size = tok.get_vocab_size()
     config = Qwen2_5_VLConfig(
@@ -125,6 +150,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(staging)
+    (staging / "tokenizer.model").write_bytes(spm_model)  # what the GGUF converter reads
     preprocessor = {
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen2_5_VLProcessor",

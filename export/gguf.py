@@ -1,0 +1,230 @@
+"""Export a transformers Qwen2.5-VL / Qwen2-VL checkpoint to GGUF for llama.cpp: `model.gguf` + `mmproj.gguf`.
+
+    flexselect export gguf MODEL_DIR OUT_DIR [--outtype f16|q8_0|f32]
+
+The conversion itself is llama.cpp's own `convert_hf_to_gguf.py`, taken from the llama.cpp tree vendored in the
+pinned llama-cpp-python sdist (`llama_cpp_source.py`) and run in a subprocess with that tree's `gguf-py` first on
+PYTHONPATH (the PyPI `gguf` differs from the vendored copy despite the same version number). It runs twice: once
+for the language model, once with `--mmproj` for the vision tower + merger. The vision projector is written as f16
+for `f16`/`q8_0` (llama.cpp's usual choice: quantising the vision tower costs accuracy for little memory) and as f32
+for `f32`.
+
+Both files are written under temporary names in OUT_DIR, read back with the PyPI `gguf` reader and checked
+(architecture, layer count, every block's tensors present, the projector's output width equal to the language
+model's embedding width), and only then renamed into place, so a failed or interrupted export never leaves a
+half-written GGUF under the final name.
+
+FlexSelect's own defaults (reference layer, budget, set size) are NOT written into the GGUF. The converter has no
+clean hook for extra keys (its `--metadata` file only covers `general.*` authorship fields), and adding keys
+afterwards means rewriting the whole file (a second full copy of a 15 GB model). The runtimes (this package's
+llama.cpp backend and the C++ runtime) read them from `defaults.json` instead, exactly as the transformers path
+does, with the reference layer rescaled to the model's depth by `reference_layer_for`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from flexselect.errors import FlexSelectError
+
+OUTTYPES = ("f16", "q8_0", "f32")
+SUPPORTED = {"qwen2_5_vl": "qwen2.5vl_merger", "qwen2_vl": "qwen2vl_merger"}  # model_type -> mmproj projector type
+TEXT_ARCH = "qwen2vl"  # llama.cpp architecture of both families' language model
+TEXT_BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                      "ffn_down")
+
+
+def _read_config(model_dir: Path) -> dict:
+    if not model_dir.is_dir():
+        raise FlexSelectError(f"model folder not found: {model_dir}")
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FlexSelectError(f"{model_dir} has no config.json: give the folder of a transformers checkpoint")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FlexSelectError(f"{config_file} is not valid JSON: {e}") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED:
+        raise FlexSelectError(
+            f"GGUF export supports Qwen2.5-VL and Qwen2-VL checkpoints (model_type {', '.join(SUPPORTED)}); "
+            f"{model_dir} is {model_type!r}. Other families run on the transformers backend (--model)."
+        )
+    if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("pytorch_model*.bin")):
+        raise FlexSelectError(f"{model_dir} has no weights (*.safetensors or pytorch_model*.bin)")
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer.model").is_file():
+        raise FlexSelectError(f"{model_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
+    if not (model_dir / "preprocessor_config.json").is_file():
+        raise FlexSelectError(
+            f"{model_dir} has no preprocessor_config.json: the vision projector needs its image mean/std"
+        )
+    return config
+
+
+def _text_config(config: dict) -> dict:
+    return config.get("text_config") or config  # transformers >= 4.5x nests it; older checkpoints are flat
+
+
+def _run_converter(llama_dir: Path, model_dir: Path, outfile: Path, outtype: str, mmproj: bool) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(llama_dir / "gguf-py"), str(llama_dir)])
+    env.pop("PYTHONHOME", None)
+    cmd = [sys.executable, str(llama_dir / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(outfile),
+           "--outtype", outtype]
+    if mmproj:
+        cmd.append("--mmproj")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not outfile.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
+        what = "vision projector (--mmproj)" if mmproj else "language model"
+        raise FlexSelectError(f"llama.cpp's converter failed on the {what} of {model_dir}:\n{tail}")
+
+
+def _field(reader, key: str):
+    """A scalar or string metadata value of a GGUF (None when absent)."""
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    value = f.parts[f.data[0]]
+    if f.types and f.types[0].name == "STRING":
+        return bytes(value).decode("utf-8")
+    return value.tolist()[0] if hasattr(value, "tolist") else value
+
+
+def inspect_gguf(path: str | os.PathLike) -> dict:
+    """Read back what matters of a written GGUF: architecture, block count, widths, tensor names."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/struct errors on truncated or foreign files
+        raise FlexSelectError(f"{path} is not a readable GGUF file: {e}") from None
+    arch = _field(reader, "general.architecture")
+    info = {"path": str(path), "architecture": arch, "tensors": [t.name for t in reader.tensors]}
+    if arch == "clip":
+        info["projector_type"] = _field(reader, "clip.projector_type") or _field(reader, "clip.vision.projector_type")
+        info["block_count"] = _field(reader, "clip.vision.block_count")
+        info["projection_dim"] = _field(reader, "clip.vision.projection_dim")
+        info["has_vision"] = bool(_field(reader, "clip.has_vision_encoder"))
+    else:
+        info["block_count"] = _field(reader, f"{arch}.block_count")
+        info["embedding_length"] = _field(reader, f"{arch}.embedding_length")
+        info["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in \
+            reader.fields else None
+    return info
+
+
+def _check_text(info: dict, text_config: dict) -> None:
+    n_layers = text_config.get("num_hidden_layers")
+    if info["architecture"] != TEXT_ARCH:
+        raise FlexSelectError(f"the converted language model has architecture {info['architecture']!r}, "
+                              f"expected {TEXT_ARCH!r}")
+    if info["block_count"] != n_layers:
+        raise FlexSelectError(f"the converted language model has {info['block_count']} layers, the checkpoint "
+                              f"{n_layers}")
+    names = set(info["tensors"])
+    missing = [f"blk.{i}.{t}.weight" for i in range(n_layers) for t in TEXT_BLOCK_TENSORS
+               if f"blk.{i}.{t}.weight" not in names]
+    if "token_embd.weight" not in names:
+        missing.insert(0, "token_embd.weight")
+    if missing:
+        raise FlexSelectError(f"the converted language model lacks tensors: {', '.join(missing[:8])}")
+
+
+def _check_mmproj(info: dict, config: dict, embedding_length: int) -> None:
+    vision = config.get("vision_config", {})
+    if info["architecture"] != "clip" or not info["has_vision"]:
+        raise FlexSelectError(f"the converted projector is not a vision mmproj (architecture {info['architecture']!r})")
+    expected = SUPPORTED[config["model_type"]]
+    if info["projector_type"] != expected:
+        raise FlexSelectError(f"the converted projector has type {info['projector_type']!r}, expected {expected!r}")
+    depth = vision.get("depth")
+    if depth is not None and info["block_count"] != depth:
+        raise FlexSelectError(f"the converted projector has {info['block_count']} vision blocks, the checkpoint {depth}")
+    if info["projection_dim"] != embedding_length:
+        raise FlexSelectError(f"the projector outputs {info['projection_dim']}-wide embeddings but the language model "
+                              f"takes {embedding_length}")
+
+
+def export_gguf(
+    model_dir: str | os.PathLike, out_dir: str | os.PathLike, outtype: str = "f16",
+    llama_dir: str | os.PathLike | None = None,
+) -> tuple[Path, Path]:
+    """Convert `model_dir` into OUT_DIR/model.gguf and OUT_DIR/mmproj.gguf; returns their paths.
+
+    `llama_dir`: a llama.cpp source tree to take the converter from (default: the pinned sdist's, fetched once).
+    """
+    if outtype not in OUTTYPES:
+        raise FlexSelectError(f"unknown --outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = _read_config(model_dir)
+    if llama_dir is None:
+        from .llama_cpp_source import llama_cpp_source
+
+        try:
+            llama_dir = llama_cpp_source()
+        except (RuntimeError, OSError) as e:
+            raise FlexSelectError(f"could not fetch llama.cpp's converter: {e}") from None
+    llama_dir = Path(llama_dir)
+    if not (llama_dir / "convert_hf_to_gguf.py").is_file():
+        raise FlexSelectError(f"{llama_dir} has no convert_hf_to_gguf.py")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final_model, final_mmproj = out_dir / "model.gguf", out_dir / "mmproj.gguf"
+    staging = Path(tempfile.mkdtemp(prefix=".gguf-export-", dir=out_dir))
+    tmp_model, tmp_mmproj = staging / "model.gguf", staging / "mmproj.gguf"
+    try:
+        _run_converter(llama_dir, model_dir, tmp_model, outtype, mmproj=False)
+        _run_converter(llama_dir, model_dir, tmp_mmproj, "f32" if outtype == "f32" else "f16", mmproj=True)
+        text = inspect_gguf(tmp_model)
+        _check_text(text, _text_config(config))
+        _check_mmproj(inspect_gguf(tmp_mmproj), config, text["embedding_length"])
+        os.replace(tmp_mmproj, final_mmproj)
+        os.replace(tmp_model, final_model)
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+    return final_model, final_mmproj
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+def add_export_gguf_command(export_subparsers) -> None:
+    """Register `gguf` under the CLI's `export` command. In cli.py:
+
+        p = sub.add_parser("export", help="export a model for another runtime")
+        add_export_gguf_command(p.add_subparsers(dest="format", required=True))
+    """
+    p = export_subparsers.add_parser("gguf", help="convert a Qwen2.5-VL checkpoint to model.gguf + mmproj.gguf",
+                                     description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", help="transformers checkpoint folder (config.json, weights, tokenizer)")
+    p.add_argument("out_dir", help="folder for model.gguf and mmproj.gguf")
+    p.add_argument("--outtype", choices=OUTTYPES, default="f16",
+                   help="weight type of the language model (default f16; the projector stays f16, f32 for f32)")
+    p.set_defaults(run=run_export_gguf)
+
+
+def run_export_gguf(args) -> int:
+    model, mmproj = export_gguf(args.model_dir, args.out_dir, args.outtype)
+    for path in (model, mmproj):
+        print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    print(f"run it with: flexselect answer VIDEO QUESTION --gguf {model} --mmproj {mmproj}")
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flexselect_export.gguf")
+    add_export_gguf_command(parser.add_subparsers(dest="format", required=True))
+    ns = parser.parse_args(["gguf", *sys.argv[1:]])
+    try:
+        sys.exit(ns.run(ns))
+    except FlexSelectError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
