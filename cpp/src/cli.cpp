@@ -43,12 +43,15 @@ const char * kUsage =
     "  -t, --threads N          CPU threads\n"
     "  -c, --ctx-size N         context size (default 32768)\n"
     "      --json               print one JSON object (answer, stats, kept token indices, answer token ids)\n"
-    "  -v, --verbose            show llama.cpp's logs\n";
+    "  -v, --verbose            show llama.cpp's logs\n"
+    "\n"
+    "ONNX Runtime: %s\n";
 
 void usage(FILE * out) {
     namespace d = defaults::qwen2_5_vl;
     std::fprintf(out, kUsage, d::fps, d::max_frames, d::max_side, d::budget, d::reference_layer, defaults::set_frames,
-                 defaults::aggregate);
+                 defaults::aggregate,
+                 Ranker::available() ? "yes (--ranker available)" : "no (built with -DFLEXSELECT_WITH_ONNXRUNTIME=OFF)");
 }
 
 struct Args {
@@ -136,7 +139,30 @@ Args parse(int argc, char ** argv) {
     return a;
 }
 
-std::string json_str(const std::string & s) {
+// Length of the valid UTF-8 sequence starting at s[i], or 0 if it is not one.
+size_t utf8_len(const std::string & s, size_t i) {
+    const unsigned char c = s[i];
+    const size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return 0;
+    for (size_t k = 1; k < n; ++k) {
+        if (((unsigned char) s[i + k] >> 6) != 0x2) return 0;
+    }
+    return n;
+}
+
+// A JSON string; bytes that are not valid UTF-8 (a token can end inside a character) become U+FFFD.
+std::string json_str(const std::string & raw) {
+    std::string s;
+    for (size_t i = 0; i < raw.size();) {
+        const size_t n = utf8_len(raw, i);
+        if (n == 0) {
+            s += "\xEF\xBF\xBD";
+            ++i;
+        } else {
+            s.append(raw, i, n);
+            i += n;
+        }
+    }
     std::string o = "\"";
     for (unsigned char c : s) {
         switch (c) {

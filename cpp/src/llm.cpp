@@ -43,6 +43,9 @@ std::string take_errors() {
     std::string s;
     s.swap(g_log.last_errors);
     while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+    for (char & c : s) {
+        if (c == '\n') c = ';';  // one line: the CLI prints every error as a single line
+    }
     return s.empty() ? "" : " (" + s + ")";
 }
 

@@ -73,6 +73,12 @@ struct Sws {
     ~Sws() { sws_freeContext(p); }
 };
 
+struct Image {  // av_image_alloc'd planes
+    uint8_t * data[4] = {nullptr, nullptr, nullptr, nullptr};
+    int linesize[4] = {0, 0, 0, 0};
+    ~Image() { av_freep(&data[0]); }
+};
+
 std::string av_error(int err) {
     char buf[AV_ERROR_MAX_STRING_SIZE] = {0};
     av_strerror(err, buf, sizeof(buf));
@@ -140,6 +146,10 @@ Clip load_clip(const std::string & path, const SamplingOptions & opts) {
     Frame frame;
     Packet pkt;
     Sws sws;
+    Image rgb_pad;
+    if (av_image_alloc(rgb_pad.data, rgb_pad.linesize, clip.width, clip.height + 1, AV_PIX_FMT_RGB24, 64) < 0) {
+        throw Error("out of memory for a video frame");
+    }
     int sws_w = 0, sws_h = 0, sws_fmt = -1;
     int64_t index = 0;  // output frames come in presentation order: count them
     size_t next = 0;
@@ -155,10 +165,14 @@ Clip load_clip(const std::string & path, const SamplingOptions & opts) {
                 if (!sws.p) throw Error("cannot convert the frames of " + path + " to RGB");
                 sws_w = f->width, sws_h = f->height, sws_fmt = f->format;
             }
-            std::vector<uint8_t> rgb((size_t) clip.width * clip.height * 3);
-            uint8_t * dst[4] = {rgb.data(), nullptr, nullptr, nullptr};
-            int dst_stride[4] = {clip.width * 3, 0, 0, 0};
-            sws_scale(sws.p, f->data, f->linesize, 0, f->height, dst, dst_stride);
+            // swscale's SIMD code writes whole vectors past the end of a row: convert into FFmpeg's own padded,
+            // aligned image and copy the rows out (a tight buffer would be overrun; valgrind shows it).
+            if (sws_scale(sws.p, f->data, f->linesize, 0, f->height, rgb_pad.data, rgb_pad.linesize) != clip.height) {
+                throw Error("cannot convert a frame of " + path + " to RGB");
+            }
+            const size_t row = (size_t) clip.width * 3;
+            std::vector<uint8_t> rgb(row * clip.height);
+            for (int y = 0; y < clip.height; ++y) std::memcpy(&rgb[y * row], rgb_pad.data[0] + (size_t) y * rgb_pad.linesize[0], row);
             clip.frames.push_back(std::move(rgb));
             clip.timestamps.push_back((double) index / source_fps);
             ++next;

@@ -1,0 +1,258 @@
+"""Integration test of flexselect-cli on the tiny fixture (see make_fixture.py). Run by CTest, once per CLI build
+(plain and ASan+UBSan):
+
+    python cpp/tests/integration.py --cli build/bin/flexselect-cli --fixture build/fixture
+
+1. The CLI runs end to end (reference-layer selection and an ONNX Lite ranker) and its --json output is consistent.
+2. Same kept visual tokens and same greedy answer tokens as the Python llama.cpp backend (FlexSelect.load(gguf=...)),
+   with and without the ranker. Skipped, and said so, while that backend is not importable.
+3. Cross-check of positions and scoring against the transformers backend on the same checkpoint: different numerics
+   (and FFmpeg builds), so the kept sets must agree on at least 90% of their tokens, not exactly.
+4. Bad inputs: one clear message on stderr and exit status 2 each, never a crash.
+Exit status 0 = pass, 1 = fail. Sanitizer reports fail the test (the CLI's exit status and stderr are checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+N_FRAMES, BUDGET, SET_FRAMES, LAYER, MAX_NEW = 24, 60, 4, 3, 8
+QUESTION = "What is the color of the car in the video?"
+FAILURES: list[str] = []
+
+
+def check(cond: bool, what: str) -> None:
+    print(("ok   " if cond else "FAIL ") + what, flush=True)
+    if not cond:
+        FAILURES.append(what)
+
+
+def run_cli(cli: str, fx: Path, *extra: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    cmd = [cli, "-m", str(fx / "model.gguf"), "--mmproj", str(fx / "mmproj.gguf"), "--video", str(fx / "clip.mp4"),
+           "-p", QUESTION, "--frames", str(N_FRAMES), "--budget", str(BUDGET), "--set-frames", str(SET_FRAMES),
+           "--max-new-tokens", str(MAX_NEW), "-t", "2", *extra]
+    r = subprocess.run(cmd, capture_output=True)
+    if expect_ok and r.returncode != 0:
+        print(r.stderr.decode(errors="replace"))
+    return r
+
+
+def sanitizer_clean(r: subprocess.CompletedProcess) -> bool:
+    err = r.stderr.decode(errors="replace")
+    return "ERROR: AddressSanitizer" not in err and "runtime error:" not in err and "LeakSanitizer" not in err
+
+
+def make_rankers(fx: Path, n_embd: int) -> tuple[Path, Path]:
+    """A tiny ONNX ranker (score = visual . w + 0 * mean(ids)) of the expected I/O, and one of the wrong width."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def build(path: Path, d: int) -> Path:
+        w = np.random.default_rng(1).standard_normal((d, 1)).astype(np.float32)
+        nodes = [
+            helper.make_node("MatMul", ["visual_embeds", "w"], ["s2"]),
+            helper.make_node("Squeeze", ["s2", "axis1"], ["s"]),
+            helper.make_node("Cast", ["question_ids"], ["idf"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMean", ["idf"], ["m"], keepdims=0),
+            helper.make_node("Mul", ["m", "zero"], ["m0"]),
+            helper.make_node("Add", ["s", "m0"], ["scores"]),
+        ]
+        graph = helper.make_graph(
+            nodes, "tiny_ranker",
+            [helper.make_tensor_value_info("visual_embeds", TensorProto.FLOAT, ["n", d]),
+             helper.make_tensor_value_info("question_ids", TensorProto.INT64, ["t"])],
+            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n"])],
+            [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, str(path))
+        return path
+
+    return build(fx / "ranker.onnx", n_embd), build(fx / "ranker_wrong_width.onnx", n_embd // 2)
+
+
+def python_llama_cpp(fx: Path, ranker: Path | None):
+    """The Python llama.cpp backend's kept tokens and answer tokens, or None (and why) if it is not there yet."""
+    try:
+        from flexselect.models.base import GenerationConfig
+        from flexselect.pipeline import FlexSelect, Sampling
+        import flexselect.llama_cpp_backend  # noqa: F401
+    except ImportError as e:
+        return None, f"Python llama.cpp backend not importable ({e})"
+    pipe = FlexSelect.load(gguf=fx / "model.gguf", mmproj=fx / "mmproj.gguf", ranker=ranker, n_gpu_layers=0)
+    a = pipe.answer(fx / "clip.mp4", QUESTION, sampling=Sampling(frames=N_FRAMES), budget=BUDGET,
+                    layer=None if ranker else LAYER, set_frames=SET_FRAMES,
+                    generation=GenerationConfig(max_new_tokens=MAX_NEW))
+    return (a.selection.kept.tolist(), list(a.generation.token_ids)), ""
+
+
+def transformers_kept(fx: Path, model_dir: Path) -> list[int]:
+    """Kept tokens from the transformers backend on frames decoded with PyAV at the CLI's sample indices."""
+    import types
+
+    import av
+    import numpy as np
+    import torch
+    from flexselect.models.qwen2_5_vl import Qwen25VLBackend
+    from flexselect.selection import frame_sets, round_budget, split_budget, top_k
+
+    with av.open(str(fx / "clip.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        rate = float(c.streams.video[0].average_rate)
+    n = len(frames)
+    idx = [((2 * i + 1) * n) // (2 * N_FRAMES) for i in range(N_FRAMES)]  # centres of equal segments
+    clip = types.SimpleNamespace(frames=np.stack([frames[i] for i in idx]), timestamps=np.array(idx) / rate,
+                                 sample_fps=N_FRAMES / (n / rate), source=str(fx / "clip.mp4"))
+    be = Qwen25VLBackend.load(model_dir, device="cpu", dtype="float32")
+    vis = be.encode(clip)
+    prompt = be.prompt(QUESTION)
+    tpf = vis.tokens_per_frame
+    sets = frame_sets(vis.num_frames, SET_FRAMES)
+    shares = split_budget(min(round_budget(BUDGET, tpf), vis.num_tokens), [len(s) * tpf for s in sets])
+    kept = []
+    for frames_, share in zip(sets, shares):
+        tokens = vis.frame_tokens(frames_)
+        if share >= len(tokens):
+            kept.append(tokens)
+        else:
+            kept.append(tokens[top_k(be.score(vis, frames_, prompt, LAYER, "max").float(), share)])
+    return sorted(torch.cat(kept).tolist())
+
+
+def bad_inputs(cli: str, fx: Path, ranker_wrong: Path, tmp: Path) -> None:
+    garbage = tmp / "garbage.bin"
+    garbage.write_bytes(b"this is not a model or a video\n" * 64)
+    mismatched = tmp / "mmproj_other_width.gguf"
+    shutil.copy(fx / "mmproj.gguf", mismatched)
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(mismatched), "r+")  # same projector, but claiming another embedding width
+    field = reader.fields["clip.vision.projection_dim"]
+    field.parts[field.data[0]][0] = 32
+    del reader
+
+    def expect(name: str, args: list[str], needle: str) -> None:
+        r = subprocess.run([cli, *args], capture_output=True)
+        err = r.stderr.decode(errors="replace")
+        lines = [ln for ln in err.strip().splitlines() if ln]
+        ok = r.returncode == 2 and needle in err and len(lines) == 1 and sanitizer_clean(r)
+        check(ok, f"bad input: {name} -> exit 2 with '{needle}'" + ("" if ok else f" (got {r.returncode}: {err!r})"))
+
+    m, mm, v = str(fx / "model.gguf"), str(fx / "mmproj.gguf"), str(fx / "clip.mp4")
+    base = ["-p", QUESTION, "--frames", "8", "--max-new-tokens", "2"]
+    expect("missing model", ["-m", str(tmp / "nope.gguf"), "--mmproj", mm, "--video", v, *base], "model not found")
+    expect("corrupt model", ["-m", str(garbage), "--mmproj", mm, "--video", v, *base], "not a valid GGUF")
+    expect("no --mmproj", ["-m", m, "--video", v, *base], "--mmproj is required")
+    expect("missing mmproj", ["-m", m, "--mmproj", str(tmp / "nope.gguf"), "--video", v, *base], "mmproj not found")
+    expect("corrupt mmproj", ["-m", m, "--mmproj", str(garbage), "--video", v, *base], "not a valid GGUF")
+    expect("mmproj of another model", ["-m", m, "--mmproj", str(mismatched), "--video", v, *base],
+           "does not belong")
+    expect("missing video", ["-m", m, "--mmproj", mm, "--video", str(tmp / "nope.mp4"), *base], "cannot open video")
+    expect("unreadable video", ["-m", m, "--mmproj", mm, "--video", str(garbage), *base], "video")
+    expect("prompt larger than n_ctx", ["-m", m, "--mmproj", mm, "--video", v, *base, "--frames", "48", "-c", "64"],
+           "--budget")
+    expect("budget larger than the video", ["-m", m, "--mmproj", mm, "--video", v, *base, "--budget", "100000"],
+           "larger than the video")
+    expect("layer out of range", ["-m", m, "--mmproj", mm, "--video", v, *base, "--layer", "99"], "out of range")
+    expect("empty question", ["-m", m, "--mmproj", mm, "--video", v, "-p", "  "], "question is empty")
+    expect("unknown option", ["--nope"], "unknown option")
+    if has_onnxruntime(cli):
+        expect("ranker of another model", ["-m", m, "--mmproj", mm, "--video", v, *base, "--ranker", str(ranker_wrong)],
+               "does not match")
+        expect("corrupt ranker", ["-m", m, "--mmproj", mm, "--video", v, *base, "--ranker", str(garbage)],
+               "cannot load ranker")
+    else:
+        expect("--ranker without ONNX Runtime", ["-m", m, "--mmproj", mm, "--video", v, *base, "--ranker",
+                                                 str(ranker_wrong)], "without ONNX Runtime")
+
+
+def has_onnxruntime(cli: str) -> bool:
+    r = subprocess.run([cli, "--help"], capture_output=True, text=True)
+    return "ONNX Runtime: yes" in r.stdout
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cli", required=True)
+    ap.add_argument("--fixture", required=True, type=Path)
+    ap.add_argument("--skip-python", action="store_true", help="only the CLI checks (for the sanitizer build)")
+    args = ap.parse_args()
+    fx = args.fixture
+    info = json.loads((fx / "fixture.json").read_text())
+    print(f"fixture: {info}")
+    tmp = fx / f"tmp-{Path(args.cli).name}"
+    tmp.mkdir(exist_ok=True)
+
+    # 1. end to end, reference layer
+    r = run_cli(args.cli, fx, "--json", "--layer", str(LAYER))
+    check(r.returncode == 0 and sanitizer_clean(r), "CLI runs (reference layer)")
+    if r.returncode != 0:
+        return 1
+    out = json.loads(r.stdout)
+    s = out["stats"]
+    kept = out["kept_token_indices"]
+    tpf = s["tokens_per_frame"]
+    want = min(-(-BUDGET // tpf) * tpf, s["visual_tokens"])
+    check(s["frames"] == N_FRAMES and s["frame_units"] == N_FRAMES // 2, "frames and units")
+    check(len(kept) == want == s["kept_tokens"], f"kept {len(kept)} tokens = budget rounded up to frames ({want})")
+    check(kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < s["visual_tokens"], "kept indices sorted, unique")
+    check(0 < len(out["answer_token_ids"]) <= MAX_NEW or out["answer"] == "", "answer tokens")
+    check(s["reference_layer"] == LAYER and s["frame_sets"] == -(-s["frame_units"] // SET_FRAMES), "stats")
+    check(all(k in s["seconds"] for k in ("decode", "encode", "select", "ttft_answer", "answer", "total")), "timings")
+    r2 = run_cli(args.cli, fx, "--json", "--layer", str(LAYER))
+    check(r2.returncode == 0 and json.loads(r2.stdout)["kept_token_indices"] == kept
+          and json.loads(r2.stdout)["answer_token_ids"] == out["answer_token_ids"], "deterministic")
+    rt = run_cli(args.cli, fx)  # text mode: answer on stdout, stats on stderr
+    check(rt.returncode == 0 and b"kept:" in rt.stderr and b"first token" in rt.stderr, "text output with stats")
+
+    # 1b. ONNX Lite ranker
+    ranker, ranker_wrong = make_rankers(fx, n_embd=64)
+    lite = None
+    if has_onnxruntime(args.cli):
+        rl = run_cli(args.cli, fx, "--json", "--ranker", str(ranker))
+        check(rl.returncode == 0 and sanitizer_clean(rl), "CLI runs (ONNX Lite ranker)")
+        if rl.returncode == 0:
+            lite = json.loads(rl.stdout)
+            check(lite["stats"]["selector"] == "lite" and len(lite["kept_token_indices"]) == want, "ranker selection")
+    else:
+        print("note: this CLI was built without ONNX Runtime; ranker runs not tested")
+
+    # 4. bad inputs
+    bad_inputs(args.cli, fx, ranker_wrong, tmp)
+
+    if not args.skip_python:
+        # 2. the Python llama.cpp backend: exact agreement
+        ref, why = python_llama_cpp(fx, None)
+        if ref is None:
+            print(f"SKIPPED exact comparison with the Python llama.cpp backend: {why}")
+        else:
+            check(ref[0] == kept, "same kept tokens as the Python llama.cpp backend")
+            check(ref[1] == out["answer_token_ids"], "same greedy answer tokens as the Python llama.cpp backend")
+            if lite is not None:
+                ref_l, _ = python_llama_cpp(fx, ranker)
+                check(ref_l[0] == lite["kept_token_indices"], "same kept tokens with the ranker (Python llama.cpp)")
+                check(ref_l[1] == lite["answer_token_ids"], "same answer tokens with the ranker (Python llama.cpp)")
+        # 3. the transformers backend: near agreement
+        hf = transformers_kept(fx, Path(info["model_dir"]))
+        overlap = len(set(hf) & set(kept)) / len(kept)
+        check(overlap >= 0.9, f"transformers backend keeps {overlap:.0%} of the same tokens (>= 90%)")
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    if FAILURES:
+        print(f"{len(FAILURES)} check(s) failed")
+        return 1
+    print("integration: all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
