@@ -20,7 +20,9 @@ TINY_TEXT = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
+    # llama.cpp (vendored 0c1e57098) never reads the qwen2vl GGUF's RMS-norm epsilon and runs with 0; the tiny
+    # model's embeddings are small (mean square ~4e-4), so 1e-6 would already shift layer 0 by 0.1%.
+    "rms_norm_eps": 1e-12,
     # head_dim 16: 8 rotary frequencies split over (t, h, w)
     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
 }

@@ -1,0 +1,580 @@
+"""Qwen2.5-VL / Qwen2-VL GGUFs on llama.cpp (llama-cpp-python 0.3.36's low-level API): the `Backend` protocol.
+
+What each step does, and how it matches the transformers backend (`models/qwen2_5_vl.py`):
+
+* **encode**: frames are resized to the transformers backend's frame size (`frame_size`: each side rounded to a
+  multiple of 28, bicubic with antialias, then rounded to uint8 because mtmd takes RGB bytes) and handed to mtmd
+  two at a time: both bitmaps get `mtmd_bitmap_set_mergeable(bmp, true)` and go to `mtmd_tokenize_from_parts` as
+  two adjacent bitmap parts, which mtmd groups into ONE image chunk (Qwen's 2-frame temporal patch, exactly what
+  transformers' video path computes); an odd last frame is paired with itself, as Qwen's processor repeats it.
+  The mtmd context is created with `image_min_tokens = 1` and a large `image_max_tokens` so that mtmd's own resize
+  never fires on a frame that already has the right size. `mtmd_encode_chunk` + `mtmd_get_output_embd` give the
+  chunk's rows*cols embeddings, which are kept (frame-major) as `VisualTokens.embeds`.
+* **prompt**: `defaults.json`'s prefix/suffix tokenized by llama.cpp with special tokens parsed, no BOS.
+* **positions**: the very functions of the transformers backend (`video_positions`, `layout_positions`,
+  `full_video_extent`), written for llama.cpp as 4 values per token, section-major (all t, all y, all x, zeros) in a
+  `llama_batch` built here (`llama_batch_init` would allocate only one position per token).
+* **score**: three `llama_decode` calls (prefix tokens; the set's embeddings through `llama_batch.embd`; suffix
+  tokens), each cut into pieces of at most `n_batch` tokens. The context's `cb_eval` callback asks for the
+  post-RoPE tensors `Qcur-{L}` and `Kcur-{L}` (the nodes named so whose op is ROPE; the same names are also given
+  to pre-RoPE views) and copies them out per micro-batch with `ggml_backend_tensor_get`. Once both are captured in a
+  micro-batch the callback returns false, and the vendored ggml scheduler (ggml-backend.cpp,
+  `ggml_backend_sched_compute_splits`) then stops computing that graph split: nothing after layer L's Q/K runs.
+  Splits after the one holding layer L (partial GPU offload) are cut short the same way: the callback asks for their
+  first node and returns false. The KV cache of layers < L is written as usual, so the suffix's passes through
+  layers 0..L-1 see the prefix and the video, exactly like one full forward. The scores are then
+  `selection.question_attention_scores` on the captured rows, the formula every backend shares. The memory is
+  cleared before every set.
+  Alternative not taken: a GGUF truncated to L+1 layers from the export step (a second file per reference layer,
+  and layer-scan would need one per layer). Measured on the tiny model (4 layers, L=1, see bench/gguf_vs_torch.py
+  and tests/test_gguf.py) the aborted scoring pass takes about the time of (L+1)/layers of a full prefill plus a
+  fixed per-decode cost; on a 28-layer model with L=20 it saves the last 7 layers and the lm_head.
+* **generate**: prefix, the kept embeddings at their ORIGINAL full-video positions, the suffix at its full-video
+  positions, then one token at a time at the next position; greedy, or temperature/top-p with a seeded generator
+  (the transformers backend's `sample`). TTFT is measured from the start of the answer pass to the first token.
+
+Known difference to transformers: llama.cpp masks attention by position, not by sequence index. For video tokens
+that share a temporal position (interval < 1, i.e. sampling faster than 4 fps) a token sees the tokens of the
+other frame at the same t only where (row, col) is not after its own; transformers masks by order. With the
+default 2 fps (interval 2) and any slower sampling the two masks are identical.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .defaults import family_defaults
+from .errors import FlexSelectError
+from .models.base import Generation, GenerationConfig, Progress, Prompt, VisualTokens
+from .models.hf import sample
+from .models.qwen2_5_vl import (
+    PIXEL_FACTOR,
+    compact_positions,
+    frame_size,
+    full_video_extent,
+    layout_positions,
+    video_positions,
+)
+from .selection import Aggregate, question_attention_scores
+
+if TYPE_CHECKING:
+    from .video import Clip
+
+log = logging.getLogger("flexselect")
+
+PROJECTORS = {"qwen2.5vl_merger": "qwen2_5_vl", "qwen2vl_merger": "qwen2_vl"}  # mmproj projector -> family
+TEXT_ARCH = "qwen2vl"
+TOKENS_PER_SECOND = 2  # Qwen2.5-VL's vision config value (not stored in the GGUF); as the transformers backend
+TEMPORAL_PATCH = 2
+GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
+LOG_ERROR = 4
+
+
+class _GGMLTensor(ctypes.Structure):
+    """The head of `struct ggml_tensor` (ggml.h of the vendored ggml 0.25.3), enough to read shape, type and name."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
+        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * GGML_MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * GGML_MAX_NAME),
+    ]
+
+
+_GGML = None
+
+
+def _ggml():
+    """libggml-base from llama-cpp-python's lib folder: tensor reads and op names for the eval callback."""
+    global _GGML
+    if _GGML is None:
+        import llama_cpp
+
+        lib_dir = Path(llama_cpp.__file__).parent / "lib"
+        candidates = sorted(lib_dir.glob("libggml-base.*")) or sorted(lib_dir.glob("ggml-base.*"))
+        if not candidates:
+            raise FlexSelectError(f"libggml-base not found in {lib_dir}; reinstall llama-cpp-python==0.3.36")
+        lib = ctypes.CDLL(str(candidates[0]))
+        lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        lib.ggml_backend_tensor_get.restype = None
+        lib.ggml_op_desc.argtypes = [ctypes.c_void_p]
+        lib.ggml_op_desc.restype = ctypes.c_char_p
+        lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        lib.ggml_nbytes.restype = ctypes.c_size_t
+        lib.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
+        lib.ggml_is_contiguous.restype = ctypes.c_bool
+        _GGML = lib
+    return _GGML
+
+
+class _Capture:
+    """The eval callback's state: which layer to capture, what was captured, whether to stop after it."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.abort = True
+        self.want_q = False
+        self.q_name = self.k_name = b""
+        self.q: list[np.ndarray] = []
+        self.k: list[np.ndarray] = []
+        self.done = False  # both captured in the current micro-batch (reset before every llama_decode)
+
+    def start(self, layer: int, abort: bool) -> None:
+        self.active, self.abort = True, abort
+        self.q_name, self.k_name = f"Qcur-{layer}".encode(), f"Kcur-{layer}".encode()
+        self.q, self.k = [], []
+        self.done = False
+
+    def stop(self) -> None:
+        self.active = False
+
+    def __call__(self, tensor_p: int, ask: bool, _user: int) -> bool:
+        if not self.active:
+            return False
+        t = ctypes.cast(tensor_p, ctypes.POINTER(_GGMLTensor)).contents
+        name = t.name
+        if self.done and self.abort:
+            return ask  # ask for the first node of a later graph split, then stop that split too
+        if name != self.q_name and name != self.k_name:
+            return False
+        if _ggml().ggml_op_desc(tensor_p) != b"ROPE":
+            return False  # the pre-RoPE projection views carry the same name
+        if ask:
+            return True
+        if name == self.q_name and not self.want_q:
+            self.q.append(None)
+        else:
+            shape = (t.ne[2], t.ne[1], t.ne[0])  # tokens, heads, head_dim (ggml's ne is fastest-first)
+            if t.type != 0 or not _ggml().ggml_is_contiguous(tensor_p):
+                raise RuntimeError(f"{name!r} is not a contiguous f32 tensor")
+            out = np.empty(shape, dtype=np.float32)
+            _ggml().ggml_backend_tensor_get(tensor_p, out.ctypes.data, 0, out.nbytes)
+            (self.q if name == self.q_name else self.k).append(out)
+        if len(self.q) == len(self.k):
+            self.done = True
+            return not self.abort
+        return True
+
+
+class LlamaCppBackend:
+    """A Qwen2.5-VL (or Qwen2-VL) GGUF + its mmproj on llama.cpp. See the module docstring."""
+
+    def __init__(
+        self,
+        gguf_path: str | os.PathLike,
+        mmproj_path: str | os.PathLike | None,
+        n_ctx: int = 32768,
+        n_gpu_layers: int = -1,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        positions: str = "original",
+        abort_after_reference: bool = True,
+    ) -> None:
+        try:
+            import llama_cpp
+            from llama_cpp import mtmd_cpp
+        except ImportError as e:
+            raise FlexSelectError(
+                f"the llama.cpp backend needs llama-cpp-python==0.3.36 (pip install 'flexselect[gguf]'): {e}"
+            ) from None
+        if positions not in ("original", "compact"):
+            raise FlexSelectError(f"positions must be 'original' or 'compact', got {positions!r}")
+        self._ll, self._mtmd = llama_cpp, mtmd_cpp
+        self.positions = positions
+        self.abort_after_reference = abort_after_reference
+        gguf_path = Path(gguf_path)
+        self._check_files(gguf_path, mmproj_path)
+        mmproj_path = Path(mmproj_path)
+        from flexselect_export.gguf import inspect_gguf
+
+        text_info, proj_info = inspect_gguf(gguf_path), inspect_gguf(mmproj_path)
+        if text_info["architecture"] == "clip":
+            raise FlexSelectError(f"{gguf_path} is a vision projector (mmproj), not a language model: pass the "
+                                  "language model GGUF as --gguf and this file as --mmproj")
+        if text_info["architecture"] != TEXT_ARCH:
+            raise FlexSelectError(f"{gguf_path} is a {text_info['architecture']!r} model; the llama.cpp backend "
+                                  f"supports Qwen2.5-VL / Qwen2-VL ({TEXT_ARCH!r}) GGUFs")
+        if proj_info["architecture"] != "clip" or not proj_info.get("has_vision"):
+            raise FlexSelectError(f"{mmproj_path} is not a vision projector (mmproj) GGUF; pass the mmproj "
+                                  "written next to the model (flexselect export gguf writes mmproj.gguf)")
+        family = PROJECTORS.get(proj_info["projector_type"])
+        if family is None:
+            raise FlexSelectError(f"{mmproj_path} is a {proj_info['projector_type']!r} projector; supported: "
+                                  f"{', '.join(PROJECTORS)}")
+        if proj_info["projection_dim"] != text_info["embedding_length"]:
+            raise FlexSelectError(
+                f"{mmproj_path} outputs {proj_info['projection_dim']}-wide embeddings but {gguf_path} takes "
+                f"{text_info['embedding_length']}: this mmproj belongs to another model"
+            )
+        self.family = family
+        self.defaults = family_defaults(family)
+        self.n_ctx = int(n_ctx)
+        self.n_batch = int(min(n_batch, n_ctx))
+        self.n_threads = int(n_threads or os.cpu_count() or 1)
+        self._log_tail: list[str] = []
+        self._install_logger()
+        ll = llama_cpp
+        ll.llama_backend_init()
+
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self.model = ll.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+        if not self.model:
+            raise FlexSelectError(f"llama.cpp could not load {gguf_path}: {self._last_error()}")
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.num_layers = ll.llama_model_n_layer(self.model)
+        self.hidden_size = ll.llama_model_n_embd_inp(self.model)
+
+        self._capture = _Capture()
+        self._cb = ll.ggml_backend_sched_eval_callback(self._capture)  # keep a reference: C holds the pointer
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        cparams.cb_eval = self._cb
+        cparams.cb_eval_user_data = None
+        cparams.no_perf = True
+        self.ctx = ll.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            self.close()
+            raise FlexSelectError(f"llama.cpp could not create a context of {self.n_ctx} tokens: "
+                                  f"{self._last_error()}; try a smaller --n-ctx")
+        self.mem = ll.llama_get_memory(self.ctx)
+
+        vparams = mtmd_cpp.mtmd_context_params_default()
+        vparams.use_gpu = n_gpu_layers != 0
+        vparams.print_timings = False
+        vparams.n_threads = self.n_threads
+        vparams.warmup = False
+        vparams.image_min_tokens = 1  # never let mtmd resize: frames arrive at their final size
+        vparams.image_max_tokens = 1 << 16
+        self.mtmd = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.model, vparams)
+        if not self.mtmd:
+            self.close()
+            raise FlexSelectError(f"mtmd could not load the vision projector {mmproj_path}: {self._last_error()}")
+        if not mtmd_cpp.mtmd_decode_use_mrope(self.mtmd):
+            self.close()
+            raise FlexSelectError(f"{mmproj_path} does not use M-RoPE; expected a Qwen2.5-VL / Qwen2-VL projector")
+        self.eos_token_ids = {t for t in range(ll.llama_vocab_n_tokens(self.vocab))
+                              if ll.llama_vocab_is_eog(self.vocab, t)}
+        self.last_score_stats: dict = {}
+
+    # -- setup helpers -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_files(gguf_path: Path, mmproj_path) -> None:
+        if not gguf_path.is_file():
+            raise FlexSelectError(f"GGUF not found: {gguf_path}")
+        if mmproj_path is None:
+            raise FlexSelectError(f"{gguf_path} needs its vision projector: pass --mmproj mmproj.gguf "
+                                  "(flexselect export gguf writes it next to model.gguf)")
+        if not Path(mmproj_path).is_file():
+            raise FlexSelectError(f"mmproj not found: {mmproj_path}")
+        for p in (gguf_path, Path(mmproj_path)):
+            with open(p, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise FlexSelectError(f"{p} is not a GGUF file")
+
+    def _install_logger(self) -> None:
+        ll = self._ll
+
+        def on_log(level: int, text: bytes, _user) -> None:
+            msg = text.decode("utf-8", "replace").rstrip() if text else ""
+            if level >= LOG_ERROR and msg:
+                self._log_tail = (self._log_tail + [msg])[-5:]
+                log.debug("llama.cpp: %s", msg)
+
+        self._log_cb = ll.llama_log_callback(on_log)
+        ll.llama_log_set(self._log_cb, None)
+        self._mtmd.mtmd_log_set(self._log_cb, None)
+
+    def _last_error(self) -> str:
+        return " | ".join(self._log_tail) or "no details from llama.cpp"
+
+    def close(self) -> None:
+        if getattr(self, "mtmd", None):
+            self._mtmd.mtmd_free(self.mtmd)
+            self.mtmd = None
+        if getattr(self, "ctx", None):
+            self._ll.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self._ll.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- frames -> visual tokens ---------------------------------------------------------------------------------
+    @staticmethod
+    def frames_rgb(frames: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] at the transformers backend's frame size (same resize), still uint8 RGB for mtmd."""
+        size = frame_size(frames.shape[1], frames.shape[2])
+        if size == tuple(frames.shape[1:3]):
+            return np.ascontiguousarray(frames)
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
+        return x.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+    def _encode_pair(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        m = self._mtmd
+        bitmaps = []
+        for frame in (a, b):
+            h, w = frame.shape[:2]
+            data = np.ascontiguousarray(frame)
+            bmp = m.mtmd_bitmap_init(w, h, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+            if not bmp:
+                raise FlexSelectError("mtmd could not create a bitmap for a frame")
+            m.mtmd_bitmap_set_mergeable(bmp, True)  # the two frames become one temporal patch
+            bitmaps.append(bmp)
+        parts = [m.mtmd_input_part(text=None, bitmap=bmp) for bmp in bitmaps]
+        part_ptrs = (ctypes.POINTER(m.mtmd_input_part) * 2)(*[ctypes.pointer(p) for p in parts])
+        chunks = m.mtmd_input_chunks_init()
+        try:
+            rc = m.mtmd_tokenize_from_parts(self.mtmd, chunks, part_ptrs, 2, False)
+            if rc != 0:
+                raise FlexSelectError(f"mtmd could not preprocess a frame pair (code {rc}): {self._last_error()}")
+            images = [m.mtmd_input_chunks_get(chunks, i) for i in range(m.mtmd_input_chunks_size(chunks))]
+            images = [c for c in images if m.mtmd_input_chunk_get_type(c) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+            if len(images) != 1:
+                raise FlexSelectError(f"mtmd made {len(images)} image chunks of a frame pair, expected 1 (merged)")
+            chunk = images[0]
+            n_tokens = m.mtmd_input_chunk_get_n_tokens(chunk)
+            if m.mtmd_encode_chunk(self.mtmd, chunk) != 0:
+                raise FlexSelectError(f"mtmd failed to encode a frame pair: {self._last_error()}")
+            out = m.mtmd_get_output_embd(self.mtmd)
+            return np.ctypeslib.as_array(out, shape=(n_tokens * self.hidden_size,)).reshape(n_tokens, -1).copy()
+        finally:
+            m.mtmd_input_chunks_free(chunks)
+            for bmp in bitmaps:
+                m.mtmd_bitmap_free(bmp)
+
+    def encode(self, clip: Clip, progress: Progress | None = None) -> VisualTokens:
+        frames = self.frames_rgb(np.asarray(clip.frames))
+        n = len(frames)
+        if n == 0:
+            raise FlexSelectError("the clip has no frames")
+        h, w = frames.shape[1:3]
+        grid = (h // PIXEL_FACTOR, w // PIXEL_FACTOR)
+        units = math.ceil(n / TEMPORAL_PATCH)
+        embeds = np.empty((units * grid[0] * grid[1], self.hidden_size), dtype=np.float32)
+        tpf = grid[0] * grid[1]
+        for u in range(units):
+            a = frames[2 * u]
+            b = frames[2 * u + 1] if 2 * u + 1 < n else a  # an odd last frame fills its patch with itself
+            out = self._encode_pair(a, b)
+            if out.shape[0] != tpf:
+                raise FlexSelectError(f"mtmd gave {out.shape[0]} tokens for a {h}x{w} frame pair, expected {tpf}")
+            embeds[u * tpf : (u + 1) * tpf] = out
+            if progress:
+                progress(min(2 * u + 2, n), n)
+        return VisualTokens(
+            embeds=torch.from_numpy(embeds),
+            num_frames=units,
+            grid=grid,
+            timestamps=np.asarray(clip.timestamps[::TEMPORAL_PATCH], dtype=np.float64),
+            time_interval=TOKENS_PER_SECOND * TEMPORAL_PATCH / clip.sample_fps,
+            frame_size=(h, w),
+            source=getattr(clip, "source", ""),
+        )
+
+    # -- prompt --------------------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (self._ll.llama_token * cap)()
+        n = self._ll.llama_tokenize(self.vocab, data, len(data), buf, cap, False, True)
+        if n < 0:
+            cap = -n
+            buf = (self._ll.llama_token * cap)()
+            n = self._ll.llama_tokenize(self.vocab, data, len(data), buf, cap, False, True)
+        return list(buf[:n])
+
+    def prompt(self, question: str) -> Prompt:
+        d = self.defaults
+        prefix = torch.tensor(self.tokenize(d.prompt_prefix), dtype=torch.long)
+        suffix = torch.tensor(self.tokenize(d.prompt_suffix.replace("{question}", question)), dtype=torch.long)
+        return Prompt(prefix, suffix, question)
+
+    # -- decoding ------------------------------------------------------------------------------------------------
+    def _decode(self, positions: np.ndarray, tokens: np.ndarray | None = None, embeds: np.ndarray | None = None,
+                logits_last: bool = False) -> None:
+        """Decode a run of tokens OR embeddings with M-RoPE positions [3, n], in pieces of at most n_batch."""
+        ll = self._ll
+        n_total = positions.shape[1]
+        seq = (ll.llama_seq_id * 1)(0)
+        for start in range(0, n_total, self.n_batch):
+            stop = min(start + self.n_batch, n_total)
+            n = stop - start
+            batch = ll.llama_batch()
+            batch.n_tokens = n
+            keep = []
+            if tokens is not None:
+                tok = np.ascontiguousarray(tokens[start:stop], dtype=np.int32)
+                pos = np.ascontiguousarray(positions[0, start:stop], dtype=np.int32)
+                batch.token = tok.ctypes.data_as(ctypes.POINTER(ll.llama_token))
+                keep.append(tok)
+            else:
+                emb = np.ascontiguousarray(embeds[start:stop], dtype=np.float32)
+                pos = np.zeros((4, n), dtype=np.int32)  # section-major: all t, all y, all x, then zeros
+                pos[:3] = positions[:, start:stop]
+                pos = pos.reshape(-1)
+                batch.embd = emb.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+                keep.append(emb)
+            batch.pos = pos.ctypes.data_as(ctypes.POINTER(ll.llama_pos))
+            n_seq = np.ones(n, dtype=np.int32)
+            seq_ids = (ctypes.POINTER(ll.llama_seq_id) * n)(*([seq] * n))
+            logits = np.zeros(n, dtype=np.int8)
+            if logits_last and stop == n_total:
+                logits[-1] = 1
+            batch.n_seq_id = n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+            batch.seq_id = seq_ids
+            batch.logits = logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+            self._capture.done = False  # n_ubatch == n_batch: each llama_decode here is one micro-batch
+            rc = ll.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise FlexSelectError(f"llama_decode failed (code {rc}): {self._last_error()}")
+            del keep, pos, n_seq, seq_ids, logits
+
+    def _check_fits(self, n_tokens: int, what: str) -> None:
+        if n_tokens > self.n_ctx:
+            raise FlexSelectError(
+                f"the {what} needs {n_tokens} tokens but the llama.cpp context holds {self.n_ctx}: use a smaller "
+                f"--budget or fewer --frames, or a larger --n-ctx (at least {n_tokens})"
+            )
+
+    def _run_layout(self, prompt: Prompt, embeds: np.ndarray, positions: torch.Tensor, logits_last: bool) -> None:
+        p, v = len(prompt.prefix_ids), embeds.shape[0]
+        pos = positions.numpy()
+        self._ll.llama_memory_clear(self.mem, True)
+        self._decode(pos[:, :p], tokens=prompt.prefix_ids.numpy())
+        self._decode(pos[:, p : p + v], embeds=embeds)
+        self._decode(pos[:, p + v :], tokens=prompt.suffix_ids.numpy(), logits_last=logits_last)
+
+    def scoring_layout(self, visual: VisualTokens, frames: list[int], prompt: Prompt):
+        offsets = video_positions(len(frames), visual.grid, visual.time_interval)
+        positions, _ = layout_positions(len(prompt.prefix_ids), offsets, int(offsets.max()), len(prompt.suffix_ids))
+        return visual.embeds[visual.frame_tokens(frames)].float().numpy(), positions
+
+    def answer_layout(self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt):
+        offsets = video_positions(visual.num_frames, visual.grid, visual.time_interval)[:, kept]
+        if self.positions == "original":
+            extent = full_video_extent(visual)
+        else:
+            offsets = compact_positions(offsets)
+            extent = int(offsets.max())
+        positions, next_position = layout_positions(len(prompt.prefix_ids), offsets, extent, len(prompt.suffix_ids))
+        return visual.embeds[kept].float().numpy(), positions, next_position
+
+    # -- scoring pass --------------------------------------------------------------------------------------------
+    def reference_qk(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int,
+                     abort: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE queries of the suffix rows [H, T, d] and keys of all positions [H_kv, N, d] at `layer`."""
+        if not 0 <= layer < self.num_layers:
+            raise FlexSelectError(f"reference layer {layer} is out of range: this model has layers "
+                                  f"0..{self.num_layers - 1}")
+        embeds, positions = self.scoring_layout(visual, frames, prompt)
+        self._check_fits(positions.shape[1], "scoring pass of one frame set")
+        cap = self._capture
+        cap.start(layer, self.abort_after_reference if abort is None else abort)
+        try:
+            p, v = len(prompt.prefix_ids), embeds.shape[0]
+            pos = positions.numpy()
+            self._ll.llama_memory_clear(self.mem, True)
+            cap.want_q = False
+            self._decode(pos[:, :p], tokens=prompt.prefix_ids.numpy())
+            self._decode(pos[:, p : p + v], embeds=embeds)
+            n_before = len(cap.q)
+            cap.want_q = True
+            self._decode(pos[:, p + v :], tokens=prompt.suffix_ids.numpy())
+        finally:
+            cap.stop()
+            self._ll.llama_memory_clear(self.mem, True)
+        if not cap.k or any(q is None for q in cap.q[n_before:]):
+            raise FlexSelectError(f"llama.cpp gave no Qcur-{layer}/Kcur-{layer} tensors: is this a qwen2vl GGUF?")
+        q = torch.from_numpy(np.concatenate(cap.q[n_before:]))  # [T, H, d]
+        k = torch.from_numpy(np.concatenate(cap.k))  # [N, H_kv, d]
+        if k.shape[0] != positions.shape[1]:
+            raise FlexSelectError(f"captured keys for {k.shape[0]} of {positions.shape[1]} positions")
+        return q.transpose(0, 1), k.transpose(0, 1)
+
+    def score(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int,
+              aggregate: Aggregate = "max") -> torch.Tensor:
+        t0 = time.perf_counter()
+        q, k = self.reference_qk(visual, frames, prompt, layer)
+        start = len(prompt.prefix_ids)
+        scores = question_attention_scores(q, k, slice(start, start + len(frames) * visual.tokens_per_frame),
+                                           aggregate)
+        self.last_score_stats = {"seconds": time.perf_counter() - t0, "tokens": k.shape[1]}
+        return scores
+
+    # -- answer pass ---------------------------------------------------------------------------------------------
+    def _logits(self) -> torch.Tensor:
+        n_vocab = self._ll.llama_vocab_n_tokens(self.vocab)
+        ptr = self._ll.llama_get_logits_ith(self.ctx, -1)
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy())
+
+    def _piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def generate(self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt,
+                 config: GenerationConfig) -> Generation:
+        start = time.perf_counter()
+        kept = kept.to(torch.long).cpu()
+        embeds, positions, next_position = self.answer_layout(visual, kept, prompt)
+        n_prompt = positions.shape[1]
+        self._check_fits(n_prompt + 1, "answer prompt")
+        self._capture.stop()
+        self._run_layout(prompt, embeds, positions, logits_last=True)
+        rng = torch.Generator().manual_seed(config.seed)
+        token_ids: list[int] = []
+        ttft = 0.0
+        position = next_position
+        stopped = "max_new_tokens"
+        for step in range(config.max_new_tokens):
+            token = sample(self._logits(), config, rng)
+            if step == 0:
+                ttft = time.perf_counter() - start
+            if token in self.eos_token_ids:
+                stopped = "eos"
+                break
+            token_ids.append(token)
+            if step + 1 == config.max_new_tokens:
+                break
+            if n_prompt + len(token_ids) >= self.n_ctx:
+                stopped = "context_full"
+                log.warning("the llama.cpp context (%d tokens) is full; the answer is cut short", self.n_ctx)
+                break
+            self._decode(np.full((3, 1), position, dtype=np.int64), tokens=np.array([token]), logits_last=True)
+            position += 1
+        text = b"".join(self._piece(t) for t in token_ids).decode("utf-8", "replace").strip()
+        total = time.perf_counter() - start
+        return Generation(text=text, token_ids=token_ids, ttft_s=ttft, prompt_tokens=n_prompt,
+                          stats={"backend": "llama.cpp", "stopped": stopped, "seconds": total})
