@@ -211,6 +211,9 @@ def main() -> int:
     r2 = run_cli(args.cli, fx, "--json", "--layer", str(LAYER))
     check(r2.returncode == 0 and json.loads(r2.stdout)["kept_token_indices"] == kept
           and json.loads(r2.stdout)["answer_token_ids"] == out["answer_token_ids"], "deterministic")
+    env = dict(os.environ, FLEXSELECT_NO_CUT="1")  # the full graph instead of stopping after layer L's Q/K
+    rn = subprocess.run([*r.args[:1], *r.args[1:]], capture_output=True, env=env)
+    check(rn.returncode == 0 and json.loads(rn.stdout)["kept_token_indices"] == kept, "cut after layer L = no cut")
     rt = run_cli(args.cli, fx)  # text mode: answer on stdout, stats on stderr
     check(rt.returncode == 0 and b"kept:" in rt.stderr and b"first token" in rt.stderr, "text output with stats")
 

@@ -25,8 +25,8 @@ def build_gguf(model_dir: Path, out: Path, llama_dir: Path) -> str:
     except ImportError:
         export_gguf = None
     if export_gguf is not None:
-        export_gguf(model_dir, out)
-        return "flexselect_export.gguf"
+        export_gguf(model_dir, out, outtype="f32", llama_dir=llama_dir)  # f32: the same weights for every runtime
+        return "flexselect_export.gguf (f32)"
     # The tiny tokenizer is Qwen2's pre-tokenizer trained on a few sentences: its hash is unknown to the converter,
     # so tell the converter what it is.
     runner = (
