@@ -241,3 +241,14 @@ def test_prompt_longer_than_context_is_refused_before_decoding(exported, hf_visu
         small.generate(hf_visual, torch.arange(hf_visual.num_tokens), prompt, GenerationConfig(max_new_tokens=4))
     kept = torch.arange(8)  # a short prompt still answers in the same context afterwards
     assert small.generate(hf_visual, kept, prompt, GenerationConfig(max_new_tokens=3)).prompt_tokens < 64
+
+
+def test_pipeline_selection_on_llama_cpp_matches_transformers(llama_backends, tiny_backend, hf_visual):
+    pytest.importorskip("flexselect.video", reason="the pipeline needs flexselect.video")
+    from flexselect.pipeline import FlexSelect
+
+    prompt = tiny_backend.prompt("What color is the car?")
+    ours = FlexSelect(llama_backends["f32"]).select(hf_visual, prompt, budget=48, layer=1, set_frames=3)
+    theirs = FlexSelect(tiny_backend).select(hf_visual, prompt, budget=48, layer=1, set_frames=3)
+    assert len(ours.kept) == len(theirs.kept) == 48
+    assert len(set(ours.kept.tolist()) & set(theirs.kept.tolist())) >= 0.9 * 48

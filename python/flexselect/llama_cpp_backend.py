@@ -137,12 +137,14 @@ class _Capture:
         self.q: list[np.ndarray] = []
         self.k: list[np.ndarray] = []
         self.done = False  # both captured in the current micro-batch (reset before every llama_decode)
+        self.error: str | None = None
 
     def start(self, layer: int, abort: bool) -> None:
         self.active, self.abort = True, abort
         self.q_name, self.k_name = f"Qcur-{layer}".encode(), f"Kcur-{layer}".encode()
         self.q, self.k = [], []
         self.done = False
+        self.error = None
 
     def stop(self) -> None:
         self.active = False
@@ -165,7 +167,8 @@ class _Capture:
         else:
             shape = (t.ne[2], t.ne[1], t.ne[0])  # tokens, heads, head_dim (ggml's ne is fastest-first)
             if t.type != 0 or not _ggml().ggml_is_contiguous(tensor_p):
-                raise RuntimeError(f"{name!r} is not a contiguous f32 tensor")
+                self.error = f"{name.decode()} is not a contiguous f32 tensor (type {t.type})"
+                return False  # an exception cannot cross the C callback: reported after llama_decode
             out = np.empty(shape, dtype=np.float32)
             _ggml().ggml_backend_tensor_get(tensor_p, out.ctypes.data, 0, out.nbytes)
             (self.q if name == self.q_name else self.k).append(out)
@@ -380,6 +383,11 @@ class LlamaCppBackend:
         h, w = frames.shape[1:3]
         grid = (h // PIXEL_FACTOR, w // PIXEL_FACTOR)
         units = math.ceil(n / TEMPORAL_PATCH)
+        interval = TOKENS_PER_SECOND * TEMPORAL_PATCH / clip.sample_fps
+        if interval < 1:
+            log.warning("sampling at %.1f fps puts several frame pairs on one temporal position; llama.cpp masks "
+                        "attention by position, so its answers can differ slightly from transformers' (<= 4 fps "
+                        "avoids this)", clip.sample_fps)
         embeds = np.empty((units * grid[0] * grid[1], self.hidden_size), dtype=np.float32)
         tpf = grid[0] * grid[1]
         for u in range(units):
@@ -396,7 +404,7 @@ class LlamaCppBackend:
             num_frames=units,
             grid=grid,
             timestamps=np.asarray(clip.timestamps[::TEMPORAL_PATCH], dtype=np.float64),
-            time_interval=TOKENS_PER_SECOND * TEMPORAL_PATCH / clip.sample_fps,
+            time_interval=interval,
             frame_size=(h, w),
             source=getattr(clip, "source", ""),
         )
@@ -477,7 +485,13 @@ class LlamaCppBackend:
     def scoring_layout(self, visual: VisualTokens, frames: list[int], prompt: Prompt):
         offsets = video_positions(len(frames), visual.grid, visual.time_interval)
         positions, _ = layout_positions(len(prompt.prefix_ids), offsets, int(offsets.max()), len(prompt.suffix_ids))
-        return visual.embeds[visual.frame_tokens(frames)].float().numpy(), positions
+        return self._rows(visual, visual.frame_tokens(frames)), positions
+
+    def _rows(self, visual: VisualTokens, index: torch.Tensor) -> np.ndarray:
+        if visual.embeds.shape[1] != self.hidden_size:
+            raise FlexSelectError(f"these visual tokens are {visual.embeds.shape[1]}-wide but the model takes "
+                                  f"{self.hidden_size}: encode the video with this model")
+        return visual.embeds[index.to(visual.embeds.device)].float().cpu().numpy()
 
     def answer_layout(self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt):
         offsets = video_positions(visual.num_frames, visual.grid, visual.time_interval)[:, kept]
@@ -487,7 +501,7 @@ class LlamaCppBackend:
             offsets = compact_positions(offsets)
             extent = int(offsets.max())
         positions, next_position = layout_positions(len(prompt.prefix_ids), offsets, extent, len(prompt.suffix_ids))
-        return visual.embeds[kept].float().numpy(), positions, next_position
+        return self._rows(visual, kept), positions, next_position
 
     # -- scoring pass --------------------------------------------------------------------------------------------
     def reference_qk(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int,
@@ -513,6 +527,8 @@ class LlamaCppBackend:
         finally:
             cap.stop()
             self._ll.llama_memory_clear(self.mem, True)
+        if cap.error:
+            raise FlexSelectError(f"could not read the reference layer's tensors: {cap.error}")
         if not cap.k or any(q is None for q in cap.q[n_before:]):
             raise FlexSelectError(f"llama.cpp gave no Qcur-{layer}/Kcur-{layer} tensors: is this a qwen2vl GGUF?")
         q = torch.from_numpy(np.concatenate(cap.q[n_before:]))  # [T, H, d]
