@@ -192,7 +192,7 @@ def _to_image(frames_uint8: np.ndarray):
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _inside(folder: str, name: str) -> Path | None:

@@ -60,7 +60,7 @@ def api_workflow(env, **overrides) -> dict:
     wf = json.loads((WORKFLOWS / "flexselect_qa_api.json").read_text())
     wf["1"]["inputs"].update(file=VIDEO_NAME, frames=FRAMES, max_side=112, preview_frames=6)
     wf["2"]["inputs"].update(model=env.model_name, device="cpu", dtype="float32")
-    wf["3"]["inputs"].update(budget=16, preview_frames=8)  # 16 of 8 units x 8 tokens: 25% kept, 2 sets
+    wf["3"]["inputs"].update(budget=24, preview_frames=8)  # 8 units x 12 tokens (3x4 grid): 25% kept, 2 sets
     wf["3"]["inputs"].update(set_frames=4)
     wf["4"]["inputs"].update(max_new_tokens=6)
     for node_id, inputs in overrides.items():
@@ -170,8 +170,8 @@ def test_example_workflow_runs(comfy_env):
     assert f"{FRAMES} frames" in info
     selection, heatmap, sel_info = run["outputs"]["3"]
     assert heatmap.ndim == 4 and heatmap.shape[0] == 1 and heatmap.shape[-1] == 3  # one contact sheet
-    assert len(selection.kept) == 16 and selection.kept_per_frame.sum() == 16
-    assert len(selection.selection.sets) == 2 and "kept 16 of" in sel_info
+    assert len(selection.kept) == 24 and selection.kept_per_frame.sum() == 24
+    assert len(selection.selection.sets) == 2 and "kept 24 of 96" in sel_info
     (answer,) = run["outputs"]["4"]
     assert isinstance(answer, str)
     assert run["ui"]["4"] == {"text": [answer]}
@@ -253,12 +253,19 @@ def test_huge_request_is_refused_before_decoding(comfy_env, monkeypatch):
         raise AssertionError("load_clip was called although the request is over the memory limit")
 
     monkeypatch.setattr(fv, "load_clip", must_not_decode)
-    with pytest.raises(FlexSelectError, match=r"refusing to load 48 frames .* GiB.*memory_limit_gb = 0\.0001"):
+    with pytest.raises(FlexSelectError, match=r"refusing to load 48 frames .* MiB.*memory_limit_gb = 0\.0001"):
         N.FlexSelectLoadVideo().load(VIDEO_NAME, 8192, 0.0, 0.0, 0.0, 4096, 0.0001, 16)
-    # Default limit: a share of the RAM available now, and the message says so.
-    monkeypatch.setattr(compat, "available_ram_bytes", lambda: 2**20)
-    with pytest.raises(FlexSelectError, match="of the RAM available now"):
+    # An hour of 4K at 60 fps, 8192 frames at full size asked for, default limit (half of the RAM available now).
+    info = fv.VideoInfo(path="4k.mp4", num_frames=216000, fps=60.0, duration=3600.0, width=3840, height=2160)
+    monkeypatch.setattr(fv, "probe", lambda path: info)
+    monkeypatch.setattr(compat, "available_ram_bytes", lambda: 16 * 2**30)
+    with pytest.raises(FlexSelectError, match=r"refusing to load 8192 frames of 3840x2160 .* needs about "
+                                              r"\d+\.\d\d GiB, over the limit of 8\.00 GiB \(50% of the 16\.00 GiB "
+                                              r"of RAM available now"):
         N.FlexSelectLoadVideo().load(VIDEO_NAME, 8192, 0.0, 0.0, 0.0, 4096, 0.0, 16)
+    # The same video sampled sensibly (2 fps over a minute, 448 px) is accepted up to the decoder.
+    with pytest.raises(AssertionError, match="load_clip was called"):
+        N.FlexSelectLoadVideo().load(VIDEO_NAME, 8192, 2.0, 0.0, 60.0, 448, 0.0, 16)
 
 
 def test_bad_inputs_give_clear_errors(comfy_env):

@@ -54,13 +54,23 @@ TORCHVISION_STUB = '''
 ComfyUI imports it at start-up. Any real use raises."""
 import importlib.abc, importlib.machinery, sys, types
 
-__version__ = "0.0.0+flexselect-test-stub"
+__version__ = "0.0.0+flexselect.test.stub"
+
+
+class _MissingMeta(type):
+    """Any attribute of a stand-in class is another stand-in (enum members such as InterpolationMode.BICUBIC, which
+    transformers reads at import time because it sees torchvision installed): defining works, using raises."""
+
+    def __getattr__(cls, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _missing(f"{cls.__qualname__}.{attr}")
 
 
 def _missing(name):
     def fail(*args, **kwargs):
         raise RuntimeError(f"torchvision stub: {name} is not available in the FlexSelect ComfyUI test server")
-    return type(name.rsplit(".", 1)[-1], (), {"__init__": fail, "__call__": fail})
+    return _MissingMeta(name.rsplit(".", 1)[-1], (), {"__init__": fail, "__call__": fail, "__qualname__": name})
 
 
 class _Stub(types.ModuleType):
@@ -237,7 +247,8 @@ def server(tmp_path_factory, tiny_model_dir):
 
     port = free_port()
     log = base / "server.log"
-    server_env = {**os.environ, "PYTHONPATH": str(base / "stubs"), "PYTHONUNBUFFERED": "1"}
+    python_path = os.pathsep.join(p for p in (str(base / "stubs"), os.environ.get("PYTHONPATH", "")) if p)
+    server_env = {**os.environ, "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1"}
     server_env.pop("FLEXSELECT_COMFY_MODELS", None)
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -286,7 +297,8 @@ def workflow(**overrides) -> dict:
 def test_pack_loads_without_import_failure(server):
     log = server.log_text()
     failed = [line for line in log.splitlines() if "IMPORT FAILED" in line or "Cannot import" in line]
-    assert not [line for line in failed if "flexselect" in line.lower()], "\n".join(failed)
+    assert not [line for line in failed if "comfyui-flexselect" in line], "\n".join(failed)
+    assert "comfyui-flexselect" in log  # listed under "Import times for custom nodes"
     status, info = server.request("GET", "/object_info")
     assert status == 200
     for node_id in OUR_IDS:
@@ -305,7 +317,8 @@ def test_example_workflow_answer_in_history(server):
     t0 = time.monotonic()
     prompt_id = server.submit(workflow())
     entry = server.wait_history(prompt_id, timeout=240)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[-3000:]
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert entry["status"]["status_str"] == "success", [(e["exception_message"], e["traceback"][-3:]) for e in errors]
     answer = entry["outputs"]["4"]["text"]
     assert isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], str)
     assert entry["outputs"]["5"]["images"], "the heatmap preview was not saved"
@@ -329,12 +342,13 @@ def test_run_error_is_reported_with_a_clear_message(server):
 
 
 def test_interrupt_stops_a_long_run(server):
-    # 1200 frames, scored in 600 one-unit frame sets: minutes of work if it were not stopped.
+    # 1200 frames decoded one by one, encoded in chunks, then 600 one-unit frame sets scored one by one: Cancel is
+    # checked between each of them.
     wf = workflow(**{"1": {"file": LONG_VIDEO, "frames": 1200, "max_side": 56, "preview_frames": 2},
-                     "3": {"budget": 1, "set_frames": 2, "question": "What happens in the long video?"}})
+                     "3": {"budget": 1, "set_frames": 1, "question": "What happens in the long video?"}})
     prompt_id = server.submit(wf)
     server.wait_running(prompt_id, timeout=60)
-    time.sleep(2.0)
+    time.sleep(0.5)
     t0 = time.monotonic()
     status, _ = server.request("POST", "/interrupt", {})
     assert status == 200
@@ -342,7 +356,9 @@ def test_interrupt_stops_a_long_run(server):
     stopped_s = time.monotonic() - t0
     assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False, entry["status"]
     kinds = [m[0] for m in entry["status"]["messages"]]
-    assert "execution_interrupted" in kinds, kinds
+    errors = [(m[1]["exception_message"], m[1]["traceback"][-3:]) for m in entry["status"]["messages"]
+              if m[0] == "execution_error"]
+    assert "execution_interrupted" in kinds, (kinds, errors)
     assert "4" not in entry.get("outputs", {})
     assert stopped_s < 20, f"the run took {stopped_s:.1f} s to stop"
     print(f"\nComfyUI e2e: interrupt honoured after {stopped_s:.2f} s", file=sys.stderr)
