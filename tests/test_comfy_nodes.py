@@ -327,7 +327,7 @@ def test_in_memory_video_components(comfy_env):
     video = SimpleNamespace(get_components=lambda: SimpleNamespace(images=images, frame_rate=Fraction(10)))
     clip, preview, _ = N.FlexSelectLoadVideo().load(N.NO_FILE, 8, 2.0, 1.0, 3.0, 45, 0.0, 3, video=video)
     assert clip.frames.shape == (5, 30, 45, 3) and clip.frames.dtype == np.uint8  # 2 s at 2 fps (+1)
-    assert clip.timestamps[0] >= 1.0 and clip.timestamps[-1] <= 3.0
+    assert clip.timestamps[0] >= 1.0 and clip.timestamps[-1] <= 3.0 and clip.sample_fps == pytest.approx(2.0)
     assert preview.shape == (3, 30, 45, 3)
     assert torch.equal(images, before)
 
