@@ -166,3 +166,106 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     staging.rename(out)
     return out
+
+
+# -- other families: LLaVA-OneVision and InternVL on a plain Qwen2 language model (1-D RoPE) ----------------------
+TINY_QWEN2_TEXT = {
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+}
+TINY_SQUARE_VISION = {  # 112 / 14 = 8x8 patches -> 4x4 tokens per frame after pooling / pixel shuffle
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "image_size": 112, "patch_size": 14,
+}
+
+
+def _tokenizer_with(extra_special: list[str]):
+    """The shared tiny tokenizer plus a family's own special tokens (appended after the shared vocabulary)."""
+    from tokenizers import AddedToken
+
+    tok, _ = build_tokenizer()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra_special])
+    return tok, {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + extra_special}
+
+
+def _write_checkpoint(out: Path, model, tok, extra_special: list[str], preprocessor: dict, seed: int) -> Path:
+    """Widen Q/K (decisive rankings, as for the Qwen builder) and write model, tokenizer and preprocessor into
+    place atomically."""
+    from transformers import PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "language_model" in name and ("q_proj" in name or "k_proj" in name):
+                p.normal_(0.0, 0.25)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    model.save_pretrained(staging)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:] + extra_special,
+    )
+    fast.save_pretrained(staging)
+    (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    staging.rename(out)
+    return out
+
+
+def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random LLaVA-OneVision checkpoint (SigLIP tower at 112 px -> 4x4 pooled tokens per frame)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    extra = ["<image>", "<video>"]
+    tok, ids = _tokenizer_with(extra)
+    vocab_size = tok.get_vocab_size()
+    config = LlavaOnevisionConfig(
+        text_config={**TINY_QWEN2_TEXT, "vocab_size": vocab_size, "bos_token_id": ids["<|endoftext|>"],
+                     "eos_token_id": ids["<|im_end|>"]},
+        vision_config={**TINY_SQUARE_VISION, "model_type": "siglip_vision_model"},
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    preprocessor = {"image_processor_type": "LlavaOnevisionImageProcessor", "do_resize": True,
+                    "size": {"height": 112, "width": 112}, "do_normalize": True,
+                    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    return _write_checkpoint(out, model, tok, extra, preprocessor, seed)
+
+
+def build_tiny_internvl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random InternVL checkpoint (InternViT at 112 px, pixel shuffle -> 4x4 tokens + <img>/</img>)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    extra = ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    tok, ids = _tokenizer_with(extra)
+    vocab_size = tok.get_vocab_size()
+    config = InternVLConfig(
+        text_config={**TINY_QWEN2_TEXT, "vocab_size": vocab_size, "bos_token_id": ids["<|endoftext|>"],
+                     "eos_token_id": ids["<|im_end|>"]},
+        vision_config=TINY_SQUARE_VISION,
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=16,
+        downsample_ratio=0.5,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    preprocessor = {"image_processor_type": "GotOcr2ImageProcessor", "do_resize": True,
+                    "size": {"height": 112, "width": 112}, "do_normalize": True,
+                    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    return _write_checkpoint(out, model, tok, extra, preprocessor, seed)

@@ -9,10 +9,15 @@ from pathlib import Path
 from ..errors import FlexSelectError
 from .base import Backend
 
-# config.json `model_type` -> (family in defaults.json, loader)
+# config.json `model_type` -> family in defaults.json. Not supported, and why:
+# - qwen3_vl: DeepStack injects vision features into the first decoder layers and Q/K are normalised per head,
+#   neither of which the shared stopped scoring pass reproduces; frames are also interleaved with timestamp text.
+# - internvl_chat (the original remote-code InternVL checkpoints): use the transformers-native "-hf" conversion.
 SUPPORTED = {
     "qwen2_5_vl": "qwen2_5_vl",
     "qwen2_vl": "qwen2_vl",
+    "llava_onevision": "llava_onevision",
+    "internvl": "internvl",
 }
 
 
@@ -37,7 +42,17 @@ def detect_family(path: str | os.PathLike) -> str:
 
 def load_backend(path: str | os.PathLike, device: str = "auto", dtype: str = "auto",
                  positions: str = "original") -> Backend:
-    detect_family(path)  # a clear error for folders that are not a supported checkpoint
+    """Load a checkpoint folder's backend. `positions` (original / compact) applies to the M-RoPE families only:
+    the 1-D RoPE families always give the kept tokens consecutive positions."""
+    family = detect_family(path)  # a clear error for folders that are not a supported checkpoint
+    if family == "llava_onevision":
+        from .llava_onevision import LlavaOnevisionBackend
+
+        return LlavaOnevisionBackend.load(path, device=device, dtype=dtype)
+    if family == "internvl":
+        from .internvl import InternVLBackend
+
+        return InternVLBackend.load(path, device=device, dtype=dtype)
     from .qwen2_5_vl import Qwen25VLBackend
 
     return Qwen25VLBackend.load(path, device=device, dtype=dtype, positions=positions)

@@ -3,8 +3,8 @@
 Frames are paired into temporal units (temporal patch 2); each unit becomes (H/28) x (W/28) visual tokens. The
 positions follow the original Qwen2.5-VL definition (what the models were trained with): a video starting at
 position s gives token (unit u, row r, col c) the position (s + floor(u * interval), s + r, s + c), with
-interval = tokens_per_second * temporal_patch_size / sampling fps, and the text after the video resumes at the
-largest video position + 1. (transformers 5.23's own `get_rope_index` resumes text at s + max(rows, cols)
+interval = tokens_per_second * temporal_patch_size / sampling fps (Qwen2-VL: interval 1, no time scaling), and the
+text after the video resumes at the largest video position + 1. (transformers 5.23's own `get_rope_index` resumes text at s + max(rows, cols)
 instead, which differs for videos; we keep the original, and the llama.cpp and C++ paths use these functions.)
 """
 
@@ -104,7 +104,8 @@ class Qwen25VLBackend(HFBackend):
         self.patch = vision.patch_size
         self.temporal_patch = vision.temporal_patch_size
         self.merge = vision.spatial_merge_size
-        self.tokens_per_second = getattr(vision, "tokens_per_second", 2)
+        # Qwen2-VL has no tokens_per_second: its temporal position steps by 1 per unit, whatever the fps.
+        self.tokens_per_second = getattr(vision, "tokens_per_second", None)
         self.mean = torch.tensor(preprocessor.get("image_mean", [0.48145466, 0.4578275, 0.40821073]))
         self.std = torch.tensor(preprocessor.get("image_std", [0.26862954, 0.26130258, 0.27577711]))
         eos = model.generation_config.eos_token_id if model.generation_config else None
@@ -158,7 +159,8 @@ class Qwen25VLBackend(HFBackend):
             num_frames=units,
             grid=grid,
             timestamps=np.asarray(clip.timestamps[:: self.temporal_patch], dtype=np.float64),
-            time_interval=self.tokens_per_second * self.temporal_patch / clip.sample_fps,
+            time_interval=(1.0 if self.tokens_per_second is None
+                           else self.tokens_per_second * self.temporal_patch / clip.sample_fps),
             frame_size=(grid[0] * PIXEL_FACTOR, grid[1] * PIXEL_FACTOR),
             source=clip.source,
         )

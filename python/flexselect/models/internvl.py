@@ -1,0 +1,175 @@
+"""InternVL on transformers' native `InternVLForConditionalGeneration` (the `-hf` checkpoints, model_type "internvl").
+
+Frames -> visual tokens as InternVL's video chat does: each frame is one tile, resized to the vision tower's square
+input (448) and normalised with the checkpoint's values (ImageNet's by default); the tower's patch grid (32x32) is
+pixel-shuffled by the downsample ratio and projected by `mlp1`, giving 16x16 = 256 tokens. A frame's block is
+`<img>` + those 256 tokens + `</img>` = 258 tokens (the paper's count): the two delimiters are scored like visual
+tokens and may be dropped, so `tokens_per_frame` is the grid plus 2 (see `FramedVisualTokens`).
+
+Layout, as InternVL's video chat writes it: [prefix] "Frame1: " block "\\nFrame2: " block ... [suffix "\\n" question
+...]. The "FrameN: " labels are text: never scored, never dropped. Each scoring pass numbers its set's frames 1..n
+(a short video of its own); the answer pass labels only the frames that keep at least one token, again 1..m, so it
+reads exactly like InternVL's chat over a video of those frames. Positions are 1-D and consecutive (0..N-1).
+
+The labels make the visual columns non-contiguous, so `score` maps them explicitly (`scoring_columns`); the Q/K
+extraction and score formula are the shared ones. Checkpoints whose language model normalises Q/K per head (Qwen3,
+InternVL3.5) are refused: the shared Q/K extraction does not apply those norms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..defaults import family_defaults
+from ..errors import FlexSelectError
+from ..selection import Aggregate, question_attention_scores
+from .base import Progress, Prompt, VisualTokens
+from .hf import HFBackend, LayoutedInput, resolve_device, resolve_dtype
+from .llava_onevision import (consecutive_positions, eos_ids, read_preprocessor, square_pixels,
+                              template_prompt)
+
+if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
+    from ..video import Clip
+
+ENCODE_CHUNK_FRAMES = 16  # frames per vision-tower call: bounds activation memory on long videos
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+START_IMAGE, END_IMAGE = "<img>", "</img>"
+
+
+@dataclass
+class FramedVisualTokens(VisualTokens):
+    """Visual tokens whose per-frame block is `<img>`, the grid's tokens (row-major), `</img>`."""
+
+    frame_delimiters = 2  # tokens per frame outside the grid: the first and the last of each block
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[0] * self.grid[1] + self.frame_delimiters
+
+
+def frame_label(n: int) -> str:
+    """Text before the n-th (1-based) frame block: blocks are separated by a newline, as InternVL's chat does."""
+    return ("\n" if n > 1 else "") + f"Frame{n}: "
+
+
+class InternVLBackend(HFBackend):
+    """InternVL (see module docstring)."""
+
+    family = "internvl"
+
+    def __init__(self, model, tokenizer, preprocessor: dict) -> None:
+        attn = model.model.language_model.layers[0].self_attn
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            raise FlexSelectError(
+                f"this InternVL's language model ({model.config.text_config.model_type}) normalises Q/K per head, "
+                "which the reference-layer scoring does not reproduce; supported: InternVL with a Qwen2/Llama-style "
+                "language model (InternVL2.5 / InternVL3)"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        size = model.config.vision_config.image_size
+        self.side = size[0] if isinstance(size, (list, tuple)) else size
+        patch = model.config.vision_config.patch_size
+        patches = self.side // (patch[0] if isinstance(patch, (list, tuple)) else patch)
+        side = int(patches * model.config.downsample_ratio)
+        self.grid = (side, side)
+        self.mean = torch.tensor(preprocessor.get("image_mean", IMAGENET_MEAN), dtype=torch.float32)
+        self.std = torch.tensor(preprocessor.get("image_std", IMAGENET_STD), dtype=torch.float32)
+        delimiters = tokenizer.convert_tokens_to_ids([START_IMAGE, END_IMAGE])
+        if any(i is None or i == tokenizer.unk_token_id for i in delimiters):
+            raise FlexSelectError(f"the tokenizer has no {START_IMAGE} / {END_IMAGE} tokens: not an InternVL checkpoint")
+        self.delimiter_ids = torch.tensor(delimiters, dtype=torch.long)
+        self.eos_token_ids = eos_ids(model, tokenizer)
+        self.defaults = family_defaults(self.family)
+        self._labels: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> "InternVLBackend":
+        from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+        path = Path(path)
+        dev = resolve_device(device)
+        model = InternVLForConditionalGeneration.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
+        return cls(model, AutoTokenizer.from_pretrained(path), read_preprocessor(path))
+
+    @torch.inference_mode()
+    def encode(self, clip: Clip, progress: Progress | None = None) -> FramedVisualTokens:
+        n = len(clip.frames)
+        start_emb, end_emb = self.embed_ids(self.delimiter_ids)[:, None]
+        chunks = []
+        for start in range(0, n, ENCODE_CHUNK_FRAMES):
+            pixels = square_pixels(clip.frames[start : start + ENCODE_CHUNK_FRAMES], self.side, self.mean, self.std)
+            tokens = self.model.model.get_image_features(pixel_values=pixels.to(self.device)).pooler_output
+            f = tokens.shape[0]
+            blocks = torch.cat([start_emb.expand(f, 1, -1).to(tokens.dtype), tokens,
+                                end_emb.expand(f, 1, -1).to(tokens.dtype)], dim=1)
+            chunks.append(blocks.reshape(-1, blocks.shape[-1]))
+            if progress:
+                progress(min(start + ENCODE_CHUNK_FRAMES, n), n)
+        return FramedVisualTokens(
+            embeds=torch.cat(chunks).to(self.model.dtype),
+            num_frames=n,
+            grid=self.grid,
+            timestamps=np.asarray(clip.timestamps, dtype=np.float64),
+            time_interval=1.0,
+            frame_size=(self.side, self.side),
+            source=clip.source,
+        )
+
+    def prompt(self, question: str) -> Prompt:
+        return template_prompt(self.tokenizer, self.defaults, question)
+
+    def _label_ids(self, n: int) -> torch.Tensor:
+        if n not in self._labels:
+            ids = self.tokenizer(frame_label(n), add_special_tokens=False).input_ids
+            self._labels[n] = torch.tensor(ids, dtype=torch.long)
+        return self._labels[n]
+
+    def _layout(self, visual: VisualTokens, blocks: list[torch.Tensor], prompt: Prompt
+                ) -> tuple[LayoutedInput, torch.Tensor]:
+        """[prefix] label_1 block_1 label_2 block_2 ... [suffix]; blocks hold global token indices. Returns the
+        input and the sequence positions of the blocks' tokens (in block order)."""
+        pieces = [self.embed_ids(prompt.prefix_ids)]
+        columns = []
+        at = len(prompt.prefix_ids)
+        for n, block in enumerate(blocks, start=1):
+            label = self._label_ids(n)
+            pieces += [self.embed_ids(label), visual.embeds[block.to(self.device)]]
+            at += len(label)
+            columns.append(torch.arange(at, at + len(block)))
+            at += len(block)
+        pieces.append(self.embed_ids(prompt.suffix_ids))
+        embeds = torch.cat(pieces)
+        length = embeds.shape[0]
+        return LayoutedInput(embeds[None], consecutive_positions(length, self.device), length), torch.cat(columns)
+
+    def _set_blocks(self, visual: VisualTokens, frames: list[int]) -> list[torch.Tensor]:
+        return list(visual.frame_tokens(frames).view(len(frames), visual.tokens_per_frame))
+
+    def scoring_inputs(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> LayoutedInput:
+        return self._layout(visual, self._set_blocks(visual, frames), prompt)[0]
+
+    def scoring_columns(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> torch.Tensor:
+        """Sequence positions of the set's visual tokens (in `visual.frame_tokens(frames)` order)."""
+        return self._layout(visual, self._set_blocks(visual, frames), prompt)[1]
+
+    def answer_inputs(self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt) -> LayoutedInput:
+        kept = kept.cpu()
+        counts = torch.unique_consecutive(kept // visual.tokens_per_frame, return_counts=True)[1]
+        return self._layout(visual, list(torch.split(kept, counts.tolist())), prompt)[0]
+
+    @torch.inference_mode()
+    def score(
+        self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, aggregate: Aggregate = "max"
+    ) -> torch.Tensor:
+        inputs, columns = self._layout(visual, self._set_blocks(visual, frames), prompt)
+        hidden, rotary = self.hidden_at_layer(inputs, layer)
+        q, k = self.question_qk(hidden, rotary, layer, len(prompt.suffix_ids))
+        # Scores are per key column, so scoring the whole span and picking the visual columns is exact.
+        return question_attention_scores(q, k, slice(0, k.shape[1]), aggregate)[columns.to(q.device)]

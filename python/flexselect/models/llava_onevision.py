@@ -1,0 +1,131 @@
+"""LLaVA-Video / LLaVA-OneVision on transformers (`LlavaOnevisionForConditionalGeneration`).
+
+Frames -> visual tokens, as transformers' own video path (`get_video_features`) does: each frame is resized to the
+SigLIP tower's square input (384 for the released checkpoints), encoded, projected, then 2x2 bilinear-pooled, so a
+27x27 patch grid becomes 14x14 = 196 tokens per frame. transformers then appends ONE `image_newline` embedding after
+the whole video; the original LLaVA-Video code (and the paper's 210 tokens per frame) instead ends every pooled row
+with a newline, 14 per frame. We follow transformers: a frame is exactly its 196 pooled tokens (grid 14x14), and the
+single newline sits between the video and the question in every pass. It is neither scored nor dropped (there is
+only one), so the per-frame budget unit is 196 and the default budget of 6720 tokens keeps ~34 frames' worth
+instead of the paper's 32.
+
+Layout: [prompt prefix] [video tokens] [newline] [question suffix], LLaVA-Video's Qwen2 chat format from
+defaults.json. Positions are 1-D: each scoring pass and the answer pass number their sequence 0..N-1, so kept tokens
+simply sit at consecutive positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..defaults import FamilyDefaults, family_defaults
+from .base import Progress, Prompt, VisualTokens
+from .hf import HFBackend, LayoutedInput, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
+    from ..video import Clip
+
+ENCODE_CHUNK_FRAMES = 16  # frames per vision-tower call: bounds activation memory on long videos
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def read_preprocessor(path: Path) -> dict:
+    """The checkpoint's video preprocessor settings (falling back to the image preprocessor's), or {}."""
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        if (path / name).is_file():
+            return json.loads((path / name).read_text())
+    return {}
+
+
+def square_pixels(frames: np.ndarray, side: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> normalised float [N, 3, side, side] (resized to the tower's square input)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    if tuple(x.shape[2:]) != (side, side):
+        x = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
+    return (x / 255.0 - mean[:, None, None]) / std[:, None, None]
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    eos = eos if isinstance(eos, list) else [eos]
+    return {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+
+
+def template_prompt(tokenizer, defaults: FamilyDefaults, question: str) -> Prompt:
+    """The family's fixed chat template from defaults.json around the question."""
+    def ids(text: str) -> torch.Tensor:
+        return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+    return Prompt(ids(defaults.prompt_prefix), ids(defaults.prompt_suffix.replace("{question}", question)), question)
+
+
+def consecutive_positions(length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(length, device=device)[None]
+
+
+class LlavaOnevisionBackend(HFBackend):
+    """LLaVA-Video / LLaVA-OneVision (see module docstring)."""
+
+    family = "llava_onevision"
+
+    def __init__(self, model, tokenizer, preprocessor: dict) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        vision = model.config.vision_config
+        self.side = vision.image_size
+        pooled = math.ceil(vision.image_size // vision.patch_size / 2)  # transformers' apply_pooling
+        self.grid = (pooled, pooled)
+        self.mean = torch.tensor(preprocessor.get("image_mean", SIGLIP_MEAN), dtype=torch.float32)
+        self.std = torch.tensor(preprocessor.get("image_std", SIGLIP_STD), dtype=torch.float32)
+        self.eos_token_ids = eos_ids(model, tokenizer)
+        self.defaults = family_defaults(self.family)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> "LlavaOnevisionBackend":
+        from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+        path = Path(path)
+        dev = resolve_device(device)
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
+        return cls(model, AutoTokenizer.from_pretrained(path), read_preprocessor(path))
+
+    @torch.inference_mode()
+    def encode(self, clip: Clip, progress: Progress | None = None) -> VisualTokens:
+        n = len(clip.frames)
+        chunks = []
+        for start in range(0, n, ENCODE_CHUNK_FRAMES):
+            pixels = square_pixels(clip.frames[start : start + ENCODE_CHUNK_FRAMES], self.side, self.mean, self.std)
+            out = self.model.model.get_video_features(pixel_values_videos=pixels[None].to(self.device, self.model.dtype))
+            chunks.append(out.pooler_output[0, :-1])  # the trailing newline is added once, by the layout
+            if progress:
+                progress(min(start + ENCODE_CHUNK_FRAMES, n), n)
+        return VisualTokens(
+            embeds=torch.cat(chunks).to(self.model.dtype),
+            num_frames=n,
+            grid=self.grid,
+            timestamps=np.asarray(clip.timestamps, dtype=np.float64),
+            time_interval=1.0,
+            frame_size=(self.side, self.side),
+            source=clip.source,
+        )
+
+    def prompt(self, question: str) -> Prompt:
+        return template_prompt(self.tokenizer, self.defaults, question)
+
+    def _layout(self, visual_embeds: torch.Tensor, prompt: Prompt) -> LayoutedInput:
+        newline = self.model.model.image_newline.to(visual_embeds.dtype)[None]
+        embeds = torch.cat([self.embed_ids(prompt.prefix_ids), visual_embeds, newline, self.embed_ids(prompt.suffix_ids)])
+        return LayoutedInput(embeds[None], consecutive_positions(embeds.shape[0], self.device), embeds.shape[0])
+
+    def scoring_inputs(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> LayoutedInput:
+        return self._layout(visual.embeds[visual.frame_tokens(frames).to(self.device)], prompt)
+
+    def answer_inputs(self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt) -> LayoutedInput:
+        return self._layout(visual.embeds[kept.to(self.device)], prompt)
