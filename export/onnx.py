@@ -5,11 +5,12 @@
 I/O (what `flexselect.lite.onnx_ranker` and the C++ runtime look up): `visual_embeds` float32 [n_visual, D_host],
 `question_ids` int64 [n_question] -> `scores` float32 [n_visual], both token counts dynamic.
 
-Exporter: torch.onnx's dynamo exporter (`torch.export` + onnxscript). The TorchScript exporter is deprecated in
-torch 2.x and traces Python ints as constants, so the question slice `h[:, -T:]` and the visual column slice would
-be frozen at the example's sizes; `torch.export` keeps them symbolic (tests/test_lite.py runs the graph at other
-sizes against torch). Opset 18: the dynamo exporter's native opset (no down-conversion pass),
-supported by ONNX Runtime >= 1.14, well below the `onnxruntime>=1.18` this package asks for.
+Exporter: torch.onnx's dynamo exporter (`torch.export` + onnxscript), the default in current torch. The older
+TorchScript exporter is deprecated and works by tracing, where sizes that pass through Python ints (the question
+rows `h[:, -T:]`, the visual columns `slice(0, N)`) can be frozen at the example's values; `torch.export` keeps
+them symbolic, and tests/test_lite.py runs the graph at other sizes against torch. Opset 18: torchlib's native
+opset in torch 2.13 (no version-conversion pass), run by ONNX Runtime >= 1.14, below the `onnxruntime>=1.18` this
+package asks for.
 
 Writing: everything goes to a temporary folder beside the target and is renamed into place, the weights file
 (if any) before `ranker.onnx`, so a reader never sees a half-written model under the final name. Rankers whose

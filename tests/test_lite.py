@@ -239,3 +239,48 @@ def test_init_from_a_small_llm_checkpoint(tmp_path):
     assert scores.shape == (30,) and torch.isfinite(scores).all()
     with pytest.raises(FlexSelectError, match="vocabulary"):
         LiteRanker(qwen2_config(TINY_RANKER, 99), host)
+
+
+def test_large_rankers_export_with_external_weights(trained, tiny_backend, tmp_path, monkeypatch):
+    import flexselect_export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as a 0.5B float32 ranker (~2 GB) would
+    path = onnx_export.export_bundle(trained.bundle, tmp_path)
+    assert (tmp_path / (ONNX + ".data")).is_file() and json.loads((tmp_path / MANIFEST).read_text())["onnx"][
+        "external_data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, ONNX, ONNX + ".data"]  # no staging left
+    ranker = load_ranker(path, tiny_backend)
+    visual, ids = torch.randn(50, 64), torch.tensor([3, 9, 27])
+    with torch.no_grad():
+        expected = load_ranker(trained.bundle, tiny_backend)(visual, ids)
+    assert (ranker.run(visual.numpy(), ids.numpy()) - expected).abs().max() < 1e-4
+
+
+def test_hand_made_onnx_ranker_without_manifest(tiny_backend, tmp_path):
+    """The C++ runtime's contract: any ONNX model with a float [n, D] and an integer [T] input works."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def build(d: int) -> Path:
+        w = np.random.default_rng(1).standard_normal((d, 1)).astype(np.float32)
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["visual", "w"], ["s2"]), helper.make_node("Squeeze", ["s2", "ax"], ["s"])],
+            "ranker", [helper.make_tensor_value_info("visual", TensorProto.FLOAT, ["n", d]),
+                       helper.make_tensor_value_info("ids", TensorProto.INT64, ["t"])],
+            [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["n"])],
+            [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1], np.int64), "ax")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        path = tmp_path / f"ranker{d}.onnx"
+        onnx.save(model, str(path))
+        return path
+
+    ranker = load_ranker(build(64), tiny_backend)
+    visual = tiny_backend.encode(fake_clip(Path("v1.mp4")))
+    scores = ranker.score(visual, [1, 3], tiny_backend.prompt(QUESTIONS[0]))
+    rows = visual.embeds[visual.frame_tokens([1, 3])]
+    assert torch.allclose(scores, rows @ torch.from_numpy(np.random.default_rng(1).standard_normal((64, 1)))
+                          .float()[:, 0], atol=1e-4)
+    with pytest.raises(FlexSelectError, match="takes 32-d visual tokens.*64-d"):
+        load_ranker(build(32), tiny_backend)

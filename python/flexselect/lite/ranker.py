@@ -140,11 +140,11 @@ class LiteRanker(nn.Module):
         if not config_file.is_file():
             raise FlexSelectError(f"{folder} has no config.json: pass the folder of a small Qwen2-style checkpoint")
         raw = json.loads(config_file.read_text())
-        if raw.get("model_type") not in ("qwen2", "llama", "qwen2_moe", None):
+        if raw.get("model_type") != "qwen2":
             raise FlexSelectError(f"{folder}: model type {raw.get('model_type')!r} is not a Qwen2-style decoder")
         keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_theta",
-                "head_dim", "attention_bias")
+                "head_dim")
         overrides = {k: raw[k] for k in keys if k in raw}
         if "rope_theta" in overrides and "rope_parameters" not in overrides:
             overrides["rope_parameters"] = {"rope_type": "default", "rope_theta": overrides.pop("rope_theta")}
