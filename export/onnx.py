@@ -21,7 +21,6 @@ weights exceed 1.5 GiB (the 0.5B default in float32 is ~2 GB, over protobuf's 2 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -32,8 +31,6 @@ import torch
 from flexselect.errors import FlexSelectError
 from flexselect.lite.bundle import MANIFEST, ONNX, load_torch_ranker, make_manifest, write_atomic
 from flexselect.lite.ranker import LiteRanker
-
-log = logging.getLogger("flexselect")
 
 OPSET = 18
 INPUTS = ("visual_embeds", "question_ids")

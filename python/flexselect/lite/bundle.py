@@ -10,7 +10,6 @@ A bundle is a folder:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
@@ -26,8 +25,6 @@ from .ranker import LiteRanker, qwen2_config
 if TYPE_CHECKING:
     from ..models.base import Backend
     from .onnx_ranker import OnnxRanker
-
-log = logging.getLogger("flexselect")
 
 FORMAT = "flexselect-lite-ranker"
 FORMAT_VERSION = 1

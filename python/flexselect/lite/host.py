@@ -32,7 +32,7 @@ def host_vocab_size(backend: "Backend") -> int | None:
     if isinstance(size, int):
         return size
     text_model = getattr(backend, "text_model", None)
-    return text_model.embed_tokens.num_embeddings if text_model is not None else None
+    return text_model.get_input_embeddings().num_embeddings if text_model is not None else None
 
 
 def host_info(backend: "Backend") -> HostInfo:

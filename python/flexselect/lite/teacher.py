@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -220,6 +220,3 @@ class TeacherData:
         key = ex["key"]
         with safe_open(str(shard), "pt") as f:
             return {name: f.get_tensor(f"{key}.{name}") for name in ("visual", "question_ids", "scores")}
-
-    def keys(self) -> Iterator[str]:
-        return (ex["key"] for _, ex in self.index)
