@@ -87,7 +87,7 @@ class InternVLBackend(HFBackend):
         self.delimiter_ids = torch.tensor(delimiters, dtype=torch.long)
         self.eos_token_ids = eos_ids(model, tokenizer)
         self.defaults = family_defaults(self.family)
-        self._labels: dict[int, torch.Tensor] = {}
+        self._labels: dict[int, list[int]] = {}
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> "InternVLBackend":
@@ -126,10 +126,9 @@ class InternVLBackend(HFBackend):
         return template_prompt(self.tokenizer, self.defaults, question)
 
     def _label_ids(self, n: int) -> torch.Tensor:
-        if n not in self._labels:
-            ids = self.tokenizer(frame_label(n), add_special_tokens=False).input_ids
-            self._labels[n] = torch.tensor(ids, dtype=torch.long)
-        return self._labels[n]
+        if n not in self._labels:  # ids, not tensors: a tensor made under inference_mode cannot enter autograd later
+            self._labels[n] = self.tokenizer(frame_label(n), add_special_tokens=False).input_ids
+        return torch.tensor(self._labels[n], dtype=torch.long)
 
     def _layout(self, visual: VisualTokens, blocks: list[torch.Tensor], prompt: Prompt
                 ) -> tuple[LayoutedInput, torch.Tensor]:
