@@ -284,7 +284,8 @@ def test_pipeline_answers_with_selection(family, backends):
     backend = backends[family]
     fps = 2.0
     frames = frames_array(16)
-    clip = video.Clip(frames=frames, timestamps=np.arange(16) / fps, source="hand-made", sample_fps=fps)
+    info = video.VideoInfo(path="hand-made", num_frames=16, fps=fps, duration=16 / fps, width=84, height=56)
+    clip = video.Clip(frames=frames, timestamps=np.arange(16) / fps, source="hand-made", info=info)
     pipe = FlexSelect(backend)
     answer = pipe.answer(clip, "What happens in the video?", budget=2 * 18 if family == "internvl" else 32,
                          set_frames=4, layer=2, generation=GenerationConfig(max_new_tokens=3))

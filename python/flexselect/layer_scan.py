@@ -259,29 +259,29 @@ def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
 # -- report --------------------------------------------------------------------------------------------------------
 def write_report(result: ScanResult, out_dir: str | os.PathLike, model: str = "") -> tuple[Path, Path]:
     """layer_scan.json and layer_scan.png (recall by layer) in `out_dir`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's matplotlib backend alone
+    from matplotlib.ticker import MaxNLocator
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "layer_scan.json", out / "layer_scan.png"
     json_path.write_text(json.dumps({"model": model, **asdict(result)}, indent=1))
     layers = np.arange(result.num_layers)
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+    fig = Figure(figsize=(7, 3.6), dpi=120)
+    ax = fig.subplots()
     for row in result.per_example:
         ax.plot(layers, row, color="0.8", linewidth=0.8)
     ax.plot(layers, result.recall, marker="o", color="C0", label="mean over examples")
     ax.axvline(result.best_layer, color="C3", linestyle="-", label=f"best: layer {result.best_layer}")
     ax.axvline(result.default_layer, color="C2", linestyle="--", label=f"default: layer {result.default_layer}")
     k = "|R|" if result.top_k is None else str(result.top_k)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="layer (0-based)", ylabel=f"Recall@{k}", ylim=(0, 1.02),
-           title=f"{model or result.family}: {len(result.per_example)} examples, {result.aggregate} over heads")
+           title=f"{Path(model).name or result.family}: {len(result.per_example)} examples, "
+                 f"{result.aggregate} over heads and question tokens")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path)
-    plt.close(fig)
     return json_path, png_path
 
 
