@@ -457,10 +457,8 @@ def _clip_from_components(video, frames, fps, start, end, max_side):
     u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
     info = fv.VideoInfo(path="VIDEO input", num_frames=total, fps=rate, duration=total / rate if rate else 0.0,
                         width=int(w), height=int(h))
-    span = float(times[picked[-1]] - times[picked[0]]) if rate else 0.0
-    sample_fps = (len(picked) - 1) / span if len(picked) > 1 and span > 0 else (rate or 1.0)
-    return fv.Clip(frames=u8, timestamps=times[picked].astype(np.float64), source="VIDEO input", info=info,
-                   sample_fps=float(sample_fps))
+    # Clip.sample_fps follows from the picked frames' timestamps
+    return fv.Clip(frames=u8, timestamps=times[picked].astype(np.float64), source="VIDEO input", info=info)
 
 
 # =====================================================================================================================

@@ -165,8 +165,9 @@ def test_example_workflow_runs(comfy_env):
     assert VIDEO_NAME in N.FlexSelectLoadVideo.INPUT_TYPES()["required"]["file"][0]
     run = run_workflow(api_workflow(comfy_env))
     clip, preview, info = run["outputs"]["1"]
-    assert clip.frames.shape == (FRAMES, 75, 112, 3) and clip.frames.dtype == np.uint8
-    assert preview.shape == (6, 75, 112, 3) and preview.dtype == torch.float32
+    # 168x112 scaled to a 112 longest side: 112x74.67 -> even sides (flexselect.video.output_size)
+    assert clip.frames.shape == (FRAMES, 74, 112, 3) and clip.frames.dtype == np.uint8
+    assert preview.shape == (6, 74, 112, 3) and preview.dtype == torch.float32
     assert f"{FRAMES} frames" in info
     selection, heatmap, sel_info = run["outputs"]["3"]
     assert heatmap.ndim == 4 and heatmap.shape[0] == 1 and heatmap.shape[-1] == 3  # one contact sheet
@@ -178,7 +179,7 @@ def test_example_workflow_runs(comfy_env):
 
     frames_mode = run_workflow(api_workflow(comfy_env, **{"3": {"preview": "frames"}}))
     heat = frames_mode["outputs"]["3"][1]
-    assert heat.shape == (8, 75, 112, 3)
+    assert heat.shape == (8, 74, 112, 3)
     # The kept tokens are red: some pixel of the overlays is much redder than green.
     assert bool(((heat[..., 0] - heat[..., 1]) > 0.3).any())
 

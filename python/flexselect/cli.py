@@ -9,7 +9,11 @@ import sys
 
 import torch
 
+from flexselect_export.gguf import add_export_gguf_command
+
 from .errors import FlexSelectError
+from .layer_scan import add_layer_scan_command
+from .lite import add_lite_commands
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -105,6 +109,50 @@ def run_answer(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_show_command(sub) -> None:
+    p = sub.add_parser("show", help="render the tokens FlexSelect keeps as a heatmap over the frames (PNG)",
+                       description="Run the selection (no answer) and write a contact sheet of the kept tokens.")
+    p.add_argument("video")
+    p.add_argument("question")
+    p.add_argument("-o", "--out", default="flexselect_show.png", help="output PNG (default flexselect_show.png)")
+    p.add_argument("--sheet-frames", type=int, default=16, help="frames on the contact sheet (default 16)")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    add_selection_arguments(p)
+    p.set_defaults(run=run_show)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .pipeline import FlexSelect, Sampling
+    from .show import selection_sheet
+    from .video import load_clip
+
+    if args.model is None and args.gguf is None:
+        raise FlexSelectError("no model given: pass --model PATH (or --gguf + --mmproj)")
+    if not args.question.strip():
+        raise FlexSelectError("the question is empty: ask something about the video")
+    pipe = FlexSelect.load(args.model, gguf=args.gguf, mmproj=args.mmproj, ranker=args.ranker, device=args.device,
+                           dtype=args.dtype, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers)
+    d = pipe.defaults
+    clip = load_clip(args.video, num_frames=args.frames, fps=None if args.frames else (args.fps or d.fps), start=args.start,
+                     end=args.end, max_frames=args.max_frames or d.max_frames, max_side=args.max_side or d.max_side)
+    with ProgressBars() as progress:
+        visual, _ = pipe.encode(clip, progress=progress)
+        selection = pipe.select(visual, pipe.backend.prompt(args.question.strip()), args.budget, args.layer,
+                                args.set_frames, args.aggregate, args.selector, progress)
+    sheet = selection_sheet(clip.frames, visual, selection, max_frames=args.sheet_frames, timestamps=clip.timestamps)
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial.png")
+    Image.fromarray(sheet).save(partial)
+    partial.replace(out)  # never a half-written PNG at the destination
+    print(f"{out}: {len(selection.kept)} of {visual.num_tokens} tokens kept")
+    return 0
+
+
 def format_stats(s: dict) -> str:
     sec = s["seconds"]
     kept_share = 100.0 * s["kept_tokens"] / max(1, s["visual_tokens"])
@@ -149,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
     add_answer_command(sub)
+    add_show_command(sub)
+    add_layer_scan_command(sub)
+    add_lite_commands(sub)
+    export = sub.add_parser("export", help="export a model for another runtime (GGUF for llama.cpp)")
+    add_export_gguf_command(export.add_subparsers(dest="format", required=True))
     return parser
 
 

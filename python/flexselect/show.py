@@ -30,7 +30,8 @@ def kept_mask(visual, selection) -> np.ndarray:
     rows, cols = visual.grid
     units = visual.num_frames
     kept = _kept_indices(selection)
-    total = units * rows * cols
+    per_frame = visual.tokens_per_frame
+    total = units * per_frame
     if kept.size and (kept.min() < 0 or kept.max() >= total):
         raise FlexSelectError(
             f"the selection keeps token {int(kept.max())} but the video has only {total} visual tokens: "
@@ -38,7 +39,9 @@ def kept_mask(visual, selection) -> np.ndarray:
         )
     mask = np.zeros(total, dtype=bool)
     mask[kept] = True
-    return mask.reshape(units, rows, cols)
+    # Families that wrap each frame's grid in delimiter tokens (InternVL's <img> ... </img>) have one before it.
+    lead = getattr(visual, "frame_delimiters", 0) // 2
+    return mask.reshape(units, per_frame)[:, lead : lead + rows * cols].reshape(units, rows, cols)
 
 
 def frame_units(num_frames: int, num_units: int) -> np.ndarray:

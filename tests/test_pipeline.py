@@ -1,0 +1,111 @@
+"""End to end through the public API and the CLI on the tiny random model and generated videos."""
+
+import json
+
+import pytest
+import torch
+
+from flexselect import FlexSelect, FlexSelectError, Sampling
+from flexselect.cli import main
+from flexselect.models.base import GenerationConfig
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return FlexSelect.load(tiny_model_dir, device="cpu", dtype="float32")
+
+
+def test_answer_keeps_exactly_the_budget_in_time_order_and_reuses_the_encoding(pipe, test_video, monkeypatch):
+    sampling = Sampling(frames=32, max_side=112)
+    first = pipe.answer(test_video, "Is there a red square?", sampling=sampling, budget=24, set_frames=4,
+                        generation=GenerationConfig(max_new_tokens=4))
+    assert isinstance(first.text, str)
+    assert first.stats["kept_tokens"] == 24 == len(first.selection.kept)
+    assert torch.all(first.selection.kept[1:] > first.selection.kept[:-1])  # strictly increasing: time order
+    assert first.stats["frame_sets"] == 4 and first.stats["frames"] == 32
+    assert first.selection.kept_per_frame(first.visual).sum() == 24
+
+    calls = []
+    monkeypatch.setattr(pipe.backend, "encode", lambda *a, **k: calls.append(1))
+    second = pipe.answer(test_video, "What moves?", sampling=sampling, budget=24, set_frames=4,
+                         generation=GenerationConfig(max_new_tokens=2))
+    assert calls == [] and second.stats["video_cached"] and second.visual is first.visual
+
+
+def test_selector_none_keeps_every_token(pipe, test_video):
+    result = pipe.answer(test_video, "Describe it.", sampling=Sampling(frames=8, max_side=112), selector="none",
+                         generation=GenerationConfig(max_new_tokens=1))
+    assert result.stats["kept_tokens"] == result.stats["visual_tokens"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"question": ""}, "question is empty"),
+    ({"question": "   "}, "question is empty"),
+    ({"budget": 10_000}, "larger than the video"),
+    ({"layer": 4}, "out of range"),
+    ({"layer": -1}, "out of range"),
+    ({"sampling": Sampling(frames=0)}, "frame"),
+])
+def test_bad_input_is_a_clear_error(pipe, test_video, kwargs, message):
+    args = {"question": "What?", "sampling": Sampling(frames=8, max_side=112), **kwargs}
+    with pytest.raises(FlexSelectError, match=message):
+        pipe.answer(test_video, args.pop("question"), **args)
+
+
+def test_bad_files_are_clear_errors(pipe, tmp_path, test_video):
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video")
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(test_video.read_bytes()[:2000])
+    for path in (tmp_path / "missing.mp4", text, truncated):
+        with pytest.raises(FlexSelectError):
+            pipe.answer(path, "What?", sampling=Sampling(frames=8))
+
+
+def test_model_folder_errors(tmp_path):
+    with pytest.raises(FlexSelectError, match="config.json"):
+        FlexSelect.load(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(FlexSelectError, match="supported"):
+        FlexSelect.load(tmp_path)
+    with pytest.raises(FlexSelectError, match="--mmproj"):
+        FlexSelect.load(gguf=tmp_path / "model.gguf")
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_json_output(capsys, tiny_model_dir, test_video):
+    code, out, _ = run_cli(capsys, "answer", str(test_video), "Where is the red square?", "--model",
+                           str(tiny_model_dir), "--frames", "16", "--budget", "48", "--set-frames", "4",
+                           "--max-new-tokens", "3", "--device", "cpu", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["stats"]["kept_tokens"] == 48 == len(result["kept_token_indices"])
+    assert result["demo"] is False and set(result["stats"]["seconds"]) >= {"decode", "encode", "select", "total"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["missing.mp4", "What?", "--model", "{model}"], "not found"),
+    (["{video}", "", "--model", "{model}"], "question is empty"),
+    (["{video}", "What?", "--model", "{model}", "--frames", "0"], "frame"),
+    (["{video}", "What?", "--model", "{model}", "--frames", "8", "--layer", "9"], "out of range"),
+    (["{video}", "What?"], "no model given"),
+])
+def test_cli_errors_are_one_line_and_exit_2(capsys, tiny_model_dir, test_video, argv, message):
+    argv = [a.format(model=tiny_model_dir, video=test_video) for a in argv]
+    code, out, err = run_cli(capsys, "answer", *argv, "--device", "cpu")
+    assert code == 2 and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("flexselect: error:")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+
+
+def test_cli_demo_runs_offline(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXSELECT_CACHE", str(tmp_path))
+    code, out, err = run_cli(capsys, "answer", "--json", "--max-new-tokens", "2")
+    assert code == 0 and "DEMO" in err
+    result = json.loads(out)
+    assert result["demo"] is True and result["stats"]["kept_tokens"] < result["stats"]["visual_tokens"]
