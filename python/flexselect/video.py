@@ -191,27 +191,30 @@ def load_clip(
         try:
             frames = _decode_decord(decord, info, indices, w, h, on_frame)
             return Clip(frames, indices / info.fps, info.path, info)
-        except FlexSelectError:
-            raise
-        except Exception as e:
-            if decoder == "decord" or _is_user_exception(e):
-                raise _unreadable(Path(info.path), e) if decoder == "decord" else e
-            log.info("decord failed on %s (%s); decoding with PyAV", info.path, e)
+        except _DecordFailed as e:
+            if decoder == "decord":
+                raise _unreadable(Path(info.path), e.__cause__) from None
+            log.info("decord failed on %s (%s); decoding with PyAV", info.path, e.__cause__)
     frames, kept = _decode_pyav(info, indices, w, h, on_frame)
     return Clip(frames, kept / info.fps, info.path, info)
 
 
-def _is_user_exception(e: Exception) -> bool:
-    """Exceptions raised by `on_frame` (e.g. ComfyUI's cancel) must propagate untouched."""
-    return not type(e).__module__.startswith(("decord", "builtins"))
+class _DecordFailed(Exception):
+    """A decord error, kept apart from exceptions of `on_frame` (e.g. ComfyUI's cancel), which propagate as they are."""
 
 
 def _decode_decord(decord, info: VideoInfo, indices: np.ndarray, w: int, h: int, on_frame) -> np.ndarray:
-    vr = decord.VideoReader(info.path, ctx=decord.cpu(0), width=w, height=h)
     out = np.empty((len(indices), h, w, 3), dtype=np.uint8)
+    try:
+        vr = decord.VideoReader(info.path, ctx=decord.cpu(0), width=w, height=h)
+    except Exception as e:  # decord's errors are untyped
+        raise _DecordFailed from e
     for s in range(0, len(indices), DECORD_CHUNK):
         batch = indices[s : s + DECORD_CHUNK]
-        out[s : s + len(batch)] = vr.get_batch(batch.tolist()).asnumpy()
+        try:
+            out[s : s + len(batch)] = vr.get_batch(batch.tolist()).asnumpy()
+        except Exception as e:
+            raise _DecordFailed from e
         if on_frame:
             for i in range(s, s + len(batch)):
                 on_frame(i + 1, len(indices))
