@@ -41,11 +41,10 @@ def host_backend(scale: int):
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from flexselect.demo import cache_dir
+    from flexselect.demo import demo_model
     from flexselect.models.qwen2_5_vl import Qwen25VLBackend
-    from flexselect.tiny import build_tiny_qwen2_5_vl
 
-    tokenizer = AutoTokenizer.from_pretrained(build_tiny_qwen2_5_vl(cache_dir() / "demo" / "tiny-qwen2_5_vl"))
+    tokenizer = AutoTokenizer.from_pretrained(demo_model())
     text = scaled(HOST_FULL, scale)
     heads = text["hidden_size"] // 128  # keep the 7B's head size (and its M-RoPE sections)
     text.update(num_attention_heads=heads, num_key_value_heads=max(1, heads // 7), vocab_size=len(tokenizer),

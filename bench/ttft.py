@@ -29,14 +29,12 @@ def build_backend(device: str, dtype: str):
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from flexselect.demo import cache_dir
+    from flexselect.demo import demo_model
     from flexselect.models.hf import resolve_device, resolve_dtype
     from flexselect.models.qwen2_5_vl import Qwen25VLBackend
 
-    from flexselect.tiny import build_tiny_qwen2_5_vl
-
     # only its tokenizer: the prompt's ids fit in the big vocab
-    tokenizer = AutoTokenizer.from_pretrained(build_tiny_qwen2_5_vl(cache_dir() / "demo" / "tiny-qwen2_5_vl"))
+    tokenizer = AutoTokenizer.from_pretrained(demo_model())
     dev = resolve_device(device)
     config = Qwen2_5_VLConfig(
         text_config=LM_SHAPE,

@@ -118,17 +118,8 @@ class _ModelCache:
             key = (handle.key, ranker.path)
             pipe = self._ranked.get(key)
             if pipe is None:
-                from flexselect.pipeline import FlexSelect
-
-                base = self.get(handle)
-                try:
-                    from flexselect.lite import load_ranker  # the loader FlexSelect.load(ranker=...) uses
-                except ImportError as e:
-                    raise FlexSelectError(
-                        f"Lite rankers need flexselect.lite, which this flexselect install lacks ({e})"
-                    ) from e
-                # A pipeline of its own around the same backend: the cached model is never changed.
-                pipe = FlexSelect(base.backend, ranker=load_ranker(ranker.path, base.backend))
+                # Same backend, ranker-scored: the cached model is neither copied nor changed.
+                pipe = self.get(handle).with_ranker(ranker.path)
                 self._ranked[key] = pipe
             return pipe
 

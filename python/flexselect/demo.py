@@ -20,13 +20,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLEXSELECT_CACHE", Path.home() / ".cache" / "flexselect"))
 
 
+def demo_root() -> Path:
+    # Versioned: a checkpoint cached by an older tiny builder (different tokenizer) must not be reused.
+    return cache_dir() / "demo-v2"
+
+
+def demo_model() -> Path:
+    """The demo's tiny checkpoint, built once (benchmarks borrow its tokenizer)."""
+    from .tiny import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(demo_root() / "tiny-qwen2_5_vl")
+
+
 def demo_assets() -> tuple[Path, Path]:
     """(model folder, video file) of the demo, created once in the cache folder."""
-    from .tiny import build_tiny_qwen2_5_vl
     from .video import write_test_video
 
-    root = cache_dir() / "demo"
-    model = build_tiny_qwen2_5_vl(root / "tiny-qwen2_5_vl")
+    root = demo_root()
+    model = demo_model()
     video = root / "needle.mp4"
     if not video.is_file():
         partial = root / "needle.partial.mp4"

@@ -115,10 +115,14 @@ class FlexSelect:
 
             backend = load_backend(model, device=device, dtype=dtype, positions=positions)
         pipe = cls(backend)
-        if ranker is not None:
-            from .lite import load_ranker
+        return pipe.with_ranker(ranker) if ranker is not None else pipe
 
-            pipe.ranker = load_ranker(ranker, backend)
+    def with_ranker(self, ranker: str | os.PathLike) -> "FlexSelect":
+        """The same loaded model (and video cache) scored by a Lite ranker: no second copy of the big model."""
+        from .lite import load_ranker
+
+        pipe = FlexSelect(self.backend, load_ranker(ranker, self.backend), self._cache_size)
+        pipe._cache = self._cache
         return pipe
 
     # -- video -> visual tokens ---------------------------------------------------------------------------------
