@@ -223,3 +223,72 @@ def test_common_only_and_bad_files(tmp_path):
         summarize(out)
     with pytest.raises(FlexSelectError, match="not found"):
         summarize(tmp_path / "none.jsonl")
+
+
+# ---- `flexselect eval` end to end on the tiny model ------------------------------------------------------------
+
+@pytest.fixture
+def mini_videomme(tmp_path):
+    """Four VideoMME questions over two real (generated) videos instead of placeholders."""
+    from flexselect.video import write_test_video
+
+    items = load_benchmark("videomme", make_mini_dataset(tmp_path / "data", "videomme", 4))
+    for n, video in enumerate(sorted({i.video for i in items})):
+        video.unlink()
+        write_test_video(video, num_frames=16, fps=4.0, width=112, height=56, seed=n)
+    return tmp_path / "data", items
+
+
+def test_eval_cli_runs_compares_and_resumes(tmp_path, tiny_model_dir, mini_videomme, monkeypatch, capsys):
+    from flexselect.cli import main
+    from flexselect.pipeline import FlexSelect
+
+    root, items = mini_videomme
+    calls = []
+    real_answer = FlexSelect.answer
+
+    def spy(self, video, question, sampling, *args, **kwargs):
+        result = real_answer(self, video, question, sampling, *args, **kwargs)
+        calls.append((kwargs["selector"], sampling.frames, result.stats["kept_tokens"], question))
+        return result
+
+    monkeypatch.setattr(FlexSelect, "answer", spy)
+    out = tmp_path / "results.jsonl"
+    argv = ["eval", "videomme", str(root), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu",
+            "--dtype", "float32", "--frames", "8", "--budget", "16", "--max-new-tokens", "4",
+            "--summary-json", str(tmp_path / "summary.json")]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"\| videomme\s+\|\s+baseline \|\s+flexselect \|", table)
+    assert re.search(r"\| items\s+\|\s+4 \|\s+4 \|", table)
+
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["item_id"], r["method"]) for r in records] == [
+        (i.item_id, m) for i in items for m in ("baseline", "flexselect")]
+    assert all(r["pred"] in (None, *LETTERS[:4]) and r["prompt"] == build_prompt(i.question, i.options)
+               for r, i in zip(records, [i for i in items for _ in range(2)]))
+    # 8 frames of 2x4 tokens in pairs: FlexSelect keeps 16 of 32 tokens; the baseline samples the 4 frames whose
+    # 16 tokens cost the same answer pass, and selects nothing.
+    assert {c[:3] for c in calls} == {("none", 4, 16), ("reference", 8, 16)}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["methods"]["flexselect"]["n"] == 4
+
+    before = out.read_bytes()
+    calls.clear()
+    assert main(argv) == 0  # resumed: everything is answered already
+    assert calls == [] and out.read_bytes() == before
+
+
+def test_eval_cli_errors(tmp_path, tiny_model_dir, mini_videomme, capsys):
+    from flexselect.cli import main
+
+    root, _ = mini_videomme
+    out = tmp_path / "r.jsonl"
+    model = ["--model", str(tiny_model_dir), "--device", "cpu"]
+    assert main(["eval", "videomme", str(root), "-o", str(out), "--methods", "lite", *model]) == 2
+    assert "needs a ranker" in capsys.readouterr().err
+    assert main(["eval", "mlvu", str(tmp_path / "nowhere"), "-o", str(out), *model]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "videomme", str(root), "-o", str(out), "--summary-only"]) == 2
+    assert "run the evaluation first" in capsys.readouterr().err
+    assert not out.exists()

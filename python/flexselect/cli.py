@@ -12,6 +12,7 @@ import torch
 from flexselect_export.gguf import add_export_gguf_command
 
 from .errors import FlexSelectError
+from .eval.cli import add_eval_command
 from .layer_scan import add_layer_scan_command
 from .lite import add_lite_commands
 
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_show_command(sub)
     add_layer_scan_command(sub)
     add_lite_commands(sub)
+    add_eval_command(sub)
     export = sub.add_parser("export", help="export a model for another runtime (GGUF for llama.cpp)")
     add_export_gguf_command(export.add_subparsers(dest="format", required=True))
     return parser

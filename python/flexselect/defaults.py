@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ def family_defaults(family: str) -> FamilyDefaults:
         raise FlexSelectError(f"unknown model family {family!r}; supported families: {known}") from None
 
 
+@functools.cache  # pure, and so the warning below is logged once per model shape, not once per question
 def reference_layer_for(family: str, num_layers: int) -> int:
     """The paper's reference layer, or the layer at the same relative depth for a model of another depth."""
     d = family_defaults(family)

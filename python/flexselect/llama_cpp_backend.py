@@ -244,6 +244,7 @@ class LlamaCppBackend:
         if not self.model:
             raise FlexSelectError(f"llama.cpp could not load {gguf_path}: {self._last_error()}")
         self.vocab = ll.llama_model_get_vocab(self.model)
+        self.vocab_size = ll.llama_vocab_n_tokens(self.vocab)  # a Lite ranker's question embeddings must match it
         self.num_layers = ll.llama_model_n_layer(self.model)
         self.hidden_size = ll.llama_model_n_embd_inp(self.model)
 
@@ -407,6 +408,7 @@ class LlamaCppBackend:
             time_interval=interval,
             frame_size=(h, w),
             source=getattr(clip, "source", ""),
+            frames_per_unit=TEMPORAL_PATCH,
         )
 
     # -- prompt --------------------------------------------------------------------------------------------------
@@ -549,9 +551,8 @@ class LlamaCppBackend:
 
     # -- answer pass ---------------------------------------------------------------------------------------------
     def _logits(self) -> torch.Tensor:
-        n_vocab = self._ll.llama_vocab_n_tokens(self.vocab)
         ptr = self._ll.llama_get_logits_ith(self.ctx, -1)
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy())
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy())
 
     def _piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)
@@ -562,7 +563,7 @@ class LlamaCppBackend:
         return buf.raw[:n]
 
     def generate(self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt,
-                 config: GenerationConfig) -> Generation:
+                 config: GenerationConfig, progress: Progress | None = None) -> Generation:
         start = time.perf_counter()
         kept = kept.to(torch.long).cpu()
         embeds, positions, next_position = self.answer_layout(visual, kept, prompt)
@@ -583,6 +584,8 @@ class LlamaCppBackend:
                 stopped = "eos"
                 break
             token_ids.append(token)
+            if progress:
+                progress(step + 1, config.max_new_tokens)
             if step + 1 == config.max_new_tokens:
                 break
             if n_prompt + len(token_ids) >= self.n_ctx:

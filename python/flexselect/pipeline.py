@@ -243,7 +243,7 @@ class FlexSelect:
         visual, encode_stats = self.encode(video, sampling, progress)
         prompt = self.backend.prompt(question.strip())
         selection = self.select(visual, prompt, budget, layer, set_frames, aggregate, selector, progress)
-        generated = self.backend.generate(visual, selection.kept, prompt, generation)
+        generated = self.backend.generate(visual, selection.kept, prompt, generation, _stage(progress, "answer"))
         total_s = time.perf_counter() - t0
         stats = {
             "frames": encode_stats.get("sampled_frames"),

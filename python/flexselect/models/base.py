@@ -32,6 +32,7 @@ class VisualTokens:
     time_interval: float  # temporal position step per unit (M-RoPE families; 1.0 elsewhere)
     frame_size: tuple[int, int]  # (height, width) in pixels fed to the vision tower
     source: str = ""
+    frames_per_unit: int = 1  # sampled frames merged into one unit (Qwen's temporal patch: 2)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -92,7 +93,9 @@ class Backend(Protocol):
         ...
 
     def generate(
-        self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt, config: GenerationConfig
+        self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt, config: GenerationConfig,
+        progress: Progress | None = None,
     ) -> Generation:
-        """Answer from [prefix + the kept tokens (ascending global indices) + suffix]."""
+        """Answer from [prefix + the kept tokens (ascending global indices) + suffix]; `progress` is called after
+        each new token (it may raise to cancel)."""
         ...

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import FlexSelectError
 from ..selection import Aggregate, question_attention_scores
-from .base import Generation, GenerationConfig, Prompt, VisualTokens
+from .base import Generation, GenerationConfig, Progress, Prompt, VisualTokens
 
 
 class _ReachedReferenceLayer(Exception):
@@ -143,7 +143,8 @@ class HFBackend:
     # -- answer pass --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(
-        self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt, config: GenerationConfig
+        self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt, config: GenerationConfig,
+        progress: Progress | None = None,
     ) -> Generation:
         from transformers import DynamicCache
 
@@ -165,6 +166,8 @@ class HFBackend:
             if token in self.eos_token_ids:
                 break
             token_ids.append(token)
+            if progress:
+                progress(step + 1, config.max_new_tokens)
             if step + 1 == config.max_new_tokens:
                 break
             pos = torch.full((1, 1), position, device=self.device, dtype=torch.long)

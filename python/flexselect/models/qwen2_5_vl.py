@@ -163,6 +163,7 @@ class Qwen25VLBackend(HFBackend):
                            else self.tokens_per_second * self.temporal_patch / clip.sample_fps),
             frame_size=(grid[0] * PIXEL_FACTOR, grid[1] * PIXEL_FACTOR),
             source=clip.source,
+            frames_per_unit=self.temporal_patch,
         )
 
     # -- prompt and layouts -------------------------------------------------------------------------------------
