@@ -671,11 +671,11 @@ class FlexSelectAnswer:
                 "Load Video-LLM node to FlexSelect and Answer"
             )
         compat.throw_if_interrupted()
-        bar = compat.progress_bar(1)
         pipe = _model_cache.get(model)
         config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        generation = pipe.backend.generate(selection.visual, selection.kept, selection.prompt, config)
-        bar.update_absolute(1, 1)
+        progress = _StageBars()  # one step per generated token; Cancel stops the answer between tokens
+        generation = pipe.backend.generate(selection.visual, selection.kept, selection.prompt, config,
+                                           lambda done, total: progress("answer", done, total))
         text = generation.text
         return {"ui": {"text": [text]}, "result": (text,)}
 

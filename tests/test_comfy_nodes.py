@@ -246,6 +246,22 @@ def test_cancel_stops_selection_between_frame_sets(comfy_env, monkeypatch):
     assert len(calls) == 3 and len(scored) == 2  # sets 3 and 4 never scored
 
 
+def test_cancel_stops_the_answer_between_tokens(comfy_env, monkeypatch):
+    from flexselect.models import hf
+
+    clip = N.FlexSelectLoadVideo().load(VIDEO_NAME, FRAMES, 0.0, 0.0, 0.0, 112, 0.0, 2)[0]
+    (model,) = N.FlexSelectLoadModel().load(comfy_env.model_name, N.AUTO_MMPROJ, "cpu", "float32", 32768)
+    selection = N.FlexSelect().select(clip, model, "What is red?", 8, -1, 2, "contact sheet", 4)[0]
+    monkeypatch.setattr(N._model_cache.get(model).backend, "eos_token_ids", set())  # never stops by itself
+    sampled = []
+    real_sample = hf.sample
+    monkeypatch.setattr(hf, "sample", lambda *a: sampled.append(1) or real_sample(*a))
+    calls = interrupt_at(monkeypatch, 3)  # 1: node start, 2: after token 1, 3: after token 2
+    with pytest.raises(Interrupted):
+        N.FlexSelectAnswer().answer(selection, model, 64, 0.0, 1.0, 0)
+    assert len(calls) == 3 and len(sampled) == 2  # 62 of the 64 tokens never generated
+
+
 # -- memory and bad inputs --------------------------------------------------------------------------------------------
 def test_huge_request_is_refused_before_decoding(comfy_env, monkeypatch):
     from flexselect import video as fv
