@@ -9,6 +9,7 @@ The sdist is downloaded once with pip and extracted into a cache folder; nothing
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -34,13 +35,20 @@ def llama_cpp_source(dest: Path | None = None) -> Path:
         if subprocess.run(cmd).returncode != 0:
             raise RuntimeError(f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist with pip")
         (archive,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
-        staging = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None))
-        with tarfile.open(archive) as tar:
-            tar.extractall(staging, filter="data")
-        (root,) = staging.iterdir()
         dest.parent.mkdir(parents=True, exist_ok=True)
-        root.rename(dest)  # atomic: a half-extracted tree is never left at `dest`
-        staging.rmdir()
+        staging = Path(tempfile.mkdtemp(dir=dest.parent))  # same file system as `dest`, so the rename is atomic
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(staging, filter="data")
+            (root,) = staging.iterdir()
+            try:
+                root.rename(dest)  # atomic: a half-extracted tree is never left at `dest`
+            except OSError:
+                if not (tree / "CMakeLists.txt").is_file():
+                    raise
+                # another process (a parallel build or test run) extracted the same sdist first: use its copy
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return tree
 
 

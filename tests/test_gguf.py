@@ -113,6 +113,13 @@ def test_tokenization_matches_transformers(llama_backends, tiny_backend):
         assert torch.equal(ours.suffix_ids, theirs.suffix_ids), question
 
 
+def test_lite_host_identity_matches_transformers(llama_backends, tiny_backend):
+    from flexselect.lite.host import host_info
+
+    # family, hidden size and vocabulary: a ranker trained on the transformers model is accepted by the GGUF one
+    assert host_info(llama_backends["f32"]) == host_info(tiny_backend)
+
+
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_encoded_visual_tokens_match_transformers(llama_backends, hf_visual, clip, outtype):
     visual = llama_backends[outtype].encode(clip)
