@@ -5,7 +5,7 @@ The pack is symlinked into a temp --base-directory; the server listens on 127.0.
 without IMPORT FAILED, the API-format example workflow runs through POST /prompt and its answer comes back in
 /history, a bad input is rejected with HTTP 400, and POST /interrupt stops a long run between frame sets.
 
-Environment, built once and cached in $FLEXSELECT_CACHE/comfy-e2e-0.3.75 (default ~/.cache/flexselect): ComfyUI's
+Environment, built once and cached in $FLEXSELECT_CACHE/comfy-e2e-0.3.75-2 (default ~/.cache/flexselect): ComfyUI's
 files unpacked from the wheel, and a venv with ComfyUI's requirements that sees this venv's packages (torch, the
 CPU wheel, is never reinstalled; spandrel, which pulls CUDA torch, is left out). The registry's torchvision is a CUDA
 build that cannot load beside CPU torch, and ComfyUI imports torchvision at start-up (comfy/sd.py): a stub
@@ -102,8 +102,13 @@ sys.modules[__name__].__class__ = _Stub
 '''
 
 
+SITE_VAR = "FLEXSELECT_TEST_SITE"
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("FLEXSELECT_CACHE", Path.home() / ".cache" / "flexselect")) / f"comfy-e2e-{COMFY_VERSION}"
+    # "-2": the venv's .pth reads SITE_VAR (an environment built by an earlier version of this file is not reused)
+    cache = Path(os.environ.get("FLEXSELECT_CACHE", Path.home() / ".cache" / "flexselect"))
+    return cache / f"comfy-e2e-{COMFY_VERSION}-2"
 
 
 def run(cmd: list[str], timeout: float, **kw) -> None:
@@ -136,9 +141,10 @@ def build_environment() -> Path:
         venv_python = staging / "venv" / "bin" / "python"
         site_dir = subprocess.run([str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                   capture_output=True, text=True, check=True).stdout.strip()
-        # The server's venv sees this venv's packages (torch CPU, transformers, flexselect) after its own.
-        ours = sysconfig.get_paths()["purelib"]
-        Path(site_dir, "zz_flexselect_test.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+        # The server's venv sees the packages (torch CPU, transformers, flexselect) of the venv running the tests,
+        # after its own: named at each start (SITE_VAR), as several checkouts' venvs share this cached environment.
+        add_sites = f"list(map(site.addsitedir, filter(None, os.environ.get({SITE_VAR!r}, '').split(os.pathsep))))"
+        Path(site_dir, "zz_flexselect_test.pth").write_text(f"import os, site; {add_sites}\n")  # one line: .pth
         reqs = []
         for line in (staging / "comfyui" / "requirements.txt").read_text().splitlines():
             name = line.split("#")[0].strip()
@@ -248,7 +254,8 @@ def server(tmp_path_factory, tiny_model_dir):
     port = free_port()
     log = base / "server.log"
     python_path = os.pathsep.join(p for p in (str(base / "stubs"), os.environ.get("PYTHONPATH", "")) if p)
-    server_env = {**os.environ, "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1"}
+    server_env = {**os.environ, "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1",
+                  SITE_VAR: sysconfig.get_paths()["purelib"]}
     server_env.pop("FLEXSELECT_COMFY_MODELS", None)
     with open(log, "w") as out:
         proc = subprocess.Popen(

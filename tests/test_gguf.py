@@ -11,6 +11,8 @@ Agreement asked for (measured on the tiny fixture: f32 and f16 both keep identic
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -235,6 +237,30 @@ def test_mmproj_of_another_model_is_refused(exported, tmp_path, monkeypatch):
     other_model, _ = export_gguf(tiny.build_tiny_qwen2_5_vl(tmp_path / "narrow"), tmp_path / "gguf", "f16")
     with pytest.raises(FlexSelectError, match="64-wide embeddings but .* takes 32"):
         LlamaCppBackend(other_model, exported["f32"][1])
+
+
+def test_freeing_one_backend_leaves_the_others_working(exported, tmp_path):
+    # llama.cpp's logger is process-wide: a freed backend must not leave it pointing at released Python code.
+    # In a child process, since the failure is a segmentation fault.
+    model, mmproj = exported["f32"]
+    script = f"""
+import gc
+from flexselect.errors import FlexSelectError
+from flexselect.llama_cpp_backend import LlamaCppBackend
+kept = LlamaCppBackend({str(model)!r}, {str(mmproj)!r}, n_ctx=256, n_threads=1)
+freed = LlamaCppBackend({str(model)!r}, {str(mmproj)!r}, n_ctx=256, n_threads=1)
+del freed
+gc.collect()
+try:
+    LlamaCppBackend({str(model)!r}, {str(model)!r}, n_ctx=256, n_threads=1)  # logs errors through llama.cpp
+except FlexSelectError as e:
+    print("refused:", e)
+kept.close()
+print("closed")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and done.stdout.rstrip().endswith("closed")
 
 
 def test_prompt_longer_than_context_is_refused_before_decoding(exported, hf_visual):

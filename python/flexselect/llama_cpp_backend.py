@@ -42,6 +42,7 @@ default 2 fps (interval 2) and any slower sampling the two masks are identical.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import math
@@ -79,6 +80,8 @@ TOKENS_PER_SECOND = 2  # Qwen2.5-VL's vision config value (not stored in the GGU
 TEMPORAL_PATCH = 2
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 LOG_ERROR = 4
+_LOG_TAIL: collections.deque[str] = collections.deque(maxlen=5)  # llama.cpp's last error lines
+_LOG_CALLBACK = None
 
 
 class _GGMLTensor(ctypes.Structure):
@@ -233,7 +236,7 @@ class LlamaCppBackend:
         self.n_ctx = int(n_ctx)
         self.n_batch = int(min(n_batch, n_ctx))
         self.n_threads = int(n_threads or os.cpu_count() or 1)
-        self._log_tail: list[str] = []
+        _LOG_TAIL.clear()
         self._install_logger()
         ll = llama_cpp
         ll.llama_backend_init()
@@ -300,20 +303,23 @@ class LlamaCppBackend:
                     raise FlexSelectError(f"{p} is not a GGUF file")
 
     def _install_logger(self) -> None:
-        ll = self._ll
+        # llama.cpp's logger is process-wide and outlives any backend: one callback for the whole process, so a
+        # freed backend never leaves llama.cpp calling into a released ctypes thunk (a crash at the next log line).
+        global _LOG_CALLBACK
+        if _LOG_CALLBACK is None:
+            def on_log(level: int, text: bytes, _user) -> None:
+                msg = text.decode("utf-8", "replace").rstrip() if text else ""
+                if level >= LOG_ERROR and msg:
+                    _LOG_TAIL.append(msg)
+                    log.debug("llama.cpp: %s", msg)
 
-        def on_log(level: int, text: bytes, _user) -> None:
-            msg = text.decode("utf-8", "replace").rstrip() if text else ""
-            if level >= LOG_ERROR and msg:
-                self._log_tail = (self._log_tail + [msg])[-5:]
-                log.debug("llama.cpp: %s", msg)
+            _LOG_CALLBACK = self._ll.llama_log_callback(on_log)
+        self._ll.llama_log_set(_LOG_CALLBACK, None)
+        self._mtmd.mtmd_log_set(_LOG_CALLBACK, None)
 
-        self._log_cb = ll.llama_log_callback(on_log)
-        ll.llama_log_set(self._log_cb, None)
-        self._mtmd.mtmd_log_set(self._log_cb, None)
-
-    def _last_error(self) -> str:
-        return " | ".join(self._log_tail) or "no details from llama.cpp"
+    @staticmethod
+    def _last_error() -> str:
+        return " | ".join(_LOG_TAIL) or "no details from llama.cpp"
 
     def close(self) -> None:
         if getattr(self, "mtmd", None):
