@@ -325,6 +325,10 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
     cp.n_ubatch = std::min<uint32_t>(512, cp.n_batch);
     if (opts.n_threads > 0) cp.n_threads = cp.n_threads_batch = opts.n_threads;
     cp.no_perf = true;
+    if (opts.n_gpu_layers == 0 || !llama_supports_gpu_offload()) {
+        // flash attention pays off on GPUs; on CPU it made a 3072-token prefill 2.5x slower (bench/runtimes.py)
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    }
     cp.cb_eval = eval_cb;
     cp.cb_eval_user_data = &m.capture;
     const char * no_cut = std::getenv("FLEXSELECT_NO_CUT");

@@ -262,6 +262,9 @@ class LlamaCppBackend:
         cparams.cb_eval = self._cb
         cparams.cb_eval_user_data = None
         cparams.no_perf = True
+        if n_gpu_layers == 0 or not ll.llama_supports_gpu_offload():
+            # flash attention pays off on GPUs; on CPU it made a 3072-token prefill 2.5x slower (bench/runtimes.py)
+            cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = ll.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             self.close()
