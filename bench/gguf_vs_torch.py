@@ -43,6 +43,19 @@ def build_model(root: Path, layers: int, hidden: int, heads: int, outtype: str):
     return model_dir, gguf_dir / "model.gguf", gguf_dir / "mmproj.gguf"
 
 
+def add_shape_arguments(ap: argparse.ArgumentParser) -> None:
+    """The model, video and selection shape, shared with bench/runtimes.py."""
+    ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--keep", type=float, default=0.25, help="share of visual tokens kept")
+    ap.add_argument("--set-frames", type=int, default=8, help="frame pairs per scoring set")
+    ap.add_argument("--outtype", default="f16", choices=["f16", "f32", "q8_0"])
+    ap.add_argument("--cache", default=os.environ.get("FLEXSELECT_BENCH_DIR", Path(tempfile.gettempdir()) /
+                                                      "flexselect-bench"))
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -66,16 +79,8 @@ def select(backend, visual, prompt, budget, set_frames, layer):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--keep", type=float, default=0.25, help="share of visual tokens kept")
-    ap.add_argument("--set-frames", type=int, default=8, help="frame pairs per scoring set")
-    ap.add_argument("--outtype", default="f16", choices=["f16", "f32", "q8_0"])
+    add_shape_arguments(ap)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--cache", default=os.environ.get("FLEXSELECT_BENCH_DIR", Path(tempfile.gettempdir()) /
-                                                      "flexselect-bench"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,25 +38,17 @@ def run_json(cmd: list[str]) -> dict:
 
 
 def main() -> int:
+    sys.path.insert(0, str(HERE))
+    from gguf_vs_torch import add_shape_arguments, build_model
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--keep", type=float, default=0.25, help="share of visual tokens kept")
-    ap.add_argument("--set-frames", type=int, default=8, help="frame pairs per scoring set")
-    ap.add_argument("--outtype", default="f16", choices=["f16", "f32", "q8_0"])
+    add_shape_arguments(ap)
     ap.add_argument("--cli", default=str(HERE.parent / "build" / "bin" / "flexselect-cli"))
     ap.add_argument("--repeats", type=int, default=2, help="runs per cell; the fastest counts")
-    ap.add_argument("--cache", default=os.environ.get("FLEXSELECT_BENCH_DIR", Path(tempfile.gettempdir()) /
-                                                      "flexselect-bench"))
     ap.add_argument("--out", default=str(HERE / "results" / "runtimes.json"))
     args = ap.parse_args()
     if not Path(args.cli).is_file():
         sys.exit(f"{args.cli} not found: build the C++ runtime first (cmake -S . -B build && cmake --build build)")
-
-    sys.path.insert(0, str(HERE))
-    from gguf_vs_torch import build_model
 
     from flexselect.video import write_test_video
 
