@@ -56,3 +56,47 @@ def test_subsample_sheet_and_errors():
         render_heatmaps(frames[:3], visual, sel)
     with pytest.raises(FlexSelectError, match=r"\[N, H, W, 3\]"):
         render_heatmaps(frames[..., 0], visual, sel)
+
+
+@pytest.mark.parametrize("kind", [".gif", ".mp4"])
+def test_animation_plays_every_frame_with_its_overlay(tmp_path, kind):
+    import av
+    from PIL import Image
+
+    from flexselect.show import write_animation
+
+    frames = np.full((6, 56, 84, 3), 200, dtype=np.uint8)  # 6 frames -> 3 units of a 2x3 grid
+    visual = visual_of(3, (2, 3))
+    kept = torch.tensor([2 * 6 + 0])  # only unit 2 (frames 4, 5) keeps a token: its top-left cell
+    out = write_animation(tmp_path / f"sel{kind}", frames, visual, kept, fps=5.0)
+    assert out == tmp_path / f"sel{kind}" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    if kind == ".gif":
+        with Image.open(out) as gif:
+            decoded = []
+            for i in range(gif.n_frames):  # Pillow merges identical neighbours into one longer frame
+                gif.seek(i)
+                decoded += [np.asarray(gif.convert("RGB"))] * round(gif.info["duration"] / 200)
+    else:
+        with av.open(str(out)) as container:
+            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == 6 and decoded[0].shape == (56, 84, 3)
+    cell = [f[16:26, 4:26].astype(float).mean((0, 1)) for f in decoded]  # the kept cell, below the label
+    assert [bool(c[0] - c[1] > 60) for c in cell] == [False, False, False, False, True, True]
+
+
+def test_animation_bad_inputs_leave_nothing(tmp_path, monkeypatch):
+    from flexselect import show
+
+    frames = np.zeros((4, 28, 28, 3), dtype=np.uint8)
+    visual = visual_of(2, (1, 1))
+    with pytest.raises(FlexSelectError, match=r"\.gif or an \.mp4"):
+        show.write_animation(tmp_path / "x.avi", frames, visual, torch.tensor([0]))
+
+    def broken(*a, **k):
+        raise FlexSelectError("render failed")
+
+    monkeypatch.setattr(show, "render_heatmaps", broken)
+    for kind in (".gif", ".mp4"):
+        with pytest.raises(FlexSelectError, match="render failed"):
+            show.write_animation(tmp_path / f"x{kind}", frames, visual, torch.tensor([0]))
+    assert list(tmp_path.iterdir()) == []

@@ -117,6 +117,8 @@ def add_show_command(sub) -> None:
     p.add_argument("question")
     p.add_argument("-o", "--out", default="flexselect_show.png", help="output PNG (default flexselect_show.png)")
     p.add_argument("--sheet-frames", type=int, default=16, help="frames on the contact sheet (default 16)")
+    p.add_argument("--animate", metavar="PATH", help="also play every sampled frame with its heatmap: a .gif or .mp4")
+    p.add_argument("--animate-fps", type=float, default=4.0, help="frames per second of --animate (default 4)")
     add_model_arguments(p)
     add_sampling_arguments(p)
     add_selection_arguments(p)
@@ -129,13 +131,15 @@ def run_show(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .pipeline import FlexSelect, Sampling
-    from .show import selection_sheet
+    from .show import selection_sheet, write_animation
     from .video import load_clip
 
     if args.model is None and args.gguf is None:
         raise FlexSelectError("no model given: pass --model PATH (or --gguf + --mmproj)")
     if not args.question.strip():
         raise FlexSelectError("the question is empty: ask something about the video")
+    if args.animate and Path(args.animate).suffix.lower() not in (".gif", ".mp4"):
+        raise FlexSelectError(f"--animate {args.animate}: the animation is a .gif or an .mp4")
     pipe = FlexSelect.load(args.model, gguf=args.gguf, mmproj=args.mmproj, ranker=args.ranker, device=args.device,
                            dtype=args.dtype, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers)
     d = pipe.defaults
@@ -151,6 +155,8 @@ def run_show(args: argparse.Namespace) -> int:
     Image.fromarray(sheet).save(partial)
     partial.replace(out)  # never a half-written PNG at the destination
     print(f"{out}: {len(selection.kept)} of {visual.num_tokens} tokens kept")
+    if args.animate:
+        print(write_animation(args.animate, clip.frames, visual, selection, args.animate_fps, clip.timestamps))
     return 0
 
 

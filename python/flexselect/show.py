@@ -3,12 +3,16 @@
 A visual token covers one cell of the frame's token grid (Qwen2.5-VL: 28 x 28 pixels of the resized frame, and a
 temporal unit of 2 sampled frames). `render_heatmaps` upsamples each unit's kept-token mask to the frame's pixels and
 blends it: kept cells tinted red, dropped cells dimmed. `contact_sheet` tiles frames into one image with labels.
-Used by the ComfyUI nodes' preview and the CLI's `flexselect show`. Only numpy and Pillow; inputs are never changed.
+`write_animation` plays every sampled frame with its overlay as a GIF or MP4. Used by the ComfyUI nodes' preview and
+the CLI's `flexselect show`. numpy and Pillow (PyAV for MP4); inputs are never changed.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from fractions import Fraction
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -139,10 +143,15 @@ def contact_sheet(
         y = gap + (i // columns) * (th + gap)
         sheet.paste(tile, (x, y))
         if labels is not None and labels[i]:
-            box = draw.textbbox((x + 2, y + 1), labels[i])
-            draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=(0, 0, 0))
-            draw.text((x + 2, y + 1), labels[i], fill=(255, 255, 255))
+            _label(draw, x, y, labels[i])
     return np.asarray(sheet, dtype=np.uint8).copy()
+
+
+def _label(draw, x: int, y: int, text: str) -> None:
+    """White text on a black box at the tile's top-left corner."""
+    box = draw.textbbox((x + 2, y + 1), text)
+    draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=(0, 0, 0))
+    draw.text((x + 2, y + 1), text, fill=(255, 255, 255))
 
 
 def frame_labels(visual, selection, frames: Sequence[int], num_frames: int, timestamps=None) -> list[str]:
@@ -177,3 +186,60 @@ def selection_sheet(
     overlays = render_heatmaps(clip_frames, visual, selection, frames=picked)
     labels = frame_labels(visual, selection, picked, n, timestamps)
     return contact_sheet(overlays, columns=columns, labels=labels, max_width=max_width)
+
+
+def write_animation(
+    path: str | os.PathLike,
+    clip_frames: np.ndarray,
+    visual,
+    selection,
+    fps: float = 4.0,
+    timestamps=None,
+    max_side: int = 480,
+) -> Path:
+    """Every sampled frame with its overlay and label, as a GIF (Pillow) or an MP4 (PyAV), one frame in memory at a
+    time. Written under a temporary name and renamed, so a failed run never leaves a half-written file at `path`."""
+    from PIL import Image, ImageDraw
+
+    path = Path(path)
+    kind = path.suffix.lower()
+    if kind not in (".gif", ".mp4"):
+        raise FlexSelectError(f"cannot write {path.name}: the animation is a .gif or an .mp4")
+    if fps <= 0:
+        raise FlexSelectError(f"the animation's fps must be > 0, got {fps}")
+    n = len(clip_frames)
+    labels = frame_labels(visual, selection, range(n), n, timestamps)
+    h, w = np.asarray(clip_frames[0]).shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    size = (max(2, round(w * scale) // 2 * 2), max(2, round(h * scale) // 2 * 2))  # even sides for H.264
+
+    def overlays():
+        for i in range(n):
+            img = Image.fromarray(render_heatmaps(clip_frames, visual, selection, frames=[i])[0])
+            img = img.resize(size, Image.BILINEAR) if img.size != size else img
+            _label(ImageDraw.Draw(img), 0, 0, labels[i])
+            yield img
+
+    partial = path.with_name(path.name + ".partial" + kind)
+    try:
+        if kind == ".gif":
+            frames = overlays()
+            next(frames).save(partial, save_all=True, append_images=frames, duration=round(1000 / fps), loop=0)
+        else:
+            _write_mp4(partial, overlays(), size, fps)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _write_mp4(path: Path, images, size: tuple[int, int], fps: float) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for img in images:
+            container.mux(stream.encode(av.VideoFrame.from_image(img)))
+        container.mux(stream.encode())
