@@ -72,7 +72,6 @@ def build_tokenizer(vocab_size: int = 512):
     import io
 
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     buf = io.BytesIO()
@@ -83,16 +82,14 @@ def build_tokenizer(vocab_size: int = 512):
         split_digits=True, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, character_coverage=1.0, num_threads=1,
         minloglevel=2,
     )
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(buf.getvalue())
-    NORMAL = 1
-    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
     # A merge for every way a normal piece splits into two pieces, ranked by the piece's score (its id order).
     merges = []
-    for i, piece in enumerate(proto.pieces):
-        if piece.type != NORMAL:
+    for i, text in enumerate(pieces):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i):
             continue
-        text = piece.piece
         for cut in range(1, len(text)):
             left, right = text[:cut], text[cut:]
             if left in vocab and right in vocab:
