@@ -200,7 +200,9 @@ class ProgressBars:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexselect", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="flexselect", description="Ask questions about long videos: FlexSelect keeps the visual tokens the "
+        "question needs. `flexselect answer` with no arguments runs an offline demo.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
     add_answer_command(sub)
