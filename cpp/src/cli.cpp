@@ -40,7 +40,7 @@ const char * kUsage =
     "      --seed N             sampling seed when --temp > 0\n"
     "runtime:\n"
     "  -ngl, --n-gpu-layers N   layers on the GPU (-1 = all, default)\n"
-    "  -t, --threads N          CPU threads\n"
+    "  -t, --threads N          CPU threads (default: all)\n"
     "  -c, --ctx-size N         context size (default 32768)\n"
     "      --json               print one JSON object (answer, stats, kept token indices, answer token ids)\n"
     "  -v, --verbose            show llama.cpp's logs\n"

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <fstream>
 #include <mutex>
+#include <thread>
 
 namespace flexselect {
 
@@ -306,11 +307,14 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
         }
     }
 
+    // Every hardware thread by default, as the Python backend (os.cpu_count()): the same threads split the same
+    // sums, so both runtimes produce the same floats and keep the same tokens.
+    const int n_threads = opts.n_threads > 0 ? opts.n_threads : (int) std::max(1u, std::thread::hardware_concurrency());
     mtmd_context_params vp = mtmd_context_params_default();
     vp.use_gpu = opts.n_gpu_layers != 0;
     vp.print_timings = false;
     vp.warmup = false;
-    if (opts.n_threads > 0) vp.n_threads = opts.n_threads;
+    vp.n_threads = n_threads;
     m.mtmd.reset(mtmd_init_from_file(opts.mmproj_path.c_str(), m.model.get(), vp));
     if (!m.mtmd) {
         throw Error("cannot load mmproj " + opts.mmproj_path + " for " + opts.model_path + take_errors());
@@ -323,7 +327,7 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
     cp.n_ctx = opts.n_ctx;
     cp.n_batch = std::min<uint32_t>(opts.n_batch, opts.n_ctx);
     cp.n_ubatch = std::min<uint32_t>(512, cp.n_batch);
-    if (opts.n_threads > 0) cp.n_threads = cp.n_threads_batch = opts.n_threads;
+    cp.n_threads = cp.n_threads_batch = n_threads;
     cp.no_perf = true;
     if (opts.n_gpu_layers == 0 || !llama_supports_gpu_offload()) {
         // flash attention pays off on GPUs; on CPU it made a 3072-token prefill 2.5x slower (bench/runtimes.py)

@@ -118,7 +118,7 @@ Clip load_clip(const std::string & path, const SamplingOptions & opts);
 struct LlmOptions {
     std::string model_path, mmproj_path;
     int n_gpu_layers = -1;  // -1: all
-    int n_threads = 0;      // 0: llama.cpp's default
+    int n_threads = 0;      // 0: every hardware thread (as the Python backend)
     int n_ctx = 32768;
     int n_batch = 2048;     // tokens per llama_decode call; the scoring capture accumulates across micro-batches
     bool verbose = false;   // llama.cpp / mtmd logs
