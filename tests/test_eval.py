@@ -292,3 +292,30 @@ def test_eval_cli_errors(tmp_path, tiny_model_dir, mini_videomme, capsys):
     assert main(["eval", "videomme", str(root), "-o", str(out), "--summary-only"]) == 2
     assert "run the evaluation first" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_cli_records_what_it_can_and_retries_the_rest(tmp_path, tiny_model_dir, mini_videomme, capsys):
+    from flexselect.cli import main
+    from flexselect.video import write_test_video
+
+    root, items = mini_videomme
+    broken = items[-1].video  # the second video: its questions fail, the first video's are answered
+    good = broken.read_bytes()
+    broken.write_bytes(good[: len(good) // 3])
+    out = tmp_path / "r.jsonl"
+    argv = ["eval", "videomme", str(root), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu",
+            "--methods", "flexselect", "--frames", "8", "--budget", "16", "--max-new-tokens", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    bad = [i.item_id for i in items if i.video == broken]
+    assert f"{len(bad)} answer(s) failed" in err and all(f"{b} (flexselect)" in err for b in bad)
+    assert {json.loads(line)["item_id"] for line in out.read_text().splitlines()} == {
+        i.item_id for i in items if i.video != broken}
+
+    broken.unlink()
+    write_test_video(broken, num_frames=16, fps=4.0, width=112, height=56, seed=1)
+    assert main(argv) == 0  # only the failed ones are answered now
+    assert [json.loads(line)["item_id"] for line in out.read_text().splitlines()][-len(bad):] == bad
+
+    assert main(argv[:-4] + ["--budget", "100000", "-o", str(tmp_path / "none.jsonl")]) == 2
+    assert "no answer could be recorded" in capsys.readouterr().err and not (tmp_path / "none.jsonl").exists()

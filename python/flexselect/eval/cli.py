@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
 from pathlib import Path
 
 from ..errors import FlexSelectError
 from .datasets import BENCHMARKS, load_benchmark
 from .harness import PREFERRED_ORDER, format_comparison, run_eval, summarize
+
+log = logging.getLogger("flexselect")
 
 
 def add_eval_command(sub) -> None:
@@ -50,19 +54,32 @@ def add_eval_command(sub) -> None:
 
 def run_eval_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if not args.summary_only:
-        _answer_all(args, out)
-    summary = summarize(out, common_only=args.common_only)
+    failed = {} if args.summary_only else _answer_all(args, out)
+    try:
+        summary = summarize(out, common_only=args.common_only)
+    except FlexSelectError:
+        if not failed:
+            raise
+        what, why = next(iter(failed.items()))  # every answer failed: most likely a setting, say the first cause
+        raise FlexSelectError(f"no answer could be recorded; {what} failed: {why}") from None
     if args.summary_json:
         dest = Path(args.summary_json)
         partial = dest.with_name(dest.name + ".partial")
         partial.write_text(json.dumps(summary, indent=1))
         partial.replace(dest)
     print(format_comparison(summary))
+    if failed:
+        print(f"flexselect: {len(failed)} answer(s) failed and were not recorded (a rerun retries them):",
+              file=sys.stderr)
+        for what, why in failed.items():
+            print(f"  {what}: {why}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _answer_all(args: argparse.Namespace, out: Path) -> None:
+def _answer_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
+    """Answer every item with every method; returns the answers that failed (a corrupt video, one too long for the
+    context, ...) by "item (method)", so one bad file among thousands does not stop a night's run."""
     from tqdm import tqdm
 
     from ..models.base import GenerationConfig
@@ -82,6 +99,7 @@ def _answer_all(args: argparse.Namespace, out: Path) -> None:
     sampling = Sampling(args.frames, args.fps, args.start, args.end, args.max_frames, args.max_side)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
     selector_of = {"flexselect": "reference", "lite": "lite"}
+    failed: dict[str, str] = {}
 
     for item in tqdm(items, desc=f"{args.benchmark} questions", unit="q", leave=False):
         for method in args.methods:
@@ -93,7 +111,12 @@ def _answer_all(args: argparse.Namespace, out: Path) -> None:
                 return pipe.answer(video, prompt, sampling, args.budget, args.layer, args.set_frames,
                                    selector=selector_of[method], generation=generation).text
 
-            run_eval([item], reply, out, method=method)
+            try:
+                run_eval([item], reply, out, method=method)
+            except FlexSelectError as e:
+                failed[f"{item.item_id} ({method})"] = str(e)
+                log.warning("%s (%s) failed: %s", item.item_id, method, e)
+    return failed
 
 
 def _baseline_frames(pipe, video: Path, sampling, budget: int | None) -> int:

@@ -46,23 +46,22 @@ def run_eval(items: Sequence[Item], answer_fn: AnswerFn, out_path: Path, limit: 
     log.info("%s on %d items: %d already in %s, %d to answer", method, len(todo), len(todo) - len(pending),
              out_path, len(pending))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("a", encoding="utf-8") as f:
-        for n, item in enumerate(pending, 1):
-            prompt = item_prompt(item)
-            start = time.perf_counter()
-            reply = answer_fn(item.video, prompt)
-            seconds = time.perf_counter() - start
-            if not isinstance(reply, str):
-                raise FlexSelectError(f"answer_fn returned {type(reply).__name__} for {item.item_id}, not text")
-            pred = extract_letter(reply, len(item.options), item.options)
-            record = {"benchmark": item.benchmark, "item_id": item.item_id, "method": method, "prompt": prompt,
-                      "reply": reply, "pred": pred, "answer": item.answer, "correct": pred == item.answer,
-                      "category": item.category, "duration_group": item.duration_group,
-                      "seconds": round(seconds, 3)}
+    for n, item in enumerate(pending, 1):
+        prompt = item_prompt(item)
+        start = time.perf_counter()
+        reply = answer_fn(item.video, prompt)
+        seconds = time.perf_counter() - start
+        if not isinstance(reply, str):
+            raise FlexSelectError(f"answer_fn returned {type(reply).__name__} for {item.item_id}, not text")
+        pred = extract_letter(reply, len(item.options), item.options)
+        record = {"benchmark": item.benchmark, "item_id": item.item_id, "method": method, "prompt": prompt,
+                  "reply": reply, "pred": pred, "answer": item.answer, "correct": pred == item.answer,
+                  "category": item.category, "duration_group": item.duration_group,
+                  "seconds": round(seconds, 3)}
+        with out_path.open("a", encoding="utf-8") as f:  # opened per answer: no file until there is one
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            log.info("[%d/%d] %s %s: %s (answer %s), %.1f s", n, len(pending), method, item.item_id, pred,
-                     item.answer, seconds)
+        log.info("[%d/%d] %s %s: %s (answer %s), %.1f s", n, len(pending), method, item.item_id, pred,
+                 item.answer, seconds)
     return len(pending)
 
 
