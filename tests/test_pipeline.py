@@ -55,6 +55,17 @@ def test_bad_input_is_a_clear_error(pipe, test_video, kwargs, message):
         pipe.answer(test_video, args.pop("question"), **args)
 
 
+def test_context_overflow_is_refused_before_the_pass(pipe, test_video, monkeypatch):
+    config = pipe.backend.text_model.config
+    sampling = Sampling(frames=16, max_side=112)  # 8 units x 12 tokens
+    monkeypatch.setattr(config, "max_position_embeddings", 90)
+    with pytest.raises(FlexSelectError, match=r"scoring pass of a frame set needs \d+ tokens but this model takes "
+                                              r"at most 90"):
+        pipe.answer(test_video, "What?", sampling=sampling, budget=24, set_frames=8)
+    with pytest.raises(FlexSelectError, match=r"answer \(prompt \+ --max-new-tokens\) needs \d+ tokens"):
+        pipe.answer(test_video, "What?", sampling=sampling, selector="none")
+
+
 def test_bad_files_are_clear_errors(pipe, tmp_path, test_video):
     text = tmp_path / "notes.mp4"
     text.write_text("this is not a video")
