@@ -1,0 +1,85 @@
+"""FlexSelect as an lmms-eval model, for the benchmarks' official task definitions and scoring:
+
+    lmms-eval --model flexselect --tasks videomme \
+        --model_args model=/models/Qwen2.5-VL-7B-Instruct,budget=7040,max_frames=1024
+
+lmms-eval finds it through the `lmms_eval.models` entry point in pyproject.toml; it is not a dependency of
+flexselect (install it beside). `model_args`: model or gguf + mmproj, ranker (then Lite selects), device, dtype,
+frames or fps, max_frames, max_side, budget, layer, set_frames, selector (reference / lite / none: the baseline),
+max_new_tokens. Only generation tasks are supported: FlexSelect answers, it does not score given continuations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from ..errors import FlexSelectError
+from .datasets import VIDEO_EXTS
+
+
+def manifest():
+    """The entry point's payload: lmms-eval's registration record for `--model flexselect`."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="flexselect", simple_class_path=f"{__name__}.FlexSelectLMM")
+
+
+def _number(value, kind):
+    return None if value in (None, "", "None", "none") else kind(value)
+
+
+class FlexSelectLMM(lmms):
+    def __init__(self, model=None, gguf=None, mmproj=None, ranker=None, device="auto", dtype="auto", frames=None,
+                 fps=None, max_frames=None, max_side=None, budget=None, layer=None, set_frames=None, selector=None,
+                 max_new_tokens=16, n_ctx=32768, **unused) -> None:
+        from ..pipeline import FlexSelect, Sampling  # here: lmms-eval imports this module for every run
+
+        super().__init__()
+        self.pipe = FlexSelect.load(model, gguf=gguf, mmproj=mmproj, ranker=ranker, device=device, dtype=dtype,
+                                    n_ctx=int(n_ctx))
+        self.sampling = Sampling(_number(frames, int), _number(fps, float), max_frames=_number(max_frames, int),
+                                 max_side=_number(max_side, int))
+        self.budget, self.layer = _number(budget, int), _number(layer, int)
+        self.set_frames = _number(set_frames, int)
+        self.selector = selector or None
+        self.max_new_tokens = int(max_new_tokens)
+
+    def generate_until(self, requests) -> list[str]:
+        from ..models.base import GenerationConfig
+
+        replies = []
+        for request in tqdm(requests, desc="FlexSelect answering", disable=self.rank != 0):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            video = self._video(doc_to_visual(self.task_dict[task][split][doc_id]), task, doc_id)
+            generation = GenerationConfig(
+                max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                temperature=float(gen_kwargs.get("temperature", 0.0) or 0.0),
+                top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0),
+            )
+            text = self.pipe.answer(video, context, self.sampling, self.budget, self.layer, self.set_frames,
+                                    selector=self.selector, generation=generation).text
+            until = gen_kwargs.get("until") or []
+            for stop in [until] if isinstance(until, str) else until:
+                if stop:
+                    text = text.split(stop)[0]
+            replies.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return replies
+
+    @staticmethod
+    def _video(visuals, task: str, doc_id) -> Path:
+        candidates = visuals if isinstance(visuals, (list, tuple)) else [visuals]
+        videos = [Path(v) for v in candidates if isinstance(v, (str, Path)) and str(v).lower().endswith(VIDEO_EXTS)]
+        if len(videos) != 1:
+            raise FlexSelectError(f"{task} document {doc_id}: FlexSelect answers about one video file, got {visuals!r}")
+        return videos[0]
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("FlexSelect generates answers: use generation tasks (videomme, mlvu_dev, "
+                                  "longvideobench_val_v, lvbench)")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("FlexSelect answers single-round questions")
