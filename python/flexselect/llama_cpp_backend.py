@@ -286,7 +286,7 @@ class LlamaCppBackend:
         if not mtmd_cpp.mtmd_decode_use_mrope(self.mtmd):
             self.close()
             raise FlexSelectError(f"{mmproj_path} does not use M-RoPE; expected a Qwen2.5-VL / Qwen2-VL projector")
-        self.eos_token_ids = {t for t in range(ll.llama_vocab_n_tokens(self.vocab))
+        self.eos_token_ids = {t for t in range(self.vocab_size)
                               if ll.llama_vocab_is_eog(self.vocab, t)}
         self.last_score_stats: dict = {}
 
