@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
@@ -220,26 +219,15 @@ def write_animation(
             _label(ImageDraw.Draw(img), 0, 0, labels[i])
             yield img
 
+    if kind == ".mp4":
+        from .video import write_video
+
+        return write_video(path, (np.asarray(img) for img in overlays()), fps, size)
     partial = path.with_name(path.name + ".partial" + kind)
     try:
-        if kind == ".gif":
-            frames = overlays()
-            next(frames).save(partial, save_all=True, append_images=frames, duration=round(1000 / fps), loop=0)
-        else:
-            _write_mp4(partial, overlays(), size, fps)
+        frames = overlays()
+        next(frames).save(partial, save_all=True, append_images=frames, duration=round(1000 / fps), loop=0)
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
     return path
-
-
-def _write_mp4(path: Path, images, size: tuple[int, int], fps: float) -> None:
-    import av
-
-    with av.open(str(path), "w") as container:
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        for img in images:
-            container.mux(stream.encode(av.VideoFrame.from_image(img)))
-        container.mux(stream.encode())

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 
 import numpy as np
 
@@ -253,6 +253,28 @@ def _decode_pyav(info: VideoInfo, indices: np.ndarray, w: int, h: int, on_frame)
     return out, indices
 
 
+def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float, size: tuple[int, int]) -> Path:
+    """Encode uint8 RGB frames of `size` (width, height; even sides) with H.264 where PyAV has it, else MPEG-4.
+    Written under a temporary name and renamed, so a failed run never leaves a half-written video at `path`."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial" + path.suffix)
+    try:
+        with av.open(str(partial), "w") as container:
+            stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4",
+                                          rate=Fraction(fps).limit_denominator(1000))
+            stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
 def write_test_video(
     path: str | os.PathLike,
     num_frames: int = 48,
@@ -263,19 +285,12 @@ def write_test_video(
     needle_frames=(),
 ) -> Path:
     """A synthetic video with distinct moving content per frame; `needle_frames` show a big red square."""
-    import av
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     colors = rng.integers(40, 200, size=(8, 3))
     yy, xx = np.mgrid[0:height, 0:width]
     needles = set(needle_frames)
-    tmp = path.with_name(path.name + ".partial" + path.suffix)
-    with av.open(str(tmp), "w") as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4",
-                                      rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+
+    def frames():
         for i in range(num_frames):
             img = np.empty((height, width, 3), dtype=np.uint8)
             img[:] = colors[i % len(colors)]
@@ -284,9 +299,6 @@ def write_test_video(
             img[:, :, 1] = (img[:, :, 1].astype(int) + 3 * i) % 256
             if i in needles:
                 img[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = (230, 20, 20)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    tmp.rename(path)
-    return path
+            yield img
+
+    return write_video(path, frames(), fps, (width, height))
