@@ -20,7 +20,6 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +31,7 @@ from .errors import FlexSelectError
 from .models.base import Prompt, VisualTokens
 from .models.hf import HFBackend
 from .selection import Aggregate, question_attention_scores, top_k
+from .video import write_video
 
 log = logging.getLogger("flexselect")
 
@@ -232,7 +232,7 @@ def make_scan_examples(
                 frame[top : top + side, left : left + side] = COLOURS[colour]
             frames.append(frame)
         name = f"scan_{i:03d}.mp4"
-        write_video(out / name, np.stack(frames), fps)
+        write_video(out / name, frames, fps, (width, height), crf=10)  # near-lossless: colours survive
         # Half a frame of slack either side, so the range does not depend on the decoder's timestamp rounding.
         examples.append({"video": name, "question": "What colour is the square in the video?", "answer": colour,
                          "frames": num_frames,
@@ -240,20 +240,6 @@ def make_scan_examples(
     path = out / "examples.json"
     path.write_text(json.dumps(examples, indent=1))
     return path
-
-
-def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
-    """uint8 [N, H, W, 3] (even H, W) -> H.264 mp4, near-lossless so colours survive."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "10"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
 
 
 # -- report --------------------------------------------------------------------------------------------------------

@@ -253,9 +253,11 @@ def _decode_pyav(info: VideoInfo, indices: np.ndarray, w: int, h: int, on_frame)
     return out, indices
 
 
-def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float, size: tuple[int, int]) -> Path:
-    """Encode uint8 RGB frames of `size` (width, height; even sides) with H.264 where PyAV has it, else MPEG-4.
-    Written under a temporary name and renamed, so a failed run never leaves a half-written video at `path`."""
+def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float, size: tuple[int, int],
+                crf: int | None = None) -> Path:
+    """Encode uint8 RGB frames of `size` (width, height; even sides) with H.264 where PyAV has it, else MPEG-4;
+    `crf` sets H.264's quality (10: near-lossless). Written under a temporary name and renamed, so a failed run
+    never leaves a half-written video at `path`."""
     import av
 
     path = Path(path)
@@ -266,6 +268,8 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
             stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4",
                                           rate=Fraction(fps).limit_denominator(1000))
             stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+            if crf is not None and stream.codec_context.name == "libx264":
+                stream.options = {"crf": str(crf)}
             for frame in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode())
