@@ -87,7 +87,7 @@ class HFBackend:
     def context_length(self) -> int:
         return self.text_model.config.max_position_embeddings
 
-    def check_fits(self, n_tokens: int, what: str) -> None:
+    def _check_fits(self, n_tokens: int, what: str) -> None:
         """A clear error before a pass longer than the model was made for (it would degrade, or run out of memory)."""
         if n_tokens > self.context_length:
             raise FlexSelectError(
@@ -147,7 +147,7 @@ class HFBackend:
         self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, aggregate: Aggregate = "max"
     ) -> torch.Tensor:
         inputs = self.scoring_inputs(visual, frames, prompt)
-        self.check_fits(inputs.embeds.shape[1], "scoring pass of a frame set")
+        self._check_fits(inputs.embeds.shape[1], "scoring pass of a frame set")
         hidden, rotary = self.hidden_at_layer(inputs, layer)
         q, k = self.question_qk(hidden, rotary, layer, len(prompt.suffix_ids))
         start = len(prompt.prefix_ids)
@@ -163,7 +163,7 @@ class HFBackend:
 
         start = time.perf_counter()
         inputs = self.answer_inputs(visual, kept, prompt)
-        self.check_fits(inputs.embeds.shape[1] + config.max_new_tokens, "answer (prompt + --max-new-tokens)")
+        self._check_fits(inputs.embeds.shape[1] + config.max_new_tokens, "answer (prompt + --max-new-tokens)")
         cache = DynamicCache(config=self.text_model.config)
         hidden = self.text_model(
             inputs_embeds=inputs.embeds, position_ids=inputs.position_ids, past_key_values=cache, use_cache=True
