@@ -63,10 +63,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
         what, why = next(iter(failed.items()))  # every answer failed: most likely a setting, say the first cause
         raise FlexSelectError(f"no answer could be recorded; {what} failed: {why}") from None
     if args.summary_json:
-        dest = Path(args.summary_json)
-        partial = dest.with_name(dest.name + ".partial")
-        partial.write_text(json.dumps(summary, indent=1))
-        partial.replace(dest)
+        from ..lite.bundle import write_atomic
+
+        write_atomic(Path(args.summary_json), json.dumps(summary, indent=1).encode())
     print(format_comparison(summary))
     if failed:
         print(f"flexselect: {len(failed)} answer(s) failed and were not recorded (a rerun retries them):",
