@@ -85,9 +85,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from flexselect.defaults import reference_layer_for
-    from flexselect.llama_cpp_backend import LlamaCppBackend
-    from flexselect.models.base import GenerationConfig
-    from flexselect.models.qwen2_5_vl import Qwen25VLBackend
+    from flexselect.backends.llama_cpp import LlamaCppBackend
+    from flexselect.backends.base import GenerationConfig
+    from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
 
     root = Path(args.cache)
     root.mkdir(parents=True, exist_ok=True)

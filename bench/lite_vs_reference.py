@@ -42,7 +42,7 @@ def host_backend(scale: int):
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from flexselect.demo import demo_model
-    from flexselect.models.qwen2_5_vl import Qwen25VLBackend
+    from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model())
     text = scaled(HOST_FULL, scale)
@@ -76,8 +76,8 @@ def main() -> None:
     from flexselect.lite.host import host_info
     from flexselect.lite.onnx_ranker import OnnxRanker
     from flexselect.lite.ranker import LiteRanker, qwen2_config
-    from flexselect.models.base import VisualTokens
-    from flexselect.pipeline import FlexSelect
+    from flexselect.backends.base import VisualTokens
+    from flexselect.pipeline import FlexSelect, SelectOptions
     from flexselect_export.onnx import export_ranker
 
     backend, host_shape = host_backend(args.scale)
@@ -111,8 +111,7 @@ def main() -> None:
         selector = "reference" if name == "reference" else "lite"
         runs = []
         for i in range(args.repeats + 1):
-            sel = pipe.select(visual, prompt, budget=budget, layer=REFERENCE_LAYER, set_frames=args.set_frames,
-                              selector=selector)
+            sel = pipe.select(visual, prompt, options=SelectOptions(budget=budget, layer=REFERENCE_LAYER, set_frames=args.set_frames, selector=selector))
             if i:  # the first run is a warm-up (allocator, ONNX Runtime's first-run optimisations)
                 runs.append(sel.seconds)
         times[name] = statistics.median(runs)

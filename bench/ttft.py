@@ -30,8 +30,8 @@ def build_backend(device: str, dtype: str):
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from flexselect.demo import demo_model
-    from flexselect.models.hf import resolve_device, resolve_dtype
-    from flexselect.models.qwen2_5_vl import Qwen25VLBackend
+    from flexselect.backends.hf.shared import resolve_device, resolve_dtype
+    from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
 
     # only its tokenizer: the prompt's ids fit in the big vocab
     tokenizer = AutoTokenizer.from_pretrained(demo_model())
@@ -53,8 +53,8 @@ def measure(arm: str, frames: int, grid: tuple[int, int], budget: int, layer: in
     import numpy as np
     import torch
 
-    from flexselect.models.base import GenerationConfig, VisualTokens
-    from flexselect.pipeline import FlexSelect, peak_memory_mb
+    from flexselect.backends.base import GenerationConfig, VisualTokens
+    from flexselect.pipeline import FlexSelect, SelectOptions, peak_memory_mb
 
     backend = build_backend(device, dtype)
     units = frames // 2
@@ -69,8 +69,7 @@ def measure(arm: str, frames: int, grid: tuple[int, int], budget: int, layer: in
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    selection = pipe.select(visual, prompt, budget=min(budget, n_tokens), layer=layer,
-                            selector="none" if arm == "baseline" else "reference")
+    selection = pipe.select(visual, prompt, options=SelectOptions(budget=min(budget, n_tokens), layer=layer, selector="none" if arm == "baseline" else "reference"))
     generated = backend.generate(visual, selection.kept, prompt, GenerationConfig(max_new_tokens=1))
     ttft = time.perf_counter() - t0
     return {"arm": arm, "frames": frames, "visual_tokens": n_tokens, "kept_tokens": len(selection.kept),

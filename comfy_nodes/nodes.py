@@ -587,6 +587,7 @@ class FlexSelect:
         }
 
     def select(self, clip, model, question, budget, layer, set_frames, preview, preview_frames, ranker=None):
+        from flexselect.pipeline import SelectOptions
         from flexselect.show import even_subsample, render_heatmaps, selection_sheet
 
         if not isinstance(model, ModelHandle):
@@ -607,8 +608,9 @@ class FlexSelect:
             _model_cache.put_visual(clip, model, visual)
         t1 = time.perf_counter()
         prompt = pipe.backend.prompt(question)
-        selection = pipe.select(visual, prompt, budget=budget or None, layer=None if layer < 0 else layer,
-                                set_frames=set_frames or None, progress=progress)
+        options = SelectOptions(budget=budget or None, layer=None if layer < 0 else layer,
+                                set_frames=set_frames or None)
+        selection = pipe.select(visual, prompt, options, progress=progress)
         per_frame = selection.kept_per_frame(visual)
         n = len(clip.frames)
         picked = even_subsample(n, preview_frames)
@@ -659,7 +661,7 @@ class FlexSelectAnswer:
         }
 
     def answer(self, selection, model, max_new_tokens, temperature, top_p, seed):
-        from flexselect.models.base import GenerationConfig
+        from flexselect.backends.base import GenerationConfig
 
         if not isinstance(selection, SelectionResult):
             raise FlexSelectError("the selection input must come from a FlexSelect node")

@@ -30,6 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from flexselect.backends.gguf_info import inspect_gguf
 from flexselect.errors import FlexSelectError
 
 OUTTYPES = ("f16", "q8_0", "f32")
@@ -83,40 +84,6 @@ def _run_converter(llama_dir: Path, model_dir: Path, outfile: Path, outtype: str
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
         what = "vision projector (--mmproj)" if mmproj else "language model"
         raise FlexSelectError(f"llama.cpp's converter failed on the {what} of {model_dir}:\n{tail}")
-
-
-def _field(reader, key: str):
-    """A scalar or string metadata value of a GGUF (None when absent)."""
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    value = f.parts[f.data[0]]
-    if f.types and f.types[0].name == "STRING":
-        return bytes(value).decode("utf-8")
-    return value.tolist()[0] if hasattr(value, "tolist") else value
-
-
-def inspect_gguf(path: str | os.PathLike) -> dict:
-    """Read back what matters of a written GGUF: architecture, block count, widths, tensor names."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/struct errors on truncated or foreign files
-        raise FlexSelectError(f"{path} is not a readable GGUF file: {e}") from None
-    arch = _field(reader, "general.architecture")
-    info = {"path": str(path), "architecture": arch, "tensors": [t.name for t in reader.tensors]}
-    if arch == "clip":
-        info["projector_type"] = _field(reader, "clip.projector_type") or _field(reader, "clip.vision.projector_type")
-        info["block_count"] = _field(reader, "clip.vision.block_count")
-        info["projection_dim"] = _field(reader, "clip.vision.projection_dim")
-        info["has_vision"] = bool(_field(reader, "clip.has_vision_encoder"))
-    else:
-        info["block_count"] = _field(reader, f"{arch}.block_count")
-        info["embedding_length"] = _field(reader, f"{arch}.embedding_length")
-        info["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in \
-            reader.fields else None
-    return info
 
 
 def _check_text(info: dict, text_config: dict) -> None:
@@ -193,38 +160,7 @@ def export_gguf(
     return final_model, final_mmproj
 
 
-# -- command line ----------------------------------------------------------------------------------------------
-def add_export_gguf_command(export_subparsers) -> None:
-    """Register `gguf` under the CLI's `export` command. In cli.py:
-
-        p = sub.add_parser("export", help="export a model for another runtime")
-        add_export_gguf_command(p.add_subparsers(dest="format", required=True))
-    """
-    p = export_subparsers.add_parser("gguf", help="convert a Qwen2.5-VL checkpoint to model.gguf + mmproj.gguf",
-                                     description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", help="transformers checkpoint folder (config.json, weights, tokenizer)")
-    p.add_argument("out_dir", help="folder for model.gguf and mmproj.gguf")
-    p.add_argument("--outtype", choices=OUTTYPES, default="f16",
-                   help="weight type of the language model (default f16; the projector stays f16, f32 for f32)")
-    p.set_defaults(run=run_export_gguf)
-
-
-def run_export_gguf(args) -> int:
-    model, mmproj = export_gguf(args.model_dir, args.out_dir, args.outtype)
-    for path in (model, mmproj):
-        print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB)")
-    print(f"run it with: flexselect answer VIDEO QUESTION --gguf {model} --mmproj {mmproj}")
-    return 0
-
-
 if __name__ == "__main__":
-    import argparse
+    from flexselect.cli import main
 
-    parser = argparse.ArgumentParser(prog="python -m flexselect_export.gguf")
-    add_export_gguf_command(parser.add_subparsers(dest="format", required=True))
-    ns = parser.parse_args(["gguf", *sys.argv[1:]])
-    try:
-        sys.exit(ns.run(ns))
-    except FlexSelectError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main(["export", "gguf", *sys.argv[1:]]))

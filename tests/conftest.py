@@ -14,7 +14,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_model_dir):
-    from flexselect.models.qwen2_5_vl import Qwen25VLBackend
+    from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
 
     return Qwen25VLBackend.load(tiny_model_dir, device="cpu", dtype="float32")
 

@@ -247,7 +247,7 @@ def test_cancel_stops_selection_between_frame_sets(comfy_env, monkeypatch):
 
 
 def test_cancel_stops_the_answer_between_tokens(comfy_env, monkeypatch):
-    from flexselect.models import hf
+    from flexselect.backends.hf import shared as hf
 
     clip = N.FlexSelectLoadVideo().load(VIDEO_NAME, FRAMES, 0.0, 0.0, 0.0, 112, 0.0, 2)[0]
     (model,) = N.FlexSelectLoadModel().load(comfy_env.model_name, N.AUTO_MMPROJ, "cpu", "float32", 32768)

@@ -247,9 +247,9 @@ def test_eval_cli_runs_compares_and_resumes(tmp_path, tiny_model_dir, mini_video
     calls = []
     real_answer = FlexSelect.answer
 
-    def spy(self, video, question, sampling, *args, **kwargs):
-        result = real_answer(self, video, question, sampling, *args, **kwargs)
-        calls.append((kwargs["selector"], sampling.frames, result.stats["kept_tokens"], question))
+    def spy(self, video, question, sampling, options, *args, **kwargs):
+        result = real_answer(self, video, question, sampling, options, *args, **kwargs)
+        calls.append((options.selector, sampling.frames, result.stats["kept_tokens"], question))
         return result
 
     monkeypatch.setattr(FlexSelect, "answer", spy)

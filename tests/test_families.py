@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from flexselect.errors import FlexSelectError
-from flexselect.models import detect_family, load_backend
-from flexselect.models.base import GenerationConfig
+from flexselect.backends import detect_family, load_backend
+from flexselect.backends.base import GenerationConfig
 from flexselect.selection import frame_sets, top_k
 
 FAMILIES = ["llava_onevision", "internvl", "qwen2_vl"]
@@ -88,7 +88,7 @@ def test_unsupported_model_type_lists_the_supported_families(tmp_path):
 def test_internvl_with_a_qk_normalising_language_model_is_refused(model_dirs):
     from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration
 
-    from flexselect.models.internvl import InternVLBackend
+    from flexselect.backends.hf.internvl import InternVLBackend
     from flexselect.tiny import TINY_QWEN2_TEXT, TINY_SQUARE_VISION
 
     config = InternVLConfig(text_config={**TINY_QWEN2_TEXT, "model_type": "qwen3", "head_dim": 16, "vocab_size": 600},
@@ -100,7 +100,7 @@ def test_internvl_with_a_qk_normalising_language_model_is_refused(model_dirs):
 
 # -- visual tokens ---------------------------------------------------------------------------------------------------
 def test_llava_tokens_are_transformers_video_features_without_the_newline(backends, monkeypatch):
-    import flexselect.models.llava_onevision as llava
+    import flexselect.backends.hf.llava_onevision as llava
 
     backend = backends["llava_onevision"]
     clip = fake_clip(n_frames=5)
@@ -116,8 +116,8 @@ def test_llava_tokens_are_transformers_video_features_without_the_newline(backen
 
 
 def test_internvl_frame_block_is_img_tokens_then_end_img(backends, monkeypatch):
-    import flexselect.models.internvl as internvl
-    from flexselect.models.llava_onevision import square_pixels
+    import flexselect.backends.hf.internvl as internvl
+    from flexselect.backends.hf.llava_onevision import square_pixels
 
     backend = backends["internvl"]
     clip = fake_clip(n_frames=5)
@@ -137,8 +137,8 @@ def test_internvl_frame_block_is_img_tokens_then_end_img(backends, monkeypatch):
 def test_internvl_pixels_match_its_image_processor_without_resizing():
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    from flexselect.models.internvl import IMAGENET_MEAN, IMAGENET_STD
-    from flexselect.models.llava_onevision import square_pixels
+    from flexselect.backends.hf.internvl import IMAGENET_MEAN, IMAGENET_STD
+    from flexselect.backends.hf.llava_onevision import square_pixels
 
     image = frames_array(1, 112, 112)[0]
     processor = GotOcr2ImageProcessorPil(size={"height": 112, "width": 112}, crop_to_patches=False,
@@ -278,8 +278,8 @@ def test_qwen2_vl_video_positions_step_one_per_unit_as_transformers(backends):
 # -- the pipeline end to end -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pipeline_answers_with_selection(family, backends):
-    video = pytest.importorskip("flexselect.video")
-    from flexselect.pipeline import FlexSelect
+    from flexselect import video
+    from flexselect.pipeline import FlexSelect, SelectOptions
 
     backend = backends[family]
     fps = 2.0
@@ -287,8 +287,7 @@ def test_pipeline_answers_with_selection(family, backends):
     info = video.VideoInfo(path="hand-made", num_frames=16, fps=fps, duration=16 / fps, width=84, height=56)
     clip = video.Clip(frames=frames, timestamps=np.arange(16) / fps, source="hand-made", info=info)
     pipe = FlexSelect(backend)
-    answer = pipe.answer(clip, "What happens in the video?", budget=2 * 18 if family == "internvl" else 32,
-                         set_frames=4, layer=2, generation=GenerationConfig(max_new_tokens=3))
+    answer = pipe.answer(clip, "What happens in the video?", generation=GenerationConfig(max_new_tokens=3), options=SelectOptions(budget=2 * 18 if family == "internvl" else 32, set_frames=4, layer=2))
     visual, selection = answer.visual, answer.selection
     tpf = visual.tokens_per_frame
     assert len(selection.sets) > 1 and selection.layer == 2
@@ -309,7 +308,7 @@ def test_pipeline_answers_with_selection(family, backends):
     inputs = backend.answer_inputs(visual, selection.kept, prompt)
     assert answer.generation.prompt_tokens == inputs.embeds.shape[1]
     if family == "qwen2_vl":
-        from flexselect.models.qwen2_5_vl import video_positions
+        from flexselect.mrope import video_positions
 
         full = video_positions(visual.num_frames, visual.grid, visual.time_interval)
         p = len(prompt.prefix_ids)

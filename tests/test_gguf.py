@@ -22,7 +22,7 @@ import torch
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python==0.3.36 is not installed (pip install .[gguf])")
 
 from flexselect.errors import FlexSelectError  # noqa: E402
-from flexselect.models.base import GenerationConfig  # noqa: E402
+from flexselect.backends.base import GenerationConfig  # noqa: E402
 from flexselect.selection import frame_sets, top_k  # noqa: E402
 
 OVERLAP = {"f32": (0.95, 0.90), "f16": (0.90, 0.80)}  # (mean, every set)
@@ -46,7 +46,7 @@ def exported(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def llama_backends(exported):
-    from flexselect.llama_cpp_backend import LlamaCppBackend
+    from flexselect.backends.llama_cpp import LlamaCppBackend
 
     return {t: LlamaCppBackend(m, p, n_ctx=4096, n_threads=2) for t, (m, p) in exported.items()}
 
@@ -63,7 +63,7 @@ def hf_visual(tiny_backend, clip):
 
 # -- export --------------------------------------------------------------------------------------------------------
 def test_export_writes_small_checked_files(exported, tiny_model_dir):
-    from flexselect_export.gguf import inspect_gguf
+    from flexselect.backends.gguf_info import inspect_gguf
 
     for outtype, (model, mmproj) in exported.items():
         assert model.name == "model.gguf" and mmproj.name == "mmproj.gguf"
@@ -202,7 +202,7 @@ def test_seeded_sampling_is_reproducible(llama_backends, hf_visual):
 
 # -- bad inputs ----------------------------------------------------------------------------------------------------
 def test_bad_files_are_explained(exported, tmp_path):
-    from flexselect.llama_cpp_backend import LlamaCppBackend
+    from flexselect.backends.llama_cpp import LlamaCppBackend
 
     model, mmproj = exported["f32"]
     with pytest.raises(FlexSelectError, match="--mmproj"):
@@ -227,7 +227,7 @@ def test_bad_files_are_explained(exported, tmp_path):
 
 def test_mmproj_of_another_model_is_refused(exported, tmp_path, monkeypatch):
     import flexselect.tiny as tiny
-    from flexselect.llama_cpp_backend import LlamaCppBackend
+    from flexselect.backends.llama_cpp import LlamaCppBackend
     from flexselect_export.gguf import export_gguf
 
     narrow = dict(tiny.TINY_TEXT, hidden_size=32, rope_parameters={**tiny.TINY_TEXT["rope_parameters"],
@@ -246,7 +246,7 @@ def test_freeing_one_backend_leaves_the_others_working(exported, tmp_path):
     script = f"""
 import gc
 from flexselect.errors import FlexSelectError
-from flexselect.llama_cpp_backend import LlamaCppBackend
+from flexselect.backends.llama_cpp import LlamaCppBackend
 kept = LlamaCppBackend({str(model)!r}, {str(mmproj)!r}, n_ctx=256, n_threads=1)
 freed = LlamaCppBackend({str(model)!r}, {str(mmproj)!r}, n_ctx=256, n_threads=1)
 del freed
@@ -264,7 +264,7 @@ print("closed")
 
 
 def test_prompt_longer_than_context_is_refused_before_decoding(exported, hf_visual):
-    from flexselect.llama_cpp_backend import LlamaCppBackend
+    from flexselect.backends.llama_cpp import LlamaCppBackend
 
     small = LlamaCppBackend(*exported["f32"], n_ctx=64, n_threads=2)
     prompt = small.prompt("What color is the car?")
@@ -277,11 +277,10 @@ def test_prompt_longer_than_context_is_refused_before_decoding(exported, hf_visu
 
 
 def test_pipeline_selection_on_llama_cpp_matches_transformers(llama_backends, tiny_backend, hf_visual):
-    pytest.importorskip("flexselect.video", reason="the pipeline needs flexselect.video")
-    from flexselect.pipeline import FlexSelect
+    from flexselect.pipeline import FlexSelect, SelectOptions
 
     prompt = tiny_backend.prompt("What color is the car?")
-    ours = FlexSelect(llama_backends["f32"]).select(hf_visual, prompt, budget=48, layer=1, set_frames=3)
-    theirs = FlexSelect(tiny_backend).select(hf_visual, prompt, budget=48, layer=1, set_frames=3)
+    ours = FlexSelect(llama_backends["f32"]).select(hf_visual, prompt, options=SelectOptions(budget=48, layer=1, set_frames=3))
+    theirs = FlexSelect(tiny_backend).select(hf_visual, prompt, options=SelectOptions(budget=48, layer=1, set_frames=3))
     assert len(ours.kept) == len(theirs.kept) == 48
     assert len(set(ours.kept.tolist()) & set(theirs.kept.tolist())) >= 0.9 * 48

@@ -10,7 +10,7 @@ import torch
 
 from flexselect.layer_scan import (ScanExample, add_layer_scan_command, layer_scores, load_examples,
                                    make_scan_examples, recall_at_k, relevant_token_set, scan, write_report)
-from flexselect.models.base import VisualTokens
+from flexselect.backends.base import VisualTokens
 
 LAYER = 2
 FRAMES, GRID = 16, (4, 4)
@@ -32,7 +32,7 @@ def internvl_dir(tmp_path_factory):
 
 
 def load(path):
-    from flexselect.models import load_backend
+    from flexselect.backends import load_backend
 
     return load_backend(path, device="cpu", dtype="float32")
 
@@ -147,7 +147,6 @@ def test_cli_parser_registers_layer_scan():
 
 
 def test_cli_end_to_end_on_synthetic_examples(llava_dir, tmp_path, capsys):
-    pytest.importorskip("flexselect.video")
     parser = argparse.ArgumentParser()
     add_layer_scan_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["layer-scan", "--model", str(llava_dir), "--synthetic", "2", "--out", str(tmp_path),

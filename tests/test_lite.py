@@ -171,11 +171,11 @@ def test_onnx_export_matches_torch(trained, tiny_backend, tmp_path):
 
 
 def test_pipeline_selects_with_a_ranker(trained, tiny_backend):
-    pipeline = pytest.importorskip("flexselect.pipeline", reason="the pipeline needs flexselect.video")
+    from flexselect import pipeline
     ranker = load_ranker(trained.bundle, tiny_backend)
     visual = tiny_backend.encode(fake_clip(Path("v5.mp4")))
     prompt = tiny_backend.prompt(QUESTIONS[0])
-    sel = pipeline.FlexSelect(tiny_backend, ranker=ranker).select(visual, prompt, budget=24, set_frames=2)
+    sel = pipeline.FlexSelect(tiny_backend, ranker=ranker).select(visual, prompt, options=pipeline.SelectOptions(budget=24, set_frames=2))
     assert sel.selector == "lite" and len(sel.kept) == 24
     set0 = visual.frame_tokens(sel.sets[0])
     assert set(set0[top_k(ranker.score(visual, sel.sets[0], prompt), 12)].tolist()) <= set(sel.kept.tolist())

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from flexselect.models.base import GenerationConfig, VisualTokens
-from flexselect.models.qwen2_5_vl import Qwen25VLBackend
-from flexselect.pipeline import FlexSelect
+from flexselect.backends.base import GenerationConfig, VisualTokens
+from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
+from flexselect.pipeline import FlexSelect, SelectOptions
 from flexselect.selection import frame_sets, question_attention_scores
 
 LAYER = 2
@@ -65,7 +65,7 @@ def test_kept_tokens_are_the_planted_needle(planted, set_frames):
     backend, visual, needle = planted
     pipe = FlexSelect(backend)
     prompt = backend.prompt("Where is the needle?")
-    selection = pipe.select(visual, prompt, budget=len(needle), layer=LAYER, set_frames=set_frames)
+    selection = pipe.select(visual, prompt, options=SelectOptions(budget=len(needle), layer=LAYER, set_frames=set_frames))
     assert len(selection.kept) == len(needle)
     recall = np.isin(needle.numpy(), selection.kept.numpy()).mean()
     assert recall >= 0.95, f"recall {recall:.3f}"
@@ -74,8 +74,7 @@ def test_kept_tokens_are_the_planted_needle(planted, set_frames):
 def test_a_shallow_layer_does_not_find_it(planted):
     """The signal lives at the reference layer only: layer 0 sees the same inputs but random Q/K weights."""
     backend, visual, needle = planted
-    selection = FlexSelect(backend).select(visual, backend.prompt("Where is the needle?"), budget=len(needle),
-                                           layer=0, set_frames=16)
+    selection = FlexSelect(backend).select(visual, backend.prompt("Where is the needle?"), options=SelectOptions(budget=len(needle), layer=0, set_frames=16))
     assert np.isin(needle.numpy(), selection.kept.numpy()).mean() < 0.5
 
 

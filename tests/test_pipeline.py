@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from flexselect import FlexSelect, FlexSelectError, Sampling
+from flexselect import FlexSelect, FlexSelectError, Sampling, SelectOptions
 from flexselect.cli import main
-from flexselect.models.base import GenerationConfig
+from flexselect.backends.base import GenerationConfig
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,7 @@ def pipe(tiny_model_dir):
 
 def test_answer_keeps_exactly_the_budget_in_time_order_and_reuses_the_encoding(pipe, test_video, monkeypatch):
     sampling = Sampling(frames=32, max_side=112)
-    first = pipe.answer(test_video, "Is there a red square?", sampling=sampling, budget=24, set_frames=4,
-                        generation=GenerationConfig(max_new_tokens=4))
+    first = pipe.answer(test_video, "Is there a red square?", sampling=sampling, generation=GenerationConfig(max_new_tokens=4), options=SelectOptions(budget=24, set_frames=4))
     assert isinstance(first.text, str)
     assert first.stats["kept_tokens"] == 24 == len(first.selection.kept)
     assert torch.all(first.selection.kept[1:] > first.selection.kept[:-1])  # strictly increasing: time order
@@ -30,23 +29,32 @@ def test_answer_keeps_exactly_the_budget_in_time_order_and_reuses_the_encoding(p
 
     calls = []
     monkeypatch.setattr(pipe.backend, "encode", lambda *a, **k: calls.append(1))
-    second = pipe.answer(test_video, "What moves?", sampling=sampling, budget=24, set_frames=4,
-                         generation=GenerationConfig(max_new_tokens=2))
+    second = pipe.answer(test_video, "What moves?", sampling=sampling, generation=GenerationConfig(max_new_tokens=2), options=SelectOptions(budget=24, set_frames=4))
     assert calls == [] and second.stats["video_cached"] and second.visual is first.visual
 
 
 def test_selector_none_keeps_every_token(pipe, test_video):
-    result = pipe.answer(test_video, "Describe it.", sampling=Sampling(frames=8, max_side=112), selector="none",
-                         generation=GenerationConfig(max_new_tokens=1))
+    result = pipe.answer(test_video, "Describe it.", sampling=Sampling(frames=8, max_side=112), generation=GenerationConfig(max_new_tokens=1), options=SelectOptions(selector="none"))
     assert result.stats["kept_tokens"] == result.stats["visual_tokens"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"layer": -1}, "reference layer must be a whole number >= 0"),
+    ({"budget": 0}, "budget must be a positive whole number"),
+    ({"set_frames": 2.5}, "set_frames must be a positive whole number"),
+    ({"selector": "magic"}, "selector must be"),
+    ({"aggregate": "median"}, "aggregate must be"),
+])
+def test_bad_select_options_are_refused_when_made(kwargs, message):
+    with pytest.raises(FlexSelectError, match=message):
+        SelectOptions(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"question": ""}, "question is empty"),
     ({"question": "   "}, "question is empty"),
-    ({"budget": 10_000}, "larger than the video"),
-    ({"layer": 4}, "out of range"),
-    ({"layer": -1}, "out of range"),
+    ({"options": SelectOptions(budget=10_000)}, "larger than the video"),
+    ({"options": SelectOptions(layer=4)}, "out of range"),
     ({"sampling": Sampling(frames=0)}, "frame"),
 ])
 def test_bad_input_is_a_clear_error(pipe, test_video, kwargs, message):
@@ -61,9 +69,9 @@ def test_context_overflow_is_refused_before_the_pass(pipe, test_video, monkeypat
     monkeypatch.setattr(config, "max_position_embeddings", 90)
     with pytest.raises(FlexSelectError, match=r"scoring pass of a frame set needs \d+ tokens but this model takes "
                                               r"at most 90"):
-        pipe.answer(test_video, "What?", sampling=sampling, budget=24, set_frames=8)
+        pipe.answer(test_video, "What?", sampling=sampling, options=SelectOptions(budget=24, set_frames=8))
     with pytest.raises(FlexSelectError, match=r"answer \(prompt \+ --max-new-tokens\) needs \d+ tokens"):
-        pipe.answer(test_video, "What?", sampling=sampling, selector="none")
+        pipe.answer(test_video, "What?", sampling=sampling, options=SelectOptions(selector="none"))
 
 
 def test_bad_files_are_clear_errors(pipe, tmp_path, test_video):

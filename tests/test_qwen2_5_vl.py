@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from flexselect.models.base import GenerationConfig
-from flexselect.models.qwen2_5_vl import layout_positions, patchify, video_positions
+from flexselect.backends.base import GenerationConfig
+from flexselect.backends.hf.qwen2_5_vl import patchify
+from flexselect.mrope import layout_positions, video_positions
 from flexselect.selection import frame_sets, top_k
 
 
@@ -45,7 +46,7 @@ def test_text_after_video_resumes_after_the_largest_video_position():
 
 
 def test_encoding_in_chunks_equals_one_pass_over_the_whole_video(tiny_backend, monkeypatch):
-    import flexselect.models.qwen2_5_vl as qwen
+    import flexselect.backends.hf.qwen2_5_vl as qwen
 
     clip = fake_clip(n_frames=11)  # odd: the last frame is repeated into the last temporal patch
     whole = tiny_backend.encode(clip)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flexselect.errors import FlexSelectError
-from flexselect.models.base import VisualTokens
+from flexselect.backends.base import VisualTokens
 from flexselect.show import contact_sheet, even_subsample, frame_units, render_heatmaps, selection_sheet
 
 

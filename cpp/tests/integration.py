@@ -83,15 +83,13 @@ def make_rankers(fx: Path, n_embd: int) -> tuple[Path, Path]:
 def python_llama_cpp(fx: Path, ranker: Path | None):
     """The Python llama.cpp backend's kept tokens and answer tokens, or None (and why) if it is not there yet."""
     try:
-        from flexselect.models.base import GenerationConfig
-        from flexselect.pipeline import FlexSelect, Sampling
-        import flexselect.llama_cpp_backend  # noqa: F401
+        from flexselect.backends.base import GenerationConfig
+        from flexselect.pipeline import FlexSelect, Sampling, SelectOptions
+        import flexselect.backends.llama_cpp  # noqa: F401
     except ImportError as e:
         return None, f"Python llama.cpp backend not importable ({e})"
     pipe = FlexSelect.load(gguf=fx / "model.gguf", mmproj=fx / "mmproj.gguf", ranker=ranker, n_gpu_layers=0)
-    a = pipe.answer(fx / "clip.mp4", QUESTION, sampling=Sampling(frames=N_FRAMES), budget=BUDGET,
-                    layer=None if ranker else LAYER, set_frames=SET_FRAMES,
-                    generation=GenerationConfig(max_new_tokens=MAX_NEW))
+    a = pipe.answer(fx / "clip.mp4", QUESTION, sampling=Sampling(frames=N_FRAMES), generation=GenerationConfig(max_new_tokens=MAX_NEW), options=SelectOptions(budget=BUDGET, layer=None if ranker else LAYER, set_frames=SET_FRAMES))
     return (a.selection.kept.tolist(), list(a.generation.token_ids)), ""
 
 
@@ -102,7 +100,7 @@ def transformers_kept(fx: Path, model_dir: Path) -> list[int]:
     import av
     import numpy as np
     import torch
-    from flexselect.models.qwen2_5_vl import Qwen25VLBackend
+    from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
     from flexselect.selection import frame_sets, round_budget, split_budget, top_k
 
     with av.open(str(fx / "clip.mp4")) as c:

@@ -7,17 +7,17 @@
 
 from .errors import FlexSelectError
 
-__all__ = ["FlexSelect", "FlexSelectError", "GenerationConfig", "Sampling", "answer"]
+__all__ = ["FlexSelect", "FlexSelectError", "GenerationConfig", "Sampling", "SelectOptions", "answer"]
 
 
 def __getattr__(name: str):
     # Lazy: `import flexselect` stays cheap (no torch/transformers) until the pipeline is used.
-    if name in ("FlexSelect", "Sampling", "answer"):
+    if name in ("FlexSelect", "Sampling", "SelectOptions", "answer"):
         from . import pipeline
 
         return getattr(pipeline, name)
     if name == "GenerationConfig":
-        from .models.base import GenerationConfig
+        from .backends.base import GenerationConfig
 
         return GenerationConfig
     raise AttributeError(name)

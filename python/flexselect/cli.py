@@ -9,9 +9,8 @@ import sys
 
 import torch
 
-from flexselect_export.gguf import add_export_gguf_command
-
 from .errors import FlexSelectError
+from .evidence import describe
 from .eval.cli import add_eval_command
 from .layer_scan import add_layer_scan_command
 from .lite import add_lite_commands
@@ -52,6 +51,14 @@ def add_selection_arguments(p: argparse.ArgumentParser) -> None:
                    help="answer-pass positions of kept tokens: original (paper) or compact re-gridding")
 
 
+def select_options(args: argparse.Namespace):
+    """The selection flags of `add_selection_arguments` as the pipeline's options."""
+    from .pipeline import SelectOptions
+
+    return SelectOptions(budget=args.budget, layer=args.layer, set_frames=args.set_frames, aggregate=args.aggregate,
+                         selector=args.selector)
+
+
 def add_answer_command(sub) -> None:
     p = sub.add_parser("answer", help="answer a question about a video (no arguments: the offline demo)",
                        description="Answer a question about a long video with FlexSelect token selection.")
@@ -70,17 +77,20 @@ def add_answer_command(sub) -> None:
 
 
 def run_answer(args: argparse.Namespace) -> int:
-    from .demo import DEMO_NOTICE, DEMO_QUESTION, demo_assets
-    from .models.base import GenerationConfig
+    from . import demo as demo_module
+    from .backends.base import GenerationConfig
     from .pipeline import FlexSelect, Sampling
 
     demo = args.video is None and args.model is None and args.gguf is None
     if demo:
-        print(DEMO_NOTICE, file=sys.stderr)
-        model, video = demo_assets()
-        args.model, args.video, args.question = str(model), str(video), args.question or DEMO_QUESTION
-        # small enough for any CPU, large enough to show selection: 60 frame units in 4 sets, ~13% kept
-        args.frames, args.budget, args.set_frames = args.frames or 120, args.budget or 96, args.set_frames or 16
+        print(demo_module.DEMO_NOTICE, file=sys.stderr)
+        model, video = demo_module.demo_assets()
+        args.model, args.video = str(model), str(video)
+        args.question = args.question or demo_module.DEMO_QUESTION
+        args.frames = args.frames or demo_module.DEMO_FRAMES
+        args.budget = args.budget or demo_module.DEMO_BUDGET
+        args.set_frames = args.set_frames or demo_module.DEMO_SET_FRAMES
+        args.layer = demo_module.DEMO_LAYER if args.layer is None else args.layer
     elif args.video is None or args.question is None:
         raise FlexSelectError('give a video and a question: flexselect answer VIDEO "QUESTION" --model PATH')
     elif args.model is None and args.gguf is None:
@@ -95,17 +105,26 @@ def run_answer(args: argparse.Namespace) -> int:
         result = pipe.answer(
             args.video, args.question,
             sampling=Sampling(args.frames, args.fps, args.start, args.end, args.max_frames, args.max_side),
-            budget=args.budget, layer=args.layer, set_frames=args.set_frames, aggregate=args.aggregate,
-            selector=args.selector,
+            options=select_options(args),
             generation=GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed),
             progress=progress,
         )
+    evidence = describe(result.evidence, result.stats["kept_tokens"], result.stats["visual_tokens"])
+    heatmap = demo_module.write_heatmap(result) if demo else None
     if args.json:
-        print(json.dumps({"answer": result.text, "demo": demo, "stats": result.stats,
-                          "answer_token_ids": result.generation.token_ids,
-                          "kept_token_indices": result.selection.kept.tolist()}))
+        out = {"answer": result.text, "demo": demo, "stats": result.stats,
+               "evidence": [r.to_dict() for r in result.evidence],
+               "answer_token_ids": result.generation.token_ids,
+               "kept_token_indices": result.selection.kept.tolist()}
+        if demo:
+            out |= {"red_square_seconds": demo_module.needle_seconds(), "heatmap": str(heatmap)}
+        print(json.dumps(out))
+    elif demo:
+        print(demo_module.report(result, evidence, heatmap))
+        print(format_stats(result.stats), file=sys.stderr)
     else:
         print(result.text)
+        print(f"evidence: {evidence}", file=sys.stderr)
         print(format_stats(result.stats), file=sys.stderr)
     return 0
 
@@ -147,8 +166,7 @@ def run_show(args: argparse.Namespace) -> int:
                      end=args.end, max_frames=args.max_frames or d.max_frames, max_side=args.max_side or d.max_side)
     with ProgressBars() as progress:
         visual, _ = pipe.encode(clip, progress=progress)
-        selection = pipe.select(visual, pipe.backend.prompt(args.question.strip()), args.budget, args.layer,
-                                args.set_frames, args.aggregate, args.selector, progress)
+        selection = pipe.select(visual, pipe.backend.prompt(args.question.strip()), select_options(args), progress)
     sheet = selection_sheet(clip.frames, visual, selection, max_frames=args.sheet_frames, timestamps=clip.timestamps)
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial.png")
@@ -197,6 +215,27 @@ class ProgressBars:
     def __exit__(self, *exc) -> None:
         for bar in self.bars.values():
             bar.close()
+
+
+def add_export_gguf_command(export_subparsers) -> None:
+    """`flexselect export gguf`: the exporter (package `flexselect_export`) is imported only when it runs."""
+    p = export_subparsers.add_parser("gguf", help="convert a Qwen2.5-VL checkpoint to model.gguf + mmproj.gguf",
+                                     description="Convert a Qwen2.5-VL checkpoint to a llama.cpp GGUF + mmproj.")
+    p.add_argument("model_dir", help="transformers checkpoint folder (config.json, weights, tokenizer)")
+    p.add_argument("out_dir", help="folder for model.gguf and mmproj.gguf")
+    p.add_argument("--outtype", choices=("f16", "q8_0", "f32"), default="f16",
+                   help="weight type of the language model (default f16; the projector stays f16, f32 for f32)")
+    p.set_defaults(run=run_export_gguf)
+
+
+def run_export_gguf(args) -> int:
+    from flexselect_export.gguf import export_gguf
+
+    model, mmproj = export_gguf(args.model_dir, args.out_dir, args.outtype)
+    for path in (model, mmproj):
+        print(f"{path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    print(f"run it with: flexselect answer VIDEO QUESTION --gguf {model} --mmproj {mmproj}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

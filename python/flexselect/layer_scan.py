@@ -28,8 +28,8 @@ import torch
 
 from .defaults import AGGREGATE, SET_FRAMES, family_defaults, reference_layer_for
 from .errors import FlexSelectError
-from .models.base import Prompt, VisualTokens
-from .models.hf import HFBackend
+from .backends.base import Prompt, VisualTokens
+from .backends.hf.shared import HFBackend
 from .selection import Aggregate, question_attention_scores, top_k
 from .video import write_video
 
@@ -291,7 +291,7 @@ def add_layer_scan_command(sub) -> None:
 
 
 def run_layer_scan(args: argparse.Namespace) -> int:
-    from .models import load_backend
+    from .backends import load_backend
 
     if args.top_k is not None and args.top_k <= 0:
         raise FlexSelectError(f"--top-k must be positive, got {args.top_k}")

@@ -22,7 +22,8 @@ import torch
 
 from .defaults import AGGREGATE, SET_FRAMES, family_defaults, reference_layer_for
 from .errors import FlexSelectError
-from .models.base import Backend, Generation, GenerationConfig, Prompt, VisualTokens
+from .evidence import EvidenceRange, evidence_ranges
+from .backends.base import Backend, Generation, GenerationConfig, Prompt, VisualTokens
 from .selection import Aggregate, frame_sets, round_budget, split_budget, top_k
 from .video import Clip, load_clip
 
@@ -52,6 +53,31 @@ class Sampling:
     max_side: int | None = None
 
 
+@dataclass(frozen=True)
+class SelectOptions:
+    """How tokens are selected (None: the model family's default); mirrors the C++ runtime's `SelectOptions`."""
+
+    budget: int | None = None  # kept visual tokens for the whole video
+    layer: int | None = None  # reference layer, 0-based
+    set_frames: int | None = None  # frame units per frame set
+    aggregate: Aggregate | None = None  # over heads and question tokens
+    selector: Selector | None = None  # reference (default), lite (with a ranker) or none
+
+    def __post_init__(self) -> None:
+        # Checked here, once, so every surface (CLI, API, eval, ComfyUI) refuses the same values the same way.
+        for name in ("budget", "set_frames"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise FlexSelectError(f"{name} must be a positive whole number, got {value!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
+                                       or self.layer < 0):
+            raise FlexSelectError(f"the reference layer must be a whole number >= 0, got {self.layer!r}")
+        if self.aggregate not in (None, "max", "mean"):
+            raise FlexSelectError(f"aggregate must be 'max' or 'mean', got {self.aggregate!r}")
+        if self.selector not in (None, "reference", "lite", "none"):
+            raise FlexSelectError(f"selector must be 'reference', 'lite' or 'none', got {self.selector!r}")
+
+
 @dataclass
 class Selection:
     kept: torch.Tensor  # ascending global token indices
@@ -65,6 +91,10 @@ class Selection:
     def kept_per_frame(self, visual: VisualTokens) -> np.ndarray:
         return np.bincount(self.kept.numpy() // visual.tokens_per_frame, minlength=visual.num_frames)
 
+    def evidence(self, visual: VisualTokens) -> list[EvidenceRange]:
+        """The time ranges where the kept tokens concentrate, ranked (see `flexselect.evidence`)."""
+        return evidence_ranges(self.kept_per_frame(visual), visual.timestamps)
+
 
 @dataclass
 class Answer:
@@ -73,6 +103,7 @@ class Answer:
     selection: Selection
     generation: Generation
     stats: dict = field(default_factory=dict)
+    evidence: list[EvidenceRange] = field(default_factory=list)  # where in the video the kept tokens come from
 
 
 class FlexSelect:
@@ -105,13 +136,13 @@ class FlexSelect:
         if (model is None) == (gguf is None):
             raise FlexSelectError("give either a transformers model folder (--model) or a GGUF file (--gguf)")
         if gguf is not None:
-            from .llama_cpp_backend import LlamaCppBackend
+            from .backends.llama_cpp import LlamaCppBackend
 
             if mmproj is None:
                 raise FlexSelectError(f"{gguf} needs its vision projector: pass --mmproj mmproj.gguf")
             backend: Backend = LlamaCppBackend(gguf, mmproj, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
         else:
-            from .models import load_backend
+            from .backends import load_backend
 
             backend = load_backend(model, device=device, dtype=dtype, positions=positions)
         pipe = cls(backend)
@@ -165,18 +196,13 @@ class FlexSelect:
         self,
         visual: VisualTokens,
         prompt: Prompt,
-        budget: int | None = None,
-        layer: int | None = None,
-        set_frames: int | None = None,
-        aggregate: Aggregate | None = None,
-        selector: Selector | None = None,
+        options: SelectOptions = SelectOptions(),
         progress: StageProgress | None = None,
     ) -> Selection:
         t0 = time.perf_counter()
-        selector = selector or ("lite" if self.ranker is not None else "reference")
-        aggregate = aggregate or AGGREGATE
-        if aggregate not in ("max", "mean"):
-            raise FlexSelectError(f"aggregate must be 'max' or 'mean', got {aggregate!r}")
+        selector = options.selector or ("lite" if self.ranker is not None else "reference")
+        aggregate = options.aggregate or AGGREGATE
+        budget, layer = options.budget, options.layer
         if selector == "lite" and self.ranker is None:
             raise FlexSelectError("selector 'lite' needs a ranker: pass --ranker PATH")
         if selector == "reference":
@@ -198,7 +224,7 @@ class FlexSelect:
             )
         else:
             budget = min(round_budget(budget, tpf), total)
-        sets = frame_sets(visual.num_frames, set_frames or SET_FRAMES)
+        sets = frame_sets(visual.num_frames, options.set_frames or SET_FRAMES)
         shares = split_budget(budget, [len(s) * tpf for s in sets])
         scores = torch.full((total,), float("nan"))
         kept = []
@@ -227,11 +253,7 @@ class FlexSelect:
         video: str | os.PathLike | Clip,
         question: str,
         sampling: Sampling = Sampling(),
-        budget: int | None = None,
-        layer: int | None = None,
-        set_frames: int | None = None,
-        aggregate: Aggregate | None = None,
-        selector: Selector | None = None,
+        options: SelectOptions = SelectOptions(),
         generation: GenerationConfig = GenerationConfig(),
         progress: StageProgress | None = None,
     ) -> Answer:
@@ -242,7 +264,7 @@ class FlexSelect:
         t0 = time.perf_counter()
         visual, encode_stats = self.encode(video, sampling, progress)
         prompt = self.backend.prompt(question.strip())
-        selection = self.select(visual, prompt, budget, layer, set_frames, aggregate, selector, progress)
+        selection = self.select(visual, prompt, options, progress)
         generated = self.backend.generate(visual, selection.kept, prompt, generation, _stage(progress, "answer"))
         total_s = time.perf_counter() - t0
         stats = {
@@ -265,7 +287,7 @@ class FlexSelect:
             },
             "peak_memory_mb": peak_memory_mb(),
         }
-        return Answer(generated.text, visual, selection, generated, stats)
+        return Answer(generated.text, visual, selection, generated, stats, selection.evidence(visual))
 
 
 def peak_memory_mb() -> dict:
@@ -288,7 +310,7 @@ def answer(video: str | os.PathLike, question: str, model: str | os.PathLike | N
     """One call: load `model` (kept loaded for the next call) and answer `question` about `video`.
 
     `options` are those of `FlexSelect.load` (device, dtype, gguf, mmproj, ranker, positions) and of
-    `FlexSelect.answer` (sampling, budget, layer, set_frames, aggregate, selector, generation).
+    `FlexSelect.answer` (sampling, options, generation, progress).
     """
     load_keys = ("gguf", "mmproj", "ranker", "device", "dtype", "positions", "n_ctx", "n_gpu_layers")
     load_args = {k: options.pop(k) for k in load_keys if k in options}

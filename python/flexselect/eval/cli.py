@@ -81,8 +81,8 @@ def _answer_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
     context, ...) by "item (method)", so one bad file among thousands does not stop a night's run."""
     from tqdm import tqdm
 
-    from ..models.base import GenerationConfig
-    from ..pipeline import FlexSelect, Sampling
+    from ..backends.base import GenerationConfig
+    from ..pipeline import FlexSelect, Sampling, SelectOptions
 
     if args.model is None and args.gguf is None:
         raise FlexSelectError("no model given: pass --model PATH (or --gguf + --mmproj)")
@@ -106,9 +106,9 @@ def _answer_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
                 if method == "baseline":
                     frames = args.baseline_frames or _baseline_frames(pipe, video, sampling, args.budget)
                     uniform = Sampling(frames, None, args.start, args.end, None, args.max_side)
-                    return pipe.answer(video, prompt, uniform, selector="none", generation=generation).text
-                return pipe.answer(video, prompt, sampling, args.budget, args.layer, args.set_frames,
-                                   selector=selector_of[method], generation=generation).text
+                    return pipe.answer(video, prompt, uniform, SelectOptions(selector="none"), generation).text
+                options = SelectOptions(args.budget, args.layer, args.set_frames, selector=selector_of[method])
+                return pipe.answer(video, prompt, sampling, options, generation).text
 
             try:
                 run_eval([item], reply, out, method=method)

@@ -35,20 +35,19 @@ class FlexSelectLMM(lmms):
     def __init__(self, model=None, gguf=None, mmproj=None, ranker=None, device="auto", dtype="auto", frames=None,
                  fps=None, max_frames=None, max_side=None, budget=None, layer=None, set_frames=None, selector=None,
                  max_new_tokens=16, n_ctx=32768, **unused) -> None:
-        from ..pipeline import FlexSelect, Sampling  # here: lmms-eval imports this module for every run
+        from ..pipeline import FlexSelect, Sampling, SelectOptions  # here: lmms-eval imports this module for every run
 
         super().__init__()
         self.pipe = FlexSelect.load(model, gguf=gguf, mmproj=mmproj, ranker=ranker, device=device, dtype=dtype,
                                     n_ctx=int(n_ctx))
         self.sampling = Sampling(_number(frames, int), _number(fps, float), max_frames=_number(max_frames, int),
                                  max_side=_number(max_side, int))
-        self.budget, self.layer = _number(budget, int), _number(layer, int)
-        self.set_frames = _number(set_frames, int)
-        self.selector = selector or None
+        self.options = SelectOptions(_number(budget, int), _number(layer, int), _number(set_frames, int),
+                                     selector=selector or None)
         self.max_new_tokens = int(max_new_tokens)
 
     def generate_until(self, requests) -> list[str]:
-        from ..models.base import GenerationConfig
+        from ..backends.base import GenerationConfig
 
         replies = []
         for request in tqdm(requests, desc="FlexSelect answering", disable=self.rank != 0):
@@ -59,8 +58,7 @@ class FlexSelectLMM(lmms):
                 temperature=float(gen_kwargs.get("temperature", 0.0) or 0.0),
                 top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0),
             )
-            text = self.pipe.answer(video, context, self.sampling, self.budget, self.layer, self.set_frames,
-                                    selector=self.selector, generation=generation).text
+            text = self.pipe.answer(video, context, self.sampling, self.options, generation).text
             until = gen_kwargs.get("until") or []
             for stop in [until] if isinstance(until, str) else until:
                 if stop:

@@ -23,7 +23,7 @@ from .host import HostInfo, check_host
 from .ranker import LiteRanker, qwen2_config
 
 if TYPE_CHECKING:
-    from ..models.base import Backend
+    from ..backends.base import Backend
     from .onnx_ranker import OnnxRanker
 
 FORMAT = "flexselect-lite-ranker"

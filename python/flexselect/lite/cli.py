@@ -68,7 +68,7 @@ def add_lite_commands(sub) -> None:
 def run_teacher(args: argparse.Namespace) -> int:
     import torch
 
-    from ..models import load_backend
+    from ..backends import load_backend
     from .teacher import build_teacher_data
 
     backend = load_backend(args.model, device=args.device, dtype=args.dtype)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 from ..errors import FlexSelectError
 
 if TYPE_CHECKING:
-    from ..models.base import Backend
+    from ..backends.base import Backend
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from .host import HostInfo, check_host, host_tokenizer
 from .ranker import question_ids
 
 if TYPE_CHECKING:
-    from ..models.base import Backend, Prompt, VisualTokens
+    from ..backends.base import Backend, Prompt, VisualTokens
 
 log = logging.getLogger("flexselect")
 

@@ -32,14 +32,14 @@ import torch
 from torch import nn
 
 from ..errors import FlexSelectError
-from ..models.hf import rotate
+from ..backends.hf.shared import rotate
 from ..selection import Aggregate, question_attention_scores
 from .host import HostInfo, check_host, host_tokenizer
 
 if TYPE_CHECKING:
     from transformers import Qwen2Config
 
-    from ..models.base import Backend, Prompt, VisualTokens
+    from ..backends.base import Backend, Prompt, VisualTokens
 
 # Qwen2-0.5B's shape (the paper's ranker size for Qwen-family hosts).
 DEFAULT_CONFIG = {

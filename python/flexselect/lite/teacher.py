@@ -32,7 +32,7 @@ from .bundle import write_atomic
 from .host import HostInfo, host_info, host_tokenizer
 
 if TYPE_CHECKING:
-    from ..models.base import Backend
+    from ..backends.base import Backend
 
 FORMAT = "flexselect-lite-teacher/1"
 SETTINGS = "teacher.json"

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FlexSelectError
-from ..models.hf import resolve_device
+from ..backends.hf.shared import resolve_device
 from ..selection import top_k
 from .bundle import MANIFEST, load_torch_ranker, save_bundle
 from .host import HostInfo

@@ -99,3 +99,15 @@ class Backend(Protocol):
         """Answer from [prefix + the kept tokens (ascending global indices) + suffix]; `progress` is called after
         each new token (it may raise to cancel)."""
         ...
+
+
+def sample(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator) -> int:
+    """Greedy at temperature 0, else temperature + nucleus sampling with a seeded generator (reproducible)."""
+    if config.temperature <= 0:
+        return int(logits.argmax())
+    probs = (logits / config.temperature).softmax(-1).cpu()
+    if config.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > config.top_p
+        probs[order[outside]] = 0.0
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=rng))

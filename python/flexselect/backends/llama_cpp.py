@@ -1,6 +1,6 @@
 """Qwen2.5-VL / Qwen2-VL GGUFs on llama.cpp (llama-cpp-python 0.3.36's low-level API): the `Backend` protocol.
 
-What each step does, and how it matches the transformers backend (`models/qwen2_5_vl.py`):
+What each step does, and how it matches the transformers backend (`hf/qwen2_5_vl.py`, positions from `flexselect.mrope`):
 
 * **encode**: frames are resized to the transformers backend's frame size (`frame_size`: each side rounded to a
   multiple of 28, bicubic with antialias, then rounded to uint8 because mtmd takes RGB bytes) and handed to mtmd
@@ -55,11 +55,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .defaults import family_defaults
-from .errors import FlexSelectError
-from .models.base import Generation, GenerationConfig, Progress, Prompt, VisualTokens
-from .models.hf import sample
-from .models.qwen2_5_vl import (
+from ..defaults import family_defaults
+from ..errors import FlexSelectError
+from .base import Generation, GenerationConfig, Progress, Prompt, VisualTokens, sample
+from ..mrope import (
     PIXEL_FACTOR,
     compact_positions,
     frame_size,
@@ -67,10 +66,10 @@ from .models.qwen2_5_vl import (
     layout_positions,
     video_positions,
 )
-from .selection import Aggregate, question_attention_scores
+from ..selection import Aggregate, question_attention_scores
 
 if TYPE_CHECKING:
-    from .video import Clip
+    from ..video import Clip
 
 log = logging.getLogger("flexselect")
 
@@ -210,7 +209,7 @@ class LlamaCppBackend:
         gguf_path = Path(gguf_path)
         self._check_files(gguf_path, mmproj_path)
         mmproj_path = Path(mmproj_path)
-        from flexselect_export.gguf import inspect_gguf
+        from .gguf_info import inspect_gguf
 
         text_info, proj_info = inspect_gguf(gguf_path), inspect_gguf(mmproj_path)
         if text_info["architecture"] == "clip":

@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..defaults import family_defaults
-from ..errors import FlexSelectError
-from ..selection import Aggregate, question_attention_scores
-from .base import Progress, Prompt, VisualTokens
-from .hf import HFBackend, LayoutedInput, resolve_device, resolve_dtype
+from ...defaults import family_defaults
+from ...errors import FlexSelectError
+from ...selection import Aggregate, question_attention_scores
+from ..base import Progress, Prompt, VisualTokens
+from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
 from .llava_onevision import (consecutive_positions, eos_ids, read_preprocessor, square_pixels,
                               template_prompt)
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
-    from ..video import Clip
+    from ...video import Clip
 
 ENCODE_CHUNK_FRAMES = 16  # frames per vision-tower call: bounds activation memory on long videos
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

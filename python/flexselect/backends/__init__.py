@@ -46,13 +46,13 @@ def load_backend(path: str | os.PathLike, device: str = "auto", dtype: str = "au
     the 1-D RoPE families always give the kept tokens consecutive positions."""
     family = detect_family(path)  # a clear error for folders that are not a supported checkpoint
     if family == "llava_onevision":
-        from .llava_onevision import LlavaOnevisionBackend
+        from .hf.llava_onevision import LlavaOnevisionBackend
 
         return LlavaOnevisionBackend.load(path, device=device, dtype=dtype)
     if family == "internvl":
-        from .internvl import InternVLBackend
+        from .hf.internvl import InternVLBackend
 
         return InternVLBackend.load(path, device=device, dtype=dtype)
-    from .qwen2_5_vl import Qwen25VLBackend
+    from .hf.qwen2_5_vl import Qwen25VLBackend
 
     return Qwen25VLBackend.load(path, device=device, dtype=dtype, positions=positions)

@@ -1,11 +1,7 @@
 """Qwen2.5-VL (and Qwen2-VL) on transformers: frames -> visual tokens, the prompt around them, M-RoPE positions.
 
-Frames are paired into temporal units (temporal patch 2); each unit becomes (H/28) x (W/28) visual tokens. The
-positions follow the original Qwen2.5-VL definition (what the models were trained with): a video starting at
-position s gives token (unit u, row r, col c) the position (s + floor(u * interval), s + r, s + c), with
-interval = tokens_per_second * temporal_patch_size / sampling fps (Qwen2-VL: interval 1, no time scaling), and the
-text after the video resumes at the largest video position + 1. (transformers 5.23's own `get_rope_index` resumes text at s + max(rows, cols)
-instead, which differs for videos; we keep the original, and the llama.cpp and C++ paths use these functions.)
+Frames are paired into temporal units (temporal patch 2); each unit becomes (H/28) x (W/28) visual tokens, placed
+with the M-RoPE layout of `flexselect.mrope` (the one the models were trained with, shared with llama.cpp).
 """
 
 from __future__ import annotations
@@ -19,21 +15,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..defaults import family_defaults
-from ..errors import FlexSelectError
-from .base import Progress, Prompt, VisualTokens
-from .hf import HFBackend, LayoutedInput, resolve_device, resolve_dtype
+from ...defaults import family_defaults
+from ...errors import FlexSelectError
+from ...mrope import PIXEL_FACTOR, compact_positions, frame_size, full_video_extent, layout_positions, video_positions
+from ..base import Progress, Prompt, VisualTokens
+from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
-    from ..video import Clip
+    from ...video import Clip
 
-PIXEL_FACTOR = 28  # patch 14 x spatial merge 2: each side of a frame must be a multiple of this
 ENCODE_CHUNK_UNITS = 16  # units per vision-tower call: bounds activation memory on long videos
-
-
-def frame_size(height: int, width: int, factor: int = PIXEL_FACTOR) -> tuple[int, int]:
-    """Each side rounded to the nearest multiple of `factor` (at least one): the size the vision tower takes."""
-    return max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
 
 
 def patchify(frames: torch.Tensor, patch: int, temporal_patch: int, merge: int) -> tuple[torch.Tensor, tuple]:
@@ -50,43 +41,6 @@ def patchify(frames: torch.Tensor, patch: int, temporal_patch: int, merge: int) 
     x = frames.reshape(t, temporal_patch, c, gh // merge, merge, patch, gw // merge, merge, patch)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     return x.reshape(t * gh * gw, c * temporal_patch * patch * patch), (t, gh, gw)
-
-
-def video_positions(num_frames: int, grid: tuple[int, int], interval: float) -> torch.Tensor:
-    """M-RoPE offsets [3, num_frames*rows*cols] of a video's tokens relative to the video's start position."""
-    rows, cols = grid
-    t = torch.tensor([math.floor(u * interval) for u in range(num_frames)], dtype=torch.long)
-    return torch.stack([
-        t[:, None, None].expand(num_frames, rows, cols),
-        torch.arange(rows)[None, :, None].expand(num_frames, rows, cols),
-        torch.arange(cols)[None, None, :].expand(num_frames, rows, cols),
-    ]).reshape(3, -1)
-
-
-def layout_positions(
-    prefix_len: int, video_offsets: torch.Tensor, video_extent: int, suffix_len: int
-) -> tuple[torch.Tensor, int]:
-    """Positions [3, P + V + T] of prefix, video tokens and suffix, and the position of the next token.
-
-    `video_extent` is the largest offset of the *whole* video the tokens come from, so the text after a subset of
-    tokens keeps the position it has after the full video.
-    """
-    prefix = torch.arange(prefix_len).expand(3, -1)
-    suffix_start = prefix_len + video_extent + 1
-    suffix = torch.arange(suffix_start, suffix_start + suffix_len).expand(3, -1)
-    return torch.cat([prefix, video_offsets + prefix_len, suffix], dim=1), suffix_start + suffix_len
-
-
-def full_video_extent(visual: VisualTokens) -> int:
-    rows, cols = visual.grid
-    return max(math.floor((visual.num_frames - 1) * visual.time_interval), rows - 1, cols - 1)
-
-
-def compact_positions(offsets: torch.Tensor) -> torch.Tensor:
-    """Re-grid kept tokens: temporal offsets become the dense rank of the kept units, so no gaps remain in time."""
-    t = offsets[0]
-    ranks = torch.unique(t, return_inverse=True)[1]
-    return torch.stack([ranks, offsets[1], offsets[2]])
 
 
 class Qwen25VLBackend(HFBackend):

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import FlexSelectError
-from ..selection import Aggregate, question_attention_scores
-from .base import Generation, GenerationConfig, Progress, Prompt, VisualTokens
+from ...errors import FlexSelectError
+from ...selection import Aggregate, question_attention_scores
+from ..base import Generation, GenerationConfig, Progress, Prompt, VisualTokens, sample
 
 
 class _ReachedReferenceLayer(Exception):
@@ -194,15 +194,3 @@ class HFBackend:
             position += 1
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
         return Generation(text=text, token_ids=token_ids, ttft_s=ttft, prompt_tokens=inputs.embeds.shape[1])
-
-
-def sample(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator) -> int:
-    """Greedy at temperature 0, else temperature + nucleus sampling with a seeded generator (reproducible)."""
-    if config.temperature <= 0:
-        return int(logits.argmax())
-    probs = (logits / config.temperature).softmax(-1).cpu()
-    if config.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > config.top_p
-        probs[order[outside]] = 0.0
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=rng))

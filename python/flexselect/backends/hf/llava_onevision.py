@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..defaults import FamilyDefaults, family_defaults
-from .base import Progress, Prompt, VisualTokens
-from .hf import HFBackend, LayoutedInput, resolve_device, resolve_dtype
+from ...defaults import FamilyDefaults, family_defaults
+from ..base import Progress, Prompt, VisualTokens
+from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
-    from ..video import Clip
+    from ...video import Clip
 
 ENCODE_CHUNK_FRAMES = 16  # frames per vision-tower call: bounds activation memory on long videos
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
