@@ -14,6 +14,7 @@ from .evidence import describe
 from .eval.cli import add_eval_command
 from .layer_scan import add_layer_scan_command
 from .lite import add_lite_commands
+from .plan import add_plan_command
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,7 +118,7 @@ def run_answer(args: argparse.Namespace) -> int:
                "answer_token_ids": result.generation.token_ids,
                "kept_token_indices": result.selection.kept.tolist()}
         if demo:
-            out |= {"red_square_seconds": demo_module.needle_seconds(), "heatmap": str(heatmap)}
+            out |= {"video": args.video, "red_square_seconds": demo_module.needle_seconds(), "heatmap": str(heatmap)}
         print(json.dumps(out))
     elif demo:
         print(demo_module.report(result, evidence, heatmap))
@@ -172,7 +173,7 @@ def run_show(args: argparse.Namespace) -> int:
     partial = out.with_name(out.name + ".partial.png")
     Image.fromarray(sheet).save(partial)
     partial.replace(out)  # never a half-written PNG at the destination
-    print(f"{out}: {len(selection.kept)} of {visual.num_tokens} tokens kept")
+    print(f"{out}: {describe(selection.evidence(visual), len(selection.kept), visual.num_tokens)}")
     if args.animate:
         print(write_animation(args.animate, clip.frames, visual, selection, args.animate_fps, clip.timestamps))
     return 0
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_layer_scan_command(sub)
     add_lite_commands(sub)
     add_eval_command(sub)
+    add_plan_command(sub)
     export = sub.add_parser("export", help="export a model for another runtime (GGUF for llama.cpp)")
     add_export_gguf_command(export.add_subparsers(dest="format", required=True))
     return parser
