@@ -117,6 +117,7 @@ class FlexSelect:
         self.defaults = family_defaults(backend.family)
         self._cache: OrderedDict[tuple, VisualTokens] = OrderedDict()
         self._cache_size = cache_videos
+        self._shape = None  # the model's shape for memory checks (flexselect.plan), read on first use
 
     @classmethod
     def load(
@@ -248,6 +249,30 @@ class FlexSelect:
         )
 
     # -- the whole job ------------------------------------------------------------------------------------------
+    def check_fits(self, video, sampling: Sampling, options: SelectOptions, generation: GenerationConfig) -> None:
+        """Refuse a run the memory estimate of `flexselect.plan` says cannot fit, before decoding anything.
+        Transformers backends only (the llama.cpp backend checks its context itself)."""
+        from . import plan
+        from .video import output_size, probe, sample_indices
+
+        model = getattr(self.backend, "model", None)
+        if model is None or isinstance(video, Clip):
+            return
+        d = self.defaults
+        fps = sampling.fps if sampling.frames is not None or sampling.fps is not None else d.fps
+        info = probe(video)
+        n = len(sample_indices(info, sampling.frames, fps if sampling.frames is None else None, sampling.start,
+                               sampling.end, sampling.max_frames or d.max_frames))
+        width, height = output_size(info.width, info.height, sampling.max_side or d.max_side)
+        shape = self._shape or plan.shape_of(model)
+        self._shape = shape
+        req = plan.request(shape, n, width, height, options.budget, options.set_frames, options.layer,
+                           generation.max_new_tokens)
+        device = str(self.backend.device)
+        est = plan.estimate(shape, req, model.dtype.itemsize, materialised_attention=device == "cpu")
+        free, host, name = plan.available_memory(device)
+        plan.check_fits(est, free, host, name, weights_loaded=True)
+
     def answer(
         self,
         video: str | os.PathLike | Clip,
@@ -262,6 +287,7 @@ class FlexSelect:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
+        self.check_fits(video, sampling, options, generation)
         visual, encode_stats = self.encode(video, sampling, progress)
         prompt = self.backend.prompt(question.strip())
         selection = self.select(visual, prompt, options, progress)
