@@ -190,6 +190,42 @@ template <typename T> std::string json_list(const std::vector<T> & v) {
     return o + "]";
 }
 
+// The evidence of a selection: kept tokens counted per temporal unit, each unit starting at its first frame.
+std::vector<EvidenceRange> evidence_of(const Selection & sel, const VisualTokens & v,
+                                       const std::vector<double> & frame_timestamps) {
+    std::vector<int> per_unit(v.num_units, 0);
+    for (int i : sel.kept) ++per_unit[i / v.tokens_per_unit()];
+    const size_t frames_per_unit = (frame_timestamps.size() + v.num_units - 1) / v.num_units;
+    std::vector<double> starts(v.num_units);
+    for (int u = 0; u < v.num_units; ++u) starts[u] = frame_timestamps[u * frames_per_unit];
+    return evidence_ranges(per_unit, starts);
+}
+
+std::string evidence_json(const std::vector<EvidenceRange> & ranges) {
+    std::string o = "[";
+    char buf[128];
+    for (size_t i = 0; i < ranges.size(); ++i) {
+        const auto & r = ranges[i];
+        std::snprintf(buf, sizeof buf, "%s{\"start_s\": %.3f, \"end_s\": %.3f, \"tokens\": %d, \"share\": %.3f}",
+                      i ? ", " : "", r.start_s, r.end_s, r.tokens, r.share);
+        o += buf;
+    }
+    return o + "]";
+}
+
+// As python/flexselect/evidence.describe: "kept 96 of 2880 tokens; 81% of them from 18.8-19.8 s, ...".
+std::string evidence_text(const std::vector<EvidenceRange> & ranges, size_t kept, int total) {
+    std::string o = "kept " + std::to_string(kept) + " of " + std::to_string(total) + " tokens";
+    if (ranges.empty()) return o + ", spread evenly over the video";
+    char buf[96];
+    for (size_t i = 0; i < ranges.size() && i < 3; ++i) {
+        std::snprintf(buf, sizeof buf, "%s%.0f%% %sfrom %.1f-%.1f s", i ? ", " : "; ", 100.0 * ranges[i].share,
+                      i ? "" : "of them ", ranges[i].start_s, ranges[i].end_s);
+        o += buf;
+    }
+    return o;
+}
+
 double peak_rss_mb() {
     struct rusage ru {};
     getrusage(RUSAGE_SELF, &ru);
@@ -240,6 +276,7 @@ int run(int argc, char ** argv) {
     const double t_answer = total - t_decode - t_encode - t_select;
 
     const char * selector = ranker ? "lite" : "reference";
+    const auto evidence = evidence_of(sel, v, clip.timestamps);
     if (a.json) {
         std::string layer = sel.layer >= 0 ? std::to_string(sel.layer) : "null";
         std::printf(
@@ -248,13 +285,15 @@ int run(int argc, char ** argv) {
             "\"reference_layer\": %s, \"video_cached\": false, \"frame_size\": [%d, %d], \"sample_fps\": %.6g, "
             "\"seconds\": {\"decode\": %.4f, \"encode\": %.4f, \"select\": %.4f, \"ttft_answer\": %.4f, "
             "\"answer\": %.4f, \"total\": %.4f}, \"peak_memory_mb\": {\"process_rss\": %.1f}}, "
-            "\"answer_token_ids\": %s, \"kept_token_indices\": %s}\n",
+            "\"evidence\": %s, \"answer_token_ids\": %s, \"kept_token_indices\": %s}\n",
             json_str(gen.text).c_str(), n_frames, v.num_units, v.tokens_per_unit(), v.num_tokens(), sel.kept.size(),
             sel.n_sets, selector, layer.c_str(), clip.height, clip.width, clip.sample_fps, t_decode, t_encode,
-            t_select, gen.ttft_s, t_answer, total, peak_rss_mb(), json_list(gen.tokens).c_str(),
+            t_select, gen.ttft_s, t_answer, total, peak_rss_mb(), evidence_json(evidence).c_str(),
+            json_list(gen.tokens).c_str(),
             json_list(sel.kept).c_str());
     } else {
         std::printf("%s\n", gen.text.c_str());
+        std::fprintf(stderr, "evidence: %s\n", evidence_text(evidence, sel.kept.size(), v.num_tokens()).c_str());
         const double share = 100.0 * sel.kept.size() / std::max(1, v.num_tokens());
         std::string layer = sel.layer >= 0 ? ", reference layer " + std::to_string(sel.layer) : "";
         std::fprintf(stderr,

@@ -90,7 +90,7 @@ def python_llama_cpp(fx: Path, ranker: Path | None):
         return None, f"Python llama.cpp backend not importable ({e})"
     pipe = FlexSelect.load(gguf=fx / "model.gguf", mmproj=fx / "mmproj.gguf", ranker=ranker, n_gpu_layers=0)
     a = pipe.answer(fx / "clip.mp4", QUESTION, sampling=Sampling(frames=N_FRAMES), generation=GenerationConfig(max_new_tokens=MAX_NEW), options=SelectOptions(budget=BUDGET, layer=None if ranker else LAYER, set_frames=SET_FRAMES))
-    return (a.selection.kept.tolist(), list(a.generation.token_ids)), ""
+    return (a.selection.kept.tolist(), list(a.generation.token_ids), [r.to_dict() for r in a.evidence]), ""
 
 
 def transformers_kept(fx: Path, model_dir: Path) -> list[int]:
@@ -238,6 +238,7 @@ def main() -> int:
         else:
             check(ref[0] == kept, "same kept tokens as the Python llama.cpp backend")
             check(ref[1] == out["answer_token_ids"], "same greedy answer tokens as the Python llama.cpp backend")
+            check(ref[2] == out["evidence"], f"same evidence ranges as the Python pipeline ({out['evidence']})")
             if lite is not None:
                 ref_l, _ = python_llama_cpp(fx, ranker)
                 check(ref_l[0] == lite["kept_token_indices"], "same kept tokens with the ranker (Python llama.cpp)")

@@ -55,7 +55,21 @@ std::vector<float> question_attention_scores(const float * q, const float * k, i
                                              int n_kv_heads, int head_dim, int vis_begin, int vis_end,
                                              Aggregate aggregate);
 
-// ---- M-RoPE positions (positions.cpp; python/flexselect/models/qwen2_5_vl.py) -----------------------------------
+// ---- evidence (selection.cpp; python/flexselect/evidence.py) ------------------------------------------------------
+
+struct EvidenceRange {
+    double start_s = 0.0, end_s = 0.0;
+    int tokens = 0;      // kept tokens inside the range
+    double share = 0.0;  // of all kept tokens
+};
+
+// Ranked time ranges where the kept tokens concentrate: a unit is dense at >= max(1, 2 * kept / units) kept tokens;
+// consecutive dense units form a range from its first unit's start to the next unit's start (the last unit lasts
+// as long as the one before it); ranked by tokens, then start. Throws Error if the two lengths differ.
+std::vector<EvidenceRange> evidence_ranges(const std::vector<int> & kept_per_unit,
+                                           const std::vector<double> & timestamps, int max_ranges = 5);
+
+// ---- M-RoPE positions (positions.cpp; python/flexselect/mrope.py) -----------------------------------------------
 
 struct Pos3 {
     int32_t t, y, x;
