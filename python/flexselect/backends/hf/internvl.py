@@ -29,9 +29,8 @@ from ...defaults import family_defaults
 from ...errors import FlexSelectError
 from ...selection import Aggregate, question_attention_scores
 from ..base import Progress, Prompt, VisualTokens
+from .common import consecutive_positions, eos_ids, read_preprocessor, square_pixels, template_prompt
 from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
-from .llava_onevision import (consecutive_positions, eos_ids, read_preprocessor, square_pixels,
-                              template_prompt)
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
     from ...video import Clip
@@ -39,7 +38,6 @@ if TYPE_CHECKING:  # only for type hints: the models never decode video themselv
 ENCODE_CHUNK_FRAMES = 16  # frames per vision-tower call: bounds activation memory on long videos
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-START_IMAGE, END_IMAGE = "<img>", "</img>"
 
 
 @dataclass
@@ -81,12 +79,13 @@ class InternVLBackend(HFBackend):
         self.grid = (side, side)
         self.mean = torch.tensor(preprocessor.get("image_mean", IMAGENET_MEAN), dtype=torch.float32)
         self.std = torch.tensor(preprocessor.get("image_std", IMAGENET_STD), dtype=torch.float32)
-        delimiters = tokenizer.convert_tokens_to_ids([START_IMAGE, END_IMAGE])
+        self.defaults = family_defaults(self.family)
+        start, end = self.defaults.special_tokens["frame_start"], self.defaults.special_tokens["frame_end"]
+        delimiters = tokenizer.convert_tokens_to_ids([start, end])
         if any(i is None or i == tokenizer.unk_token_id for i in delimiters):
-            raise FlexSelectError(f"the tokenizer has no {START_IMAGE} / {END_IMAGE} tokens: not an InternVL checkpoint")
+            raise FlexSelectError(f"the tokenizer has no {start} / {end} tokens: not an InternVL checkpoint")
         self.delimiter_ids = torch.tensor(delimiters, dtype=torch.long)
         self.eos_token_ids = eos_ids(model, tokenizer)
-        self.defaults = family_defaults(self.family)
         self._labels: dict[int, list[int]] = {}
 
     @classmethod
@@ -123,7 +122,7 @@ class InternVLBackend(HFBackend):
         )
 
     def prompt(self, question: str) -> Prompt:
-        return template_prompt(self.tokenizer, self.defaults, question)
+        return template_prompt(self.tokenizer, self.family, question)
 
     def _label_ids(self, n: int) -> torch.Tensor:
         if n not in self._labels:  # ids, not tensors: a tensor made under inference_mode cannot enter autograd later
