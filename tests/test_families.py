@@ -11,34 +11,14 @@ from flexselect.errors import FlexSelectError
 from flexselect.backends import detect_family, load_backend
 from flexselect.backends.base import GenerationConfig
 from flexselect.selection import frame_sets, top_k
+from flexselect.video import Clip
 
 FAMILIES = ["llava_onevision", "internvl", "qwen2_vl"]
 
 
-def build_tiny_qwen2_vl(out):
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    from flexselect.tiny import SPECIAL_TOKENS, TINY_TEXT, build_tokenizer
-
-    tok, _ = build_tokenizer()
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
-        text_config={**TINY_TEXT, "vocab_size": tok.get_vocab_size(), "eos_token_id": ids["<|im_end|>"]},
-        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 14,
-                       "spatial_merge_size": 2, "temporal_patch_size": 2},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(out)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                            additional_special_tokens=SPECIAL_TOKENS[1:]).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from flexselect.tiny import build_tiny_internvl, build_tiny_llava_onevision
+    from flexselect.tiny import build_tiny_internvl, build_tiny_llava_onevision, build_tiny_qwen2_vl
 
     root = tmp_path_factory.mktemp("family-models")
     return {
@@ -58,10 +38,7 @@ def frames_array(n_frames=8, height=56, width=84, seed=0):
 
 
 def fake_clip(n_frames=8, fps=2.0, seed=0):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(frames=frames_array(n_frames, seed=seed), timestamps=np.arange(n_frames) / fps,
-                           source="fake", sample_fps=fps)
+    return Clip.from_frames(frames_array(n_frames, seed=seed), fps)
 
 
 def visual_columns(backend, visual, frames, prompt):

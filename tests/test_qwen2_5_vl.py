@@ -1,7 +1,5 @@
 """The Qwen2.5-VL backend on a tiny random checkpoint: encoding, positions, the scoring pass, generation."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -10,12 +8,7 @@ from flexselect.backends.base import GenerationConfig
 from flexselect.backends.hf.qwen2_5_vl import patchify
 from flexselect.mrope import layout_positions, video_positions
 from flexselect.selection import frame_sets, top_k
-
-
-def fake_clip(n_frames=12, height=56, width=84, fps=2.0, seed=0):
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 256, size=(n_frames, height, width, 3), dtype=np.uint8)
-    return SimpleNamespace(frames=frames, timestamps=np.arange(n_frames) / fps, source="fake", sample_fps=fps)
+from helpers import random_clip
 
 
 def test_patchify_matches_qwen_image_processor(tiny_backend):
@@ -48,7 +41,7 @@ def test_text_after_video_resumes_after_the_largest_video_position():
 def test_encoding_in_chunks_equals_one_pass_over_the_whole_video(tiny_backend, monkeypatch):
     import flexselect.backends.hf.qwen2_5_vl as qwen
 
-    clip = fake_clip(n_frames=11)  # odd: the last frame is repeated into the last temporal patch
+    clip = random_clip(n_frames=11)  # odd: the last frame is repeated into the last temporal patch
     whole = tiny_backend.encode(clip)
     monkeypatch.setattr(qwen, "ENCODE_CHUNK_UNITS", 1)
     chunked = tiny_backend.encode(clip)
@@ -77,7 +70,7 @@ def eager_scores(backend, visual, frames, prompt, layer):
 
 @pytest.mark.parametrize("layer", [1, 3])
 def test_scoring_pass_equals_eager_attention_at_the_reference_layer(tiny_backend, layer):
-    visual = tiny_backend.encode(fake_clip(n_frames=16))
+    visual = tiny_backend.encode(random_clip(n_frames=16))
     prompt = tiny_backend.prompt("What color is the car?")
     frames = frame_sets(visual.num_frames, 3)[1]
     ours = tiny_backend.score(visual, frames, prompt, layer, "max")
@@ -88,7 +81,7 @@ def test_scoring_pass_equals_eager_attention_at_the_reference_layer(tiny_backend
 
 
 def test_scoring_pass_stops_at_the_reference_layer(tiny_backend):
-    visual = tiny_backend.encode(fake_clip(n_frames=8))
+    visual = tiny_backend.encode(random_clip(n_frames=8))
     prompt = tiny_backend.prompt("Where is the needle?")
     layers = tiny_backend.text_model.layers
     calls = []
@@ -108,7 +101,7 @@ def test_scoring_pass_stops_at_the_reference_layer(tiny_backend):
 
 
 def test_generation_is_deterministic_and_uses_full_video_positions(tiny_backend):
-    visual = tiny_backend.encode(fake_clip(n_frames=16))
+    visual = tiny_backend.encode(random_clip(n_frames=16))
     prompt = tiny_backend.prompt("What happens?")
     kept = torch.tensor([3, 4, 20, 41, 45])
     inputs = tiny_backend.answer_inputs(visual, kept, prompt)
