@@ -1,13 +1,12 @@
-"""The Qwen2.5-VL backend on a tiny random checkpoint: encoding, positions, the scoring pass, generation."""
+"""The Qwen2.5-VL backend on a tiny random checkpoint: patches, encoding, positions, generation (its scoring pass is
+checked with the other families in test_families.py)."""
 
 import numpy as np
-import pytest
 import torch
 
 from flexselect.backends.base import GenerationConfig
 from flexselect.backends.hf.qwen2_5_vl import patchify
 from flexselect.mrope import layout_positions, video_positions
-from flexselect.selection import frame_sets, top_k
 from helpers import random_clip
 
 
@@ -51,53 +50,6 @@ def test_encoding_in_chunks_equals_one_pass_over_the_whole_video(tiny_backend, m
     patches, (t, gh, gw) = patchify(tiny_backend.pixels(clip.frames), 14, 2, 2)
     hf = tiny_backend.model.model.get_video_features(patches, torch.tensor([[t, gh, gw]])).pooler_output[0]
     torch.testing.assert_close(whole.embeds, hf, atol=1e-5, rtol=1e-5)
-
-
-def eager_scores(backend, visual, frames, prompt, layer):
-    """Brute force: an eager forward that returns the full attention matrices; question rows, visual columns."""
-    inputs = backend.scoring_inputs(visual, frames, prompt)
-    lm = backend.text_model
-    previous = lm.config._attn_implementation
-    lm.config._attn_implementation = "eager"
-    try:
-        out = lm(inputs_embeds=inputs.embeds, position_ids=inputs.position_ids, output_attentions=True)
-    finally:
-        lm.config._attn_implementation = previous
-    start, rows = len(prompt.prefix_ids), len(prompt.suffix_ids)
-    attn = out.attentions[layer][0, :, -rows:, start : start + len(frames) * visual.tokens_per_frame]
-    return attn.amax(dim=(0, 1))
-
-
-@pytest.mark.parametrize("layer", [1, 3])
-def test_scoring_pass_equals_eager_attention_at_the_reference_layer(tiny_backend, layer):
-    visual = tiny_backend.encode(random_clip(n_frames=16))
-    prompt = tiny_backend.prompt("What color is the car?")
-    frames = frame_sets(visual.num_frames, 3)[1]
-    ours = tiny_backend.score(visual, frames, prompt, layer, "max")
-    with torch.inference_mode():
-        reference = eager_scores(tiny_backend, visual, frames, prompt, layer)
-    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)  # float32, different op order
-    assert torch.equal(top_k(ours, 5), top_k(reference, 5))
-
-
-def test_scoring_pass_stops_at_the_reference_layer(tiny_backend):
-    visual = tiny_backend.encode(random_clip(n_frames=8))
-    prompt = tiny_backend.prompt("Where is the needle?")
-    layers = tiny_backend.text_model.layers
-    calls = []
-    hooks = [layers[i].register_forward_hook(lambda m, a, o, i=i: calls.append(("layer", i))) for i in range(4)]
-    hooks += [layers[i].self_attn.register_forward_hook(lambda m, a, o, i=i: calls.append(("attn", i)))
-              for i in range(4)]
-    hooks.append(layers[2].mlp.register_forward_hook(lambda m, a, o: calls.append(("mlp", 2))))
-    hooks.append(tiny_backend.text_model.norm.register_forward_hook(lambda m, a, o: calls.append(("norm", -1))))
-    try:
-        tiny_backend.score(visual, [0, 1, 2], prompt, layer=2, aggregate="max")
-    finally:
-        for h in hooks:
-            h.remove()
-    assert [c for c in calls if c[0] == "layer"] == [("layer", 0), ("layer", 1)]
-    assert ("attn", 2) not in calls and ("mlp", 2) not in calls and ("norm", -1) not in calls
-    assert not any(c[1] == 3 for c in calls)
 
 
 def test_generation_is_deterministic_and_uses_full_video_positions(tiny_backend):

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ...defaults import prompt_text
-from ..base import Prompt
+from ..base import Progress, Prompt, VisualTokens
+
+if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
+    from ...video import Clip
 
 
 def read_preprocessor(path: Path, names: tuple[str, ...] = ("video_preprocessor_config.json",
@@ -24,6 +28,33 @@ def read_preprocessor(path: Path, names: tuple[str, ...] = ("video_preprocessor_
         if (path / name).is_file():
             return json.loads((path / name).read_text())
     return {}
+
+
+ENCODE_CHUNK_FRAMES = 16  # frames per vision-tower call: bounds activation memory on long videos
+
+
+def encode_square_frames(backend, clip: Clip, features: Callable[[torch.Tensor], torch.Tensor],
+                         progress: Progress | None = None, visual_class: type[VisualTokens] = VisualTokens):
+    """Frames -> visual tokens for the towers that take square frames (LLaVA-OneVision, InternVL): chunks of frames
+    resized to `backend.side` and normalised with its mean/std; `features(pixels)` gives the chunk's token rows.
+    One unit per frame, 1-D positions (time_interval 1)."""
+    n = len(clip.frames)
+    chunks = []
+    for start in range(0, n, ENCODE_CHUNK_FRAMES):
+        pixels = square_pixels(clip.frames[start : start + ENCODE_CHUNK_FRAMES], backend.side, backend.mean,
+                               backend.std)
+        chunks.append(features(pixels.to(backend.device)))
+        if progress:
+            progress(min(start + ENCODE_CHUNK_FRAMES, n), n)
+    return visual_class(
+        embeds=torch.cat(chunks).to(backend.model.dtype),
+        num_frames=n,
+        grid=backend.grid,
+        timestamps=np.asarray(clip.timestamps, dtype=np.float64),
+        time_interval=1.0,
+        frame_size=(backend.side, backend.side),
+        source=clip.source,
+    )
 
 
 def square_pixels(frames: np.ndarray, side: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -22,20 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from ...defaults import family_defaults
 from ...errors import FlexSelectError
 from ...selection import Aggregate, question_attention_scores
 from ..base import Progress, Prompt, VisualTokens
-from .common import consecutive_positions, eos_ids, read_preprocessor, square_pixels, template_prompt
+from .common import consecutive_positions, encode_square_frames, eos_ids, read_preprocessor, template_prompt
 from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
     from ...video import Clip
 
-ENCODE_CHUNK_FRAMES = 16  # frames per vision-tower call: bounds activation memory on long videos
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -99,27 +97,16 @@ class InternVLBackend(HFBackend):
 
     @torch.inference_mode()
     def encode(self, clip: Clip, progress: Progress | None = None) -> FramedVisualTokens:
-        n = len(clip.frames)
         start_emb, end_emb = self.embed_ids(self.delimiter_ids)[:, None]
-        chunks = []
-        for start in range(0, n, ENCODE_CHUNK_FRAMES):
-            pixels = square_pixels(clip.frames[start : start + ENCODE_CHUNK_FRAMES], self.side, self.mean, self.std)
-            tokens = self.model.model.get_image_features(pixel_values=pixels.to(self.device)).pooler_output
+
+        def features(pixels: torch.Tensor) -> torch.Tensor:  # <img> tokens </img> per frame
+            tokens = self.model.model.get_image_features(pixel_values=pixels).pooler_output
             f = tokens.shape[0]
             blocks = torch.cat([start_emb.expand(f, 1, -1).to(tokens.dtype), tokens,
                                 end_emb.expand(f, 1, -1).to(tokens.dtype)], dim=1)
-            chunks.append(blocks.reshape(-1, blocks.shape[-1]))
-            if progress:
-                progress(min(start + ENCODE_CHUNK_FRAMES, n), n)
-        return FramedVisualTokens(
-            embeds=torch.cat(chunks).to(self.model.dtype),
-            num_frames=n,
-            grid=self.grid,
-            timestamps=np.asarray(clip.timestamps, dtype=np.float64),
-            time_interval=1.0,
-            frame_size=(self.side, self.side),
-            source=clip.source,
-        )
+            return blocks.reshape(-1, blocks.shape[-1])
+
+        return encode_square_frames(self, clip, features, progress, FramedVisualTokens)
 
     def prompt(self, question: str) -> Prompt:
         return template_prompt(self.tokenizer, self.family, question)

@@ -20,18 +20,16 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from ...defaults import family_defaults
 from ..base import Progress, Prompt, VisualTokens
-from .common import consecutive_positions, eos_ids, read_preprocessor, square_pixels, template_prompt
+from .common import consecutive_positions, encode_square_frames, eos_ids, read_preprocessor, template_prompt
 from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
     from ...video import Clip
 
-ENCODE_CHUNK_FRAMES = 16  # frames per vision-tower call: bounds activation memory on long videos
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
@@ -63,23 +61,11 @@ class LlavaOnevisionBackend(HFBackend):
 
     @torch.inference_mode()
     def encode(self, clip: Clip, progress: Progress | None = None) -> VisualTokens:
-        n = len(clip.frames)
-        chunks = []
-        for start in range(0, n, ENCODE_CHUNK_FRAMES):
-            pixels = square_pixels(clip.frames[start : start + ENCODE_CHUNK_FRAMES], self.side, self.mean, self.std)
-            out = self.model.model.get_video_features(pixel_values_videos=pixels[None].to(self.device, self.model.dtype))
-            chunks.append(out.pooler_output[0, :-1])  # the trailing newline is added once, by the layout
-            if progress:
-                progress(min(start + ENCODE_CHUNK_FRAMES, n), n)
-        return VisualTokens(
-            embeds=torch.cat(chunks).to(self.model.dtype),
-            num_frames=n,
-            grid=self.grid,
-            timestamps=np.asarray(clip.timestamps, dtype=np.float64),
-            time_interval=1.0,
-            frame_size=(self.side, self.side),
-            source=clip.source,
-        )
+        def features(pixels: torch.Tensor) -> torch.Tensor:
+            out = self.model.model.get_video_features(pixel_values_videos=pixels[None].to(self.model.dtype))
+            return out.pooler_output[0, :-1]  # the trailing newline is added once, by the layout
+
+        return encode_square_frames(self, clip, features, progress)
 
     def prompt(self, question: str) -> Prompt:
         return template_prompt(self.tokenizer, self.family, question)
