@@ -19,7 +19,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -62,21 +61,6 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def select(backend, visual, prompt, budget, set_frames, layer):
-    """The pipeline's selection loop (frame sets, budget split, scoring pass per set, top-k, merge)."""
-    from flexselect.selection import frame_sets, round_budget, split_budget, top_k
-
-    budget = min(round_budget(budget, visual.tokens_per_frame), visual.num_tokens)
-    sets = frame_sets(visual.num_frames, set_frames)
-    shares = split_budget(budget, [len(s) * visual.tokens_per_frame for s in sets])
-    kept = []
-    for frames, share in zip(sets, shares):
-        tokens = visual.frame_tokens(frames)
-        scores = backend.score(visual, frames, prompt, layer, "max")
-        kept.append(tokens[top_k(scores, share)])
-    return torch.sort(torch.cat(kept)).values, sets
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_arguments(ap)
@@ -88,14 +72,15 @@ def main() -> int:
     from flexselect.backends.llama_cpp import LlamaCppBackend
     from flexselect.backends.base import GenerationConfig
     from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
+    from flexselect.pipeline import FlexSelect, SelectOptions
+    from flexselect.video import Clip
 
     root = Path(args.cache)
     root.mkdir(parents=True, exist_ok=True)
     (model_dir, gguf, mmproj), build_s = timed(lambda: build_model(root, args.layers, args.hidden, args.heads,
                                                                    args.outtype))
     rng = np.random.default_rng(0)
-    clip = SimpleNamespace(frames=rng.integers(0, 256, size=(args.frames, 224, 336, 3), dtype=np.uint8),
-                           timestamps=np.arange(args.frames) / 2.0, source="random", sample_fps=2.0)
+    clip = Clip.from_frames(rng.integers(0, 256, size=(args.frames, 224, 336, 3), dtype=np.uint8), 2.0, "random")
     torch_backend = Qwen25VLBackend.load(model_dir, device="cpu", dtype="float32")
     n_ctx = 512 + args.frames // 2 * 96
     llama_backend = LlamaCppBackend(gguf, mmproj, n_ctx=n_ctx, n_threads=args.threads, n_gpu_layers=0)
@@ -112,7 +97,9 @@ def main() -> int:
         everything = torch.arange(visual.num_tokens)
         backend.generate(visual, everything[:64], prompt, config)  # warm-up
         full = backend.generate(visual, everything, prompt, config)
-        (kept, sets), sel = timed(lambda: select(backend, visual, prompt, budget, args.set_frames, layer))
+        options = SelectOptions(budget=budget, layer=layer, set_frames=args.set_frames, aggregate="max")
+        selection, sel = timed(lambda: FlexSelect(backend).select(visual, prompt, options))
+        kept, sets = selection.kept, selection.sets
         flex = backend.generate(visual, kept, prompt, config)
         rows[name] = {"encode": enc, "select": sel, "ttft_full": full.ttft_s, "ttft_kept": flex.ttft_s,
                       "e2e_full": enc + full.ttft_s, "e2e_flex": enc + sel + flex.ttft_s}

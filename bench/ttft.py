@@ -70,7 +70,7 @@ def measure(arm: str, frames: int, grid: tuple[int, int], budget: int, layer: in
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     selection = pipe.select(visual, prompt, options=SelectOptions(budget=min(budget, n_tokens), layer=layer, selector="none" if arm == "baseline" else "reference"))
-    generated = backend.generate(visual, selection.kept, prompt, GenerationConfig(max_new_tokens=1))
+    backend.generate(visual, selection.kept, prompt, GenerationConfig(max_new_tokens=1))
     ttft = time.perf_counter() - t0
     return {"arm": arm, "frames": frames, "visual_tokens": n_tokens, "kept_tokens": len(selection.kept),
             "ttft_s": ttft, "select_s": selection.seconds if arm == "flexselect" else 0.0,

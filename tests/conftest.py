@@ -25,3 +25,14 @@ def test_video(tmp_path_factory):
 
     return write_test_video(tmp_path_factory.mktemp("videos") / "clip.mp4", num_frames=48, fps=8.0,
                             width=168, height=112, needle_frames=(20, 21))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Every skipped test is listed at the end with its reason, in red: a skip checks nothing and must be seen."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    terminalreporter.section(f"{len(skipped)} test(s) SKIPPED: these checks did not run", sep="!", red=True, bold=True)
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        terminalreporter.line(f"SKIPPED {report.nodeid}: {reason}", red=True, bold=True)

@@ -11,7 +11,23 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 python -m pip install -q --upgrade pip
 # torch pinned first: the local CPU wheel; an unpinned torch would pull gigabytes of CUDA packages.
 # llama-cpp-python compiles llama.cpp (~6 min on 2 cores, once; pip caches the wheel); GGML_NATIVE off for portability.
-CMAKE_ARGS="-DGGML_NATIVE=OFF" python -m pip install -q torch==2.13.0 -e ".[test,lite,gguf,plot]"
+CMAKE_ARGS="-DGGML_NATIVE=OFF" python -m pip install -q torch==2.13.0 -e ".[test,lite,gguf,plot,lint]"
+
+# Style first (seconds): ruff lint + format and clang-format over cpp/, with the configs in pyproject.toml and
+# .clang-format. STYLE_ENFORCED=0 until the tree-wide formatting is applied: until then a finding is reported, loudly,
+# without failing the run; set it to 1 in the commit that applies the formatters.
+STYLE_ENFORCED=0
+style_ok=1
+ruff check . || style_ok=0
+ruff format --check . || style_ok=0
+find cpp \( -name '*.cpp' -o -name '*.h' \) -print0 | xargs -0 clang-format --dry-run -Werror || style_ok=0
+if [ "$style_ok" != 1 ]; then
+  if [ "$STYLE_ENFORCED" = 1 ]; then
+    echo "style check failed: run 'ruff check --fix . && ruff format .' and clang-format -i on cpp/" >&2
+    exit 1
+  fi
+  echo "WARNING: style check found issues (not enforced yet: STYLE_ENFORCED=0 in tests/run_all.sh)" >&2
+fi
 
 if [ "${FLEXSELECT_SKIP_CPP:-0}" != 1 ]; then
   if ! dpkg -s libavformat-dev libavcodec-dev libswscale-dev libavutil-dev >/dev/null 2>&1; then
@@ -23,6 +39,17 @@ if [ "${FLEXSELECT_SKIP_CPP:-0}" != 1 ]; then
 fi
 
 python -m pytest -q -p no:cacheprovider tests
+
+# lmms-eval is not a dependency (it pins much of its own): its test runs in a side venv, cached like .venv, with the
+# torchvision build that matches the pinned CPU torch. If it cannot be installed, say so loudly and go on.
+if [ "${FLEXSELECT_SKIP_LMMS:-0}" != 1 ]; then
+  if [ ! -x .venv-lmms/bin/python ]; then python3 -m venv .venv-lmms; fi
+  if .venv-lmms/bin/python -m pip install -q torch==2.13.0 torchvision==0.28.0 -e ".[test]" lmms-eval==0.7.3; then
+    .venv-lmms/bin/python -m pytest -q -p no:cacheprovider tests/test_lmms_eval.py
+  else
+    echo "WARNING: lmms-eval could not be installed into .venv-lmms: tests/test_lmms_eval.py DID NOT RUN" >&2
+  fi
+fi
 if [ "${FLEXSELECT_SKIP_CPP:-0}" != 1 ]; then
   ctest --test-dir build --output-on-failure
 fi

@@ -1,5 +1,5 @@
 """LLaVA-OneVision, InternVL and Qwen2-VL on tiny random checkpoints: visual tokens, layouts and positions, the
-stopped scoring pass against eager attention, and the pipeline end to end."""
+stopped scoring pass against eager attention (Qwen2.5-VL too), and the pipeline end to end."""
 
 import json
 
@@ -11,34 +11,14 @@ from flexselect.errors import FlexSelectError
 from flexselect.backends import detect_family, load_backend
 from flexselect.backends.base import GenerationConfig
 from flexselect.selection import frame_sets, top_k
+from flexselect.video import Clip
 
 FAMILIES = ["llava_onevision", "internvl", "qwen2_vl"]
 
 
-def build_tiny_qwen2_vl(out):
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    from flexselect.tiny import SPECIAL_TOKENS, TINY_TEXT, build_tokenizer
-
-    tok, _ = build_tokenizer()
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
-        text_config={**TINY_TEXT, "vocab_size": tok.get_vocab_size(), "eos_token_id": ids["<|im_end|>"]},
-        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 14,
-                       "spatial_merge_size": 2, "temporal_patch_size": 2},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(out)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                            additional_special_tokens=SPECIAL_TOKENS[1:]).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from flexselect.tiny import build_tiny_internvl, build_tiny_llava_onevision
+    from flexselect.tiny import build_tiny_internvl, build_tiny_llava_onevision, build_tiny_qwen2_vl
 
     root = tmp_path_factory.mktemp("family-models")
     return {
@@ -58,10 +38,7 @@ def frames_array(n_frames=8, height=56, width=84, seed=0):
 
 
 def fake_clip(n_frames=8, fps=2.0, seed=0):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(frames=frames_array(n_frames, seed=seed), timestamps=np.arange(n_frames) / fps,
-                           source="fake", sample_fps=fps)
+    return Clip.from_frames(frames_array(n_frames, seed=seed), fps)
 
 
 def visual_columns(backend, visual, frames, prompt):
@@ -100,24 +77,23 @@ def test_internvl_with_a_qk_normalising_language_model_is_refused(model_dirs):
 
 # -- visual tokens ---------------------------------------------------------------------------------------------------
 def test_llava_tokens_are_transformers_video_features_without_the_newline(backends, monkeypatch):
-    import flexselect.backends.hf.llava_onevision as llava
+    from flexselect.backends.hf import common
 
     backend = backends["llava_onevision"]
     clip = fake_clip(n_frames=5)
     whole = backend.encode(clip)
     assert whole.grid == (4, 4) and whole.tokens_per_frame == 16 and whole.embeds.shape == (5 * 16, 64)
-    pixels = llava.square_pixels(clip.frames, 112, backend.mean, backend.std)
+    pixels = common.square_pixels(clip.frames, 112, backend.mean, backend.std)
     with torch.inference_mode():
         hf = backend.model.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output[0]
     torch.testing.assert_close(whole.embeds, hf[:-1], atol=1e-5, rtol=1e-5)  # hf appends one newline at the end
     torch.testing.assert_close(hf[-1], backend.model.model.image_newline)
-    monkeypatch.setattr(llava, "ENCODE_CHUNK_FRAMES", 2)
+    monkeypatch.setattr(common, "ENCODE_CHUNK_FRAMES", 2)
     torch.testing.assert_close(backend.encode(clip).embeds, whole.embeds, atol=1e-5, rtol=1e-5)
 
 
 def test_internvl_frame_block_is_img_tokens_then_end_img(backends, monkeypatch):
-    import flexselect.backends.hf.internvl as internvl
-    from flexselect.backends.hf.llava_onevision import square_pixels
+    from flexselect.backends.hf import common
 
     backend = backends["internvl"]
     clip = fake_clip(n_frames=5)
@@ -126,19 +102,19 @@ def test_internvl_frame_block_is_img_tokens_then_end_img(backends, monkeypatch):
     blocks = visual.embeds.view(5, 18, 64)
     start_end = backend.embed_ids(torch.tensor(backend.tokenizer.convert_tokens_to_ids(["<img>", "</img>"])))
     assert torch.equal(blocks[:, 0], start_end[0].expand(5, -1)) and torch.equal(blocks[:, -1], start_end[1].expand(5, -1))
-    pixels = square_pixels(clip.frames, 112, backend.mean, backend.std)
+    pixels = common.square_pixels(clip.frames, 112, backend.mean, backend.std)
     with torch.inference_mode():
         hf = backend.model.model.get_image_features(pixel_values=pixels).pooler_output
     torch.testing.assert_close(blocks[:, 1:-1], hf, atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr(internvl, "ENCODE_CHUNK_FRAMES", 2)
+    monkeypatch.setattr(common, "ENCODE_CHUNK_FRAMES", 2)
     torch.testing.assert_close(backend.encode(clip).embeds, visual.embeds, atol=1e-5, rtol=1e-5)
 
 
 def test_internvl_pixels_match_its_image_processor_without_resizing():
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
+    from flexselect.backends.hf.common import square_pixels
     from flexselect.backends.hf.internvl import IMAGENET_MEAN, IMAGENET_STD
-    from flexselect.backends.hf.llava_onevision import square_pixels
 
     image = frames_array(1, 112, 112)[0]
     processor = GotOcr2ImageProcessorPil(size={"height": 112, "width": 112}, crop_to_patches=False,
@@ -163,10 +139,10 @@ def eager_scores(backend, visual, frames, prompt, layer):
     return out.attentions[layer][0, :, -rows:, columns].amax(dim=(0, 1))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", *FAMILIES])
 @pytest.mark.parametrize("layer", [1, 3])
-def test_scores_equal_eager_attention_at_the_reference_layer(family, layer, backends):
-    backend = backends[family]
+def test_scores_equal_eager_attention_at_the_reference_layer(family, layer, backends, tiny_backend):
+    backend = tiny_backend if family == "qwen2_5_vl" else backends[family]
     visual = backend.encode(fake_clip(n_frames=12))
     prompt = backend.prompt("What color is the car?")
     frames = frame_sets(visual.num_frames, 3)[1]
@@ -178,9 +154,9 @@ def test_scores_equal_eager_attention_at_the_reference_layer(family, layer, back
     assert torch.equal(top_k(ours, 5), top_k(reference, 5))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_scoring_pass_stops_at_the_reference_layer(family, backends):
-    backend = backends[family]
+@pytest.mark.parametrize("family", ["qwen2_5_vl", *FAMILIES])
+def test_scoring_pass_stops_at_the_reference_layer(family, backends, tiny_backend):
+    backend = tiny_backend if family == "qwen2_5_vl" else backends[family]
     visual = backend.encode(fake_clip(n_frames=6))
     layers = backend.text_model.layers
     calls = []

@@ -13,7 +13,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,17 +23,16 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python==0.3.36 is
 from flexselect.errors import FlexSelectError  # noqa: E402
 from flexselect.backends.base import GenerationConfig  # noqa: E402
 from flexselect.selection import frame_sets, top_k  # noqa: E402
+from helpers import random_clip  # noqa: E402
 
 OVERLAP = {"f32": (0.95, 0.90), "f16": (0.90, 0.80)}  # (mean, every set)
 EMBED_RTOL = 2e-3
 
 
 def fake_clip(n_frames=16, height=112, width=168, fps=2.0, seed=0):
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 256, size=(n_frames, height, width, 3), dtype=np.uint8)
-    # a few flat regions so that attention has something to prefer
-    frames[:, : height // 2, : width // 3] //= 8
-    return SimpleNamespace(frames=frames, timestamps=np.arange(n_frames) / fps, source="fake", sample_fps=fps)
+    clip = random_clip(n_frames, height, width, fps, seed)
+    clip.frames[:, : height // 2, : width // 3] //= 8  # a few flat regions so that attention has something to prefer
+    return clip
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +63,7 @@ def hf_visual(tiny_backend, clip):
 def test_export_writes_small_checked_files(exported, tiny_model_dir):
     from flexselect.backends.gguf_info import inspect_gguf
 
-    for outtype, (model, mmproj) in exported.items():
+    for model, mmproj in exported.values():
         assert model.name == "model.gguf" and mmproj.name == "mmproj.gguf"
         assert sorted(p.name for p in model.parent.iterdir()) == ["mmproj.gguf", "model.gguf"]  # no leftovers
         assert model.stat().st_size < 1_000_000 and mmproj.stat().st_size < 1_000_000
@@ -152,6 +150,37 @@ def test_positions_match_transformers(llama_backends, tiny_backend, hf_visual):
     _, ours, next_position = lb.answer_layout(hf_visual, kept, prompt)
     theirs = tiny_backend.answer_inputs(hf_visual, kept, prompt)
     assert torch.equal(ours, theirs.position_ids[:, 0].cpu()) and next_position == theirs.next_position
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl(tmp_path_factory):
+    """The tiny Qwen2-VL, its f32 GGUF on llama.cpp and on transformers."""
+    from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
+    from flexselect.backends.llama_cpp import LlamaCppBackend
+    from flexselect.tiny import build_tiny_qwen2_vl
+    from flexselect_export.gguf import export_gguf
+
+    model_dir = build_tiny_qwen2_vl(tmp_path_factory.mktemp("models") / "tiny-qwen2_vl")
+    model, mmproj = export_gguf(model_dir, tmp_path_factory.mktemp("gguf-qwen2_vl"), "f32")
+    return LlamaCppBackend(model, mmproj, n_ctx=4096, n_threads=2), Qwen25VLBackend.load(model_dir, "cpu", "float32")
+
+
+def test_qwen2_vl_gguf_steps_time_by_one_per_unit_as_transformers(qwen2_vl):
+    """Qwen2-VL has no time scaling: at 1 fps its units sit 1 apart (Qwen2.5-VL's rule would put them 4 apart)."""
+    lb, hf = qwen2_vl
+    clip = random_clip(n_frames=8, height=56, width=84, fps=1.0)
+    ours, theirs = lb.encode(clip), hf.encode(clip)
+    assert lb.family == "qwen2_vl" and ours.time_interval == theirs.time_interval == 1.0
+    torch.testing.assert_close(ours.embeds, theirs.embeds.float(), rtol=0, atol=2e-3 * float(theirs.embeds.abs().max()))
+    prompt = hf.prompt("Where is the dog?")
+    _, positions = lb.scoring_layout(ours, [0, 2], prompt)
+    assert torch.equal(positions, hf.scoring_inputs(theirs, [0, 2], prompt).position_ids[:, 0].cpu())
+    everything = torch.arange(ours.num_tokens)
+    _, positions, next_position = lb.answer_layout(ours, everything, prompt)
+    reference = hf.answer_inputs(theirs, everything, prompt)
+    assert torch.equal(positions, reference.position_ids[:, 0].cpu()) and next_position == reference.next_position
+    p = len(prompt.prefix_ids)
+    assert positions[0, p : p + ours.num_tokens].unique().tolist() == [p + u for u in range(ours.num_frames)]
 
 
 # -- scoring pass --------------------------------------------------------------------------------------------------

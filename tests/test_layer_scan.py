@@ -11,6 +11,8 @@ import torch
 from flexselect.layer_scan import (ScanExample, add_layer_scan_command, layer_scores, load_examples,
                                    make_scan_examples, recall_at_k, relevant_token_set, scan, write_report)
 from flexselect.backends.base import VisualTokens
+from flexselect.tiny import plant_attention
+from helpers import random_clip
 
 LAYER = 2
 FRAMES, GRID = 16, (4, 4)
@@ -37,16 +39,10 @@ def load(path):
     return load_backend(path, device="cpu", dtype="float32")
 
 
-def fake_clip(n_frames=6, height=60, width=80, fps=1.0, seed=0):
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 256, size=(n_frames, height, width, 3), dtype=np.uint8)
-    return SimpleNamespace(frames=frames, timestamps=np.arange(n_frames) / fps, source="fake", sample_fps=fps)
-
-
 @pytest.mark.parametrize("family", ["llava", "internvl"])
 def test_one_pass_equals_the_stopped_scoring_pass_at_every_layer(family, llava_dir, internvl_dir):
     backend = load(llava_dir if family == "llava" else internvl_dir)
-    visual = backend.encode(fake_clip())
+    visual = backend.encode(random_clip(n_frames=6, height=60, width=80, fps=1.0))
     prompt = backend.prompt("What colour is the square?")
     frames = list(range(visual.num_frames))
     every = layer_scores(backend, visual, frames, prompt)
@@ -77,24 +73,14 @@ def test_relevant_ranges_map_sampled_frames_to_units():
 
 @pytest.fixture()
 def planted(llava_dir):
-    """Layers before LAYER pass their input through; at LAYER, question queries and needle keys share a direction
-    on the lowest rotary frequency (as in test_needle.py)."""
+    """At LAYER, question queries and needle keys share a direction (`plant_attention`, as in test_needle.py)."""
     backend = load(llava_dir)
     lm = backend.text_model
-    hidden, head_dim = lm.config.hidden_size, lm.layers[0].self_attn.head_dim
+    hidden = lm.config.hidden_size
     gen = torch.Generator().manual_seed(0)
     question_dir, needle_dir = torch.linalg.qr(torch.randn(hidden, 2, generator=gen))[0].T
+    plant_attention(lm, LAYER, key=needle_dir, query=question_dir)
     with torch.no_grad():
-        for block in lm.layers[:LAYER]:
-            block.self_attn.o_proj.weight.zero_()
-            block.mlp.down_proj.weight.zero_()
-        block = lm.layers[LAYER]
-        block.input_layernorm.weight.fill_(1.0)
-        for proj, direction in ((block.self_attn.q_proj, question_dir), (block.self_attn.k_proj, needle_dir)):
-            proj.weight.zero_()
-            proj.bias.zero_()
-            for head in range(proj.weight.shape[0] // head_dim):
-                proj.weight[head * head_dim + head_dim // 2 - 1] = direction
         lm.embed_tokens.weight.copy_(question_dir + 0.1 * torch.randn(lm.embed_tokens.weight.shape, generator=gen))
     tpf = GRID[0] * GRID[1]
     embeds = torch.randn(FRAMES * tpf, hidden, generator=gen)

@@ -23,6 +23,7 @@ from flexselect.lite.ranker import LiteRanker, qwen2_config
 from flexselect.lite.teacher import TeacherData, build_teacher_data
 from flexselect.lite.train import KEEP_RATIO
 from flexselect.selection import top_k
+from flexselect.video import Clip
 
 TINY_RANKER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2}
@@ -42,7 +43,7 @@ def fake_clip(path: Path):
     rng = np.random.default_rng(int(path.stem[1:]))
     base = rng.integers(0, 255, (1, 112, 168, 3))
     frames = np.clip(base + rng.integers(-60, 60, (8, 112, 168, 3)), 0, 255).astype(np.uint8)
-    return types.SimpleNamespace(frames=frames, timestamps=np.arange(8) / 2.0, sample_fps=2.0, source=str(path))
+    return Clip.from_frames(frames, 2.0, source=str(path))
 
 
 # -- loss ---------------------------------------------------------------------------------------------------------

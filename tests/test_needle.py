@@ -15,6 +15,7 @@ from flexselect.backends.base import GenerationConfig, VisualTokens
 from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
 from flexselect.pipeline import FlexSelect, SelectOptions
 from flexselect.selection import frame_sets, question_attention_scores
+from flexselect.tiny import plant_attention
 
 LAYER = 2
 FRAMES, GRID = 64, (2, 3)  # 384 visual tokens
@@ -25,21 +26,11 @@ KEEP_RATIO = 0.0625  # the paper's: 6.25%
 def planted(tiny_model_dir):
     backend = Qwen25VLBackend.load(tiny_model_dir, device="cpu", dtype="float32")  # own copy: weights change
     lm = backend.text_model
-    hidden, head_dim = lm.config.hidden_size, lm.layers[0].self_attn.head_dim
+    hidden = lm.config.hidden_size
     gen = torch.Generator().manual_seed(0)
     question_dir, needle_dir = torch.linalg.qr(torch.randn(hidden, 2, generator=gen))[0].T
-    with torch.no_grad():
-        for block in lm.layers[:LAYER]:
-            block.self_attn.o_proj.weight.zero_()
-            block.mlp.down_proj.weight.zero_()
-        block = lm.layers[LAYER]
-        block.input_layernorm.weight.fill_(1.0)
-        attn = block.self_attn
-        for proj, direction in ((attn.q_proj, question_dir), (attn.k_proj, needle_dir)):
-            proj.weight.zero_()
-            proj.bias.zero_()
-            for head in range(proj.weight.shape[0] // head_dim):
-                proj.weight[head * head_dim + head_dim // 2 - 1] = direction  # lowest rotary frequency
+    plant_attention(lm, LAYER, key=needle_dir, query=question_dir)
+    with torch.no_grad():  # every text token asks along the question direction
         lm.embed_tokens.weight.copy_(question_dir + 0.1 * torch.randn(lm.embed_tokens.weight.shape, generator=gen))
 
     n_tokens = FRAMES * GRID[0] * GRID[1]

@@ -74,6 +74,27 @@ def test_context_overflow_is_refused_before_the_pass(pipe, test_video, monkeypat
         pipe.answer(test_video, "What?", sampling=sampling, options=SelectOptions(selector="none"))
 
 
+def test_one_call_form_keeps_only_the_most_recent_models_loaded(monkeypatch, test_video):
+    from flexselect import pipeline
+
+    loads = []
+
+    class Loaded:
+        def __init__(self, model):
+            self.model = model
+
+        def answer(self, video, question, **options):
+            return self.model
+
+    monkeypatch.setattr(pipeline, "_LOADED", type(pipeline._LOADED)())
+    monkeypatch.setattr(pipeline.FlexSelect, "load", classmethod(lambda cls, model, **kw: loads.append(model)
+                                                                 or Loaded(model)))
+    for model in ["a", "b", "a", "c", "a", "b"]:
+        assert pipeline.answer(test_video, "What?", model) == model
+    assert loads == ["a", "b", "c", "b"]  # "a" stayed loaded (used last before "c"); "b" was dropped for "c"
+    assert len(pipeline._LOADED) == pipeline.KEEP_LOADED
+
+
 def test_bad_files_are_clear_errors(pipe, tmp_path, test_video):
     text = tmp_path / "notes.mp4"
     text.write_text("this is not a video")

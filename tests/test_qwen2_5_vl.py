@@ -1,21 +1,13 @@
-"""The Qwen2.5-VL backend on a tiny random checkpoint: encoding, positions, the scoring pass, generation."""
-
-from types import SimpleNamespace
+"""The Qwen2.5-VL backend on a tiny random checkpoint: patches, encoding, positions, generation (its scoring pass is
+checked with the other families in test_families.py)."""
 
 import numpy as np
-import pytest
 import torch
 
 from flexselect.backends.base import GenerationConfig
 from flexselect.backends.hf.qwen2_5_vl import patchify
 from flexselect.mrope import layout_positions, video_positions
-from flexselect.selection import frame_sets, top_k
-
-
-def fake_clip(n_frames=12, height=56, width=84, fps=2.0, seed=0):
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 256, size=(n_frames, height, width, 3), dtype=np.uint8)
-    return SimpleNamespace(frames=frames, timestamps=np.arange(n_frames) / fps, source="fake", sample_fps=fps)
+from helpers import random_clip
 
 
 def test_patchify_matches_qwen_image_processor(tiny_backend):
@@ -48,7 +40,7 @@ def test_text_after_video_resumes_after_the_largest_video_position():
 def test_encoding_in_chunks_equals_one_pass_over_the_whole_video(tiny_backend, monkeypatch):
     import flexselect.backends.hf.qwen2_5_vl as qwen
 
-    clip = fake_clip(n_frames=11)  # odd: the last frame is repeated into the last temporal patch
+    clip = random_clip(n_frames=11)  # odd: the last frame is repeated into the last temporal patch
     whole = tiny_backend.encode(clip)
     monkeypatch.setattr(qwen, "ENCODE_CHUNK_UNITS", 1)
     chunked = tiny_backend.encode(clip)
@@ -60,55 +52,8 @@ def test_encoding_in_chunks_equals_one_pass_over_the_whole_video(tiny_backend, m
     torch.testing.assert_close(whole.embeds, hf, atol=1e-5, rtol=1e-5)
 
 
-def eager_scores(backend, visual, frames, prompt, layer):
-    """Brute force: an eager forward that returns the full attention matrices; question rows, visual columns."""
-    inputs = backend.scoring_inputs(visual, frames, prompt)
-    lm = backend.text_model
-    previous = lm.config._attn_implementation
-    lm.config._attn_implementation = "eager"
-    try:
-        out = lm(inputs_embeds=inputs.embeds, position_ids=inputs.position_ids, output_attentions=True)
-    finally:
-        lm.config._attn_implementation = previous
-    start, rows = len(prompt.prefix_ids), len(prompt.suffix_ids)
-    attn = out.attentions[layer][0, :, -rows:, start : start + len(frames) * visual.tokens_per_frame]
-    return attn.amax(dim=(0, 1))
-
-
-@pytest.mark.parametrize("layer", [1, 3])
-def test_scoring_pass_equals_eager_attention_at_the_reference_layer(tiny_backend, layer):
-    visual = tiny_backend.encode(fake_clip(n_frames=16))
-    prompt = tiny_backend.prompt("What color is the car?")
-    frames = frame_sets(visual.num_frames, 3)[1]
-    ours = tiny_backend.score(visual, frames, prompt, layer, "max")
-    with torch.inference_mode():
-        reference = eager_scores(tiny_backend, visual, frames, prompt, layer)
-    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)  # float32, different op order
-    assert torch.equal(top_k(ours, 5), top_k(reference, 5))
-
-
-def test_scoring_pass_stops_at_the_reference_layer(tiny_backend):
-    visual = tiny_backend.encode(fake_clip(n_frames=8))
-    prompt = tiny_backend.prompt("Where is the needle?")
-    layers = tiny_backend.text_model.layers
-    calls = []
-    hooks = [layers[i].register_forward_hook(lambda m, a, o, i=i: calls.append(("layer", i))) for i in range(4)]
-    hooks += [layers[i].self_attn.register_forward_hook(lambda m, a, o, i=i: calls.append(("attn", i)))
-              for i in range(4)]
-    hooks.append(layers[2].mlp.register_forward_hook(lambda m, a, o: calls.append(("mlp", 2))))
-    hooks.append(tiny_backend.text_model.norm.register_forward_hook(lambda m, a, o: calls.append(("norm", -1))))
-    try:
-        tiny_backend.score(visual, [0, 1, 2], prompt, layer=2, aggregate="max")
-    finally:
-        for h in hooks:
-            h.remove()
-    assert [c for c in calls if c[0] == "layer"] == [("layer", 0), ("layer", 1)]
-    assert ("attn", 2) not in calls and ("mlp", 2) not in calls and ("norm", -1) not in calls
-    assert not any(c[1] == 3 for c in calls)
-
-
 def test_generation_is_deterministic_and_uses_full_video_positions(tiny_backend):
-    visual = tiny_backend.encode(fake_clip(n_frames=16))
+    visual = tiny_backend.encode(random_clip(n_frames=16))
     prompt = tiny_backend.prompt("What happens?")
     kept = torch.tensor([3, 4, 20, 41, 45])
     inputs = tiny_backend.answer_inputs(visual, kept, prompt)

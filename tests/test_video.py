@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from flexselect.errors import FlexSelectError
-from flexselect.video import VideoInfo, estimate_clip_bytes, load_clip, output_size, probe, sample_indices
+from flexselect.video import Clip, VideoInfo, estimate_clip_bytes, load_clip, output_size, probe, sample_indices
 
 INFO = VideoInfo("v.mp4", num_frames=100, fps=10.0, duration=10.0, width=1920, height=1080)
 
@@ -49,6 +49,25 @@ def test_load_clip_keeps_timestamps_and_the_needle(test_video):
     r, g, b = whole.frames[20, 56, 84].astype(int)  # needle frame: the red square's centre
     assert r > 180 and g < 80 and b < 80
     assert not (whole.frames[5, 56, 84].astype(int) == [r, g, b]).all()
+
+
+def test_sample_fps_is_the_requested_rate_when_met(test_video):
+    # 48 frames at 8 fps: a 3 fps request takes 18 whole frames, whose first and last timestamps would say 3.022 fps;
+    # M-RoPE's temporal spacing must use the 3.0 asked for (as Qwen's preprocessing and the C++ runtime do)
+    clip = load_clip(test_video, fps=3.0)
+    assert len(clip.frames) == 18 and clip.sample_fps == 3.0
+    assert (len(clip.timestamps) - 1) / (clip.timestamps[-1] - clip.timestamps[0]) != 3.0
+    capped = load_clip(test_video, fps=3.0, max_frames=6)  # not met: the frames taken over the span they cover
+    assert capped.sample_fps == 6 / 6.0
+    assert load_clip(test_video, num_frames=12).sample_fps == 12 / 6.0
+    assert load_clip(test_video, fps=2.0, start=1.0, end=4.0).sample_fps == 2.0
+
+
+def test_clip_from_frames():
+    frames = np.zeros((5, 28, 56, 3), np.uint8)
+    clip = Clip.from_frames(frames, fps=2.5, source="mine")
+    assert clip.sample_fps == 2.5 and clip.timestamps.tolist() == [0.0, 0.4, 0.8, 1.2, 1.6]
+    assert clip.info.num_frames == 5 and (clip.info.width, clip.info.height) == (56, 28) and clip.source == "mine"
 
 
 def test_decord_and_pyav_agree(test_video):

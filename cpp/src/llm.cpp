@@ -94,6 +94,18 @@ struct Batch {
     }
 };
 
+// The text of a token, however long (llama_token_to_piece returns the negated size it needs when the buffer is small).
+std::string piece(const llama_vocab * vocab, llama_token tok) {
+    std::string buf(64, '\0');
+    int n = llama_token_to_piece(vocab, tok, buf.data(), (int32_t) buf.size(), 0, false);
+    if (n < 0) {
+        buf.resize(-n);
+        n = llama_token_to_piece(vocab, tok, buf.data(), (int32_t) buf.size(), 0, false);
+    }
+    buf.resize(std::max(n, 0));
+    return buf;
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -185,7 +197,10 @@ struct Llm::Impl {
     std::unique_ptr<mtmd_context, MtmdDel> mtmd;
     const llama_vocab * vocab = nullptr;
     Capture capture;
-    double tokens_per_second = 2.0;
+    std::string family;              // defaults.json's family, from the mmproj's projector type
+    double tokens_per_second = 0.0;  // the family's (defaults.json: GGUFs do not carry it); 0: one step per unit
+    const char * prompt_prefix = nullptr;
+    const char * prompt_suffix = nullptr;
     int n_embd = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_layer = 0;
 
     void clear_memory() { llama_memory_clear(llama_get_memory(ctx.get()), true); }
@@ -280,8 +295,8 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
     m.n_layer = llama_model_n_layer(m.model.get());
     m.head_dim = llama_model_n_embd(m.model.get()) / std::max(1, m.n_head);
 
-    // The mmproj's own metadata: a clear message for a projector of another model, and the vision config's
-    // tokens_per_second when the export recorded it (any key ending in "tokens_per_second"; Qwen2.5-VL uses 2).
+    // The mmproj's own metadata: a clear message for a projector of another model, and the family (its projector
+    // type), whose rules (temporal interval, prompt template) come from defaults.json as in the Python backend.
     {
         gguf_init_params gp{true, nullptr};
         std::unique_ptr<gguf_context, GgufDel> g(gguf_init_from_file(opts.mmproj_path.c_str(), gp));
@@ -295,15 +310,20 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
                             std::to_string(m.n_embd) + "-d");
             }
         }
-        for (int64_t i = 0; i < gguf_get_n_kv(g.get()); ++i) {
-            const std::string key = gguf_get_key(g.get(), i);
-            const std::string suffix = "tokens_per_second";
-            if (key.size() >= suffix.size() && key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0) {
-                const auto type = gguf_get_kv_type(g.get(), i);
-                if (type == GGUF_TYPE_UINT32) m.tokens_per_second = gguf_get_val_u32(g.get(), i);
-                if (type == GGUF_TYPE_FLOAT32) m.tokens_per_second = gguf_get_val_f32(g.get(), i);
-                if (type == GGUF_TYPE_INT32) m.tokens_per_second = gguf_get_val_i32(g.get(), i);
-            }
+        const int64_t kp = gguf_find_key(g.get(), "clip.projector_type");
+        const std::string projector = kp >= 0 && gguf_get_kv_type(g.get(), kp) == GGUF_TYPE_STRING
+                                          ? gguf_get_val_str(g.get(), kp) : "";
+        if (projector == "qwen2.5vl_merger") {
+            namespace d = defaults::qwen2_5_vl;
+            m.family = d::name, m.tokens_per_second = d::tokens_per_second;
+            m.prompt_prefix = d::prompt_prefix, m.prompt_suffix = d::prompt_suffix;
+        } else if (projector == "qwen2vl_merger") {
+            namespace d = defaults::qwen2_vl;
+            m.family = d::name, m.tokens_per_second = d::tokens_per_second;
+            m.prompt_prefix = d::prompt_prefix, m.prompt_suffix = d::prompt_suffix;
+        } else {
+            throw Error("mmproj " + opts.mmproj_path + " is a '" + projector + "' projector; the C++ runtime supports "
+                        "Qwen2.5-VL / Qwen2-VL projectors (qwen2.5vl_merger, qwen2vl_merger)");
         }
     }
 
@@ -347,15 +367,17 @@ int Llm::n_layers() const { return impl_->n_layer; }
 int Llm::n_embd() const { return impl_->n_embd; }
 int Llm::n_ctx() const { return (int) llama_n_ctx(impl_->ctx.get()); }
 double Llm::tokens_per_second() const { return impl_->tokens_per_second; }
+std::string Llm::family() const { return impl_->family; }
 
 Prompt Llm::prompt(const std::string & question) const {
-    // The chat template around the video, shared with Python through defaults.json.
-    std::string suffix = defaults::qwen2_5_vl::prompt_suffix;
+    // The family's chat template around the video, from defaults.json; the first {question} is replaced, as
+    // flexselect.defaults.prompt_text does.
+    std::string suffix = impl_->prompt_suffix;
     const std::string marker = "{question}";
     const size_t at = suffix.find(marker);
     if (at != std::string::npos) suffix.replace(at, marker.size(), question);
     Prompt p;
-    p.prefix = impl_->tokenize(defaults::qwen2_5_vl::prompt_prefix, true);
+    p.prefix = impl_->tokenize(impl_->prompt_prefix, true);
     p.suffix = impl_->tokenize(suffix, true);
     p.question = impl_->tokenize(question, false);
     if (p.suffix.empty()) throw Error("the prompt after the video is empty");
@@ -418,11 +440,7 @@ VisualTokens Llm::encode(const Clip & clip, int temporal_patch) {
 
 std::vector<float> Llm::score_set(const VisualTokens & v, const std::vector<int> & units, const Prompt & p, int layer,
                                   Aggregate aggregate) {
-    auto & m = *impl_;
-    if (layer < 0 || layer >= m.n_layer) {
-        throw Error("reference layer " + std::to_string(layer) + " is out of range: this model has layers 0.." +
-                    std::to_string(m.n_layer - 1));
-    }
+    auto & m = *impl_;  // `layer` is in range: select_tokens checks it, once
     const int tpu = v.tokens_per_unit();
     const int P = (int) p.prefix.size(), V = (int) units.size() * tpu, T = (int) p.suffix.size();
     m.check_fits(P + V + T, "a frame set's scoring pass");
@@ -501,9 +519,7 @@ Generation Llm::answer(const VisualTokens & v, const std::vector<int> & kept, co
         if (step == 0) out.ttft_s = seconds_since(t0);
         if (llama_vocab_is_eog(m.vocab, tok)) break;
         out.tokens.push_back(tok);
-        char buf[256];
-        const int n = llama_token_to_piece(m.vocab, tok, buf, sizeof(buf), 0, false);
-        if (n > 0) out.text.append(buf, n);
+        out.text += piece(m.vocab, tok);
         if (step + 1 == g.max_new_tokens) break;
         b.tokens.assign(1, tok);
         b.pos.assign(1, next++);

@@ -22,7 +22,7 @@ Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, cons
     const int total = v.num_tokens(), tpu = v.tokens_per_unit();
     if (ranker == nullptr) {
         sel.layer = opts.layer >= 0 ? opts.layer : reference_layer_for(llm.n_layers());
-        if (sel.layer >= llm.n_layers()) {
+        if (sel.layer >= llm.n_layers()) {  // the one range check: Llm::score_set trusts it
             throw Error("reference layer " + std::to_string(sel.layer) + " is out of range: this model has layers 0.." +
                         std::to_string(llm.n_layers() - 1));
         }

@@ -1,5 +1,5 @@
-// Qwen2.5-VL M-RoPE positions, as python/flexselect/models/qwen2_5_vl.py defines them (the original Qwen2.5-VL
-// rule the models were trained with): token (unit u, row r, col c) of a video starting at s sits at
+// Qwen2.5-VL / Qwen2-VL M-RoPE positions, as python/flexselect/mrope.py defines them (the original Qwen2.5-VL rule
+// the models were trained with): token (unit u, row r, col c) of a video starting at s sits at
 // (s + floor(u * interval), s + r, s + c); text after the video resumes at the largest video position + 1.
 #include "flexselect/flexselect.h"
 
@@ -9,6 +9,7 @@
 namespace flexselect {
 
 double time_interval(double tokens_per_second, int temporal_patch, double sample_fps) {
+    if (tokens_per_second <= 0.0) return 1.0;  // no time scaling (Qwen2-VL): one step per unit
     if (!(sample_fps > 0.0) || !std::isfinite(sample_fps)) throw Error("the sampling rate must be positive");
     return tokens_per_second * temporal_patch / sample_fps;
 }

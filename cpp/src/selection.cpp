@@ -88,7 +88,7 @@ std::vector<float> question_attention_scores(const float * q, const float * k, i
     const int n_vis = vis_end - vis_begin;
     const int group = n_heads / n_kv_heads;
     const double scale = 1.0 / std::sqrt((double) head_dim);
-    std::vector<double> acc(n_vis, aggregate == Aggregate::max ? 0.0 : 0.0);
+    std::vector<double> acc(n_vis, 0.0);  // probabilities are >= 0: the start of both max and sum
     std::vector<double> logits(n_keys);
     for (int h = 0; h < n_heads; ++h) {
         const int hk = h / group;

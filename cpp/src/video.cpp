@@ -133,9 +133,11 @@ Clip load_clip(const std::string & path, const SamplingOptions & opts) {
     if (opts.end > 0) last = std::min<int64_t>(n_total, (int64_t) std::ceil(opts.end * source_fps - 1e-9));
     if (last <= first) throw Error("no frames between start and end in " + path);
     const int64_t count = last - first;
+    const double fps = opts.fps > 0 ? opts.fps : 2.0;
     std::vector<int64_t> wanted = opts.frames > 0 ? uniform_indices(count, opts.frames)
-                                                  : fps_indices(count, source_fps, opts.fps > 0 ? opts.fps : 2.0,
-                                                                opts.max_frames);
+                                                  : fps_indices(count, source_fps, fps, opts.max_frames);
+    // frames the fps request asks for: when all of them are taken (no cap), the clip reports the requested rate
+    const int64_t at_fps = opts.frames > 0 ? -1 : std::max<int64_t>(1, std::llround((double) count * fps / source_fps));
     for (auto & w : wanted) w += first;
 
     Clip clip;
@@ -202,8 +204,10 @@ Clip load_clip(const std::string & path, const SamplingOptions & opts) {
         drain();
     }
     if (clip.frames.empty()) throw Error("no frames could be decoded from " + path);
-    // sampled frames per second of the sampled span (what the M-RoPE temporal step is computed from)
-    clip.sample_fps = (double) clip.frames.size() / ((double) count / source_fps);
+    // What the M-RoPE temporal step is computed from, as python/flexselect/video.py: the requested rate when it was
+    // met, else the sampled frames per second of the sampled span.
+    const double n = (double) clip.frames.size();
+    clip.sample_fps = (int64_t) clip.frames.size() == at_fps ? fps : n / ((double) count / source_fps);
     return clip;
 }
 

@@ -89,41 +89,33 @@ def python_llama_cpp(fx: Path, ranker: Path | None):
     except ImportError as e:
         return None, f"Python llama.cpp backend not importable ({e})"
     pipe = FlexSelect.load(gguf=fx / "model.gguf", mmproj=fx / "mmproj.gguf", ranker=ranker, n_gpu_layers=0)
-    a = pipe.answer(fx / "clip.mp4", QUESTION, sampling=Sampling(frames=N_FRAMES), generation=GenerationConfig(max_new_tokens=MAX_NEW), options=SelectOptions(budget=BUDGET, layer=None if ranker else LAYER, set_frames=SET_FRAMES))
+    options = SelectOptions(budget=BUDGET, layer=None if ranker else LAYER, set_frames=SET_FRAMES)
+    a = pipe.answer(fx / "clip.mp4", QUESTION, sampling=Sampling(frames=N_FRAMES), options=options,
+                    generation=GenerationConfig(max_new_tokens=MAX_NEW))
     return (a.selection.kept.tolist(), list(a.generation.token_ids), [r.to_dict() for r in a.evidence]), ""
 
 
 def transformers_kept(fx: Path, model_dir: Path) -> list[int]:
-    """Kept tokens from the transformers backend on frames decoded with PyAV at the CLI's sample indices."""
-    import types
-
+    """Kept tokens from the transformers backend (the pipeline's own selection) on frames decoded with PyAV at the
+    CLI's sample indices."""
     import av
     import numpy as np
-    import torch
     from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
-    from flexselect.selection import frame_sets, round_budget, split_budget, top_k
+    from flexselect.pipeline import FlexSelect, SelectOptions
+    from flexselect.video import Clip, probe
 
     with av.open(str(fx / "clip.mp4")) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
         rate = float(c.streams.video[0].average_rate)
     n = len(frames)
     idx = [((2 * i + 1) * n) // (2 * N_FRAMES) for i in range(N_FRAMES)]  # centres of equal segments
-    clip = types.SimpleNamespace(frames=np.stack([frames[i] for i in idx]), timestamps=np.array(idx) / rate,
-                                 sample_fps=N_FRAMES / (n / rate), source=str(fx / "clip.mp4"))
-    be = Qwen25VLBackend.load(model_dir, device="cpu", dtype="float32")
-    vis = be.encode(clip)
-    prompt = be.prompt(QUESTION)
-    tpf = vis.tokens_per_frame
-    sets = frame_sets(vis.num_frames, SET_FRAMES)
-    shares = split_budget(min(round_budget(BUDGET, tpf), vis.num_tokens), [len(s) * tpf for s in sets])
-    kept = []
-    for frames_, share in zip(sets, shares):
-        tokens = vis.frame_tokens(frames_)
-        if share >= len(tokens):
-            kept.append(tokens)
-        else:
-            kept.append(tokens[top_k(be.score(vis, frames_, prompt, LAYER, "max").float(), share)])
-    return sorted(torch.cat(kept).tolist())
+    clip = Clip(np.stack([frames[i] for i in idx]), np.array(idx) / rate, str(fx / "clip.mp4"),
+                probe(fx / "clip.mp4", "pyav"), sample_fps=N_FRAMES / (n / rate))  # as the CLI's uniform sampling
+    pipe = FlexSelect(Qwen25VLBackend.load(model_dir, device="cpu", dtype="float32"))
+    visual, _ = pipe.encode(clip)
+    selection = pipe.select(visual, pipe.backend.prompt(QUESTION),
+                            SelectOptions(budget=BUDGET, layer=LAYER, set_frames=SET_FRAMES, aggregate="max"))
+    return selection.kept.tolist()
 
 
 def bad_inputs(cli: str, fx: Path, ranker_wrong: Path, tmp: Path) -> None:

@@ -1,11 +1,12 @@
-"""Defaults shared by every path (Python, GGUF export, C++ runtime): they live in `defaults.json` beside this file."""
+"""Defaults and family rules shared by every path (Python, GGUF export, C++ runtime): they live in `defaults.json`
+beside this file. Runtime-free: no torch, no tokenizer, so every backend (and the C++ build) reads the same rules."""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from .errors import FlexSelectError
@@ -17,6 +18,7 @@ _RAW = json.loads(DEFAULTS_FILE.read_text())
 
 SET_FRAMES: int = _RAW["set_frames"]
 AGGREGATE: str = _RAW["aggregate"]
+QUESTION = "{question}"  # where the question goes in a family's `prompt_suffix`
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,9 @@ class FamilyDefaults:
     max_frames: int
     max_side: int
     prompt_prefix: str = ""  # chat template up to the video (families whose template all paths share)
-    prompt_suffix: str = "{question}"  # everything after the video; {question} is replaced
+    prompt_suffix: str = QUESTION  # everything after the video; the first {question} is replaced
+    tokens_per_second: float | None = None  # M-RoPE temporal positions per second; None: one step per frame unit
+    special_tokens: dict[str, str] = field(default_factory=dict, hash=False)  # e.g. InternVL's frame delimiters
 
 
 def family_defaults(family: str) -> FamilyDefaults:
@@ -38,6 +42,16 @@ def family_defaults(family: str) -> FamilyDefaults:
     except KeyError:
         known = ", ".join(sorted(_RAW["families"]))
         raise FlexSelectError(f"unknown model family {family!r}; supported families: {known}") from None
+
+
+def prompt_text(family: str, question: str) -> tuple[str, str]:
+    """The family's chat template around the video: (text before the video, text after it with the question).
+
+    Every runtime builds its prompt from this (the C++ runtime from the same JSON, replacing the same first
+    `{question}`), so a question is tokenized identically everywhere.
+    """
+    d = family_defaults(family)
+    return d.prompt_prefix, d.prompt_suffix.replace(QUESTION, question, 1)
 
 
 @functools.cache  # pure, and so the warning below is logged once per model shape, not once per question
@@ -52,4 +66,13 @@ def reference_layer_for(family: str, num_layers: int) -> int:
         "depth). Run `flexselect layer-scan` to measure the best one.",
         family, d.reference_layer, d.num_layers, num_layers, layer,
     )
+    return layer
+
+
+def resolve_layer(family: str, num_layers: int, layer: int | None) -> int:
+    """The reference layer to score at: `layer`, or the family's default for this depth; refused if the model has no
+    such layer. The one range check: every backend's scoring pass trusts it."""
+    layer = reference_layer_for(family, num_layers) if layer is None else layer
+    if not 0 <= layer < num_layers:
+        raise FlexSelectError(f"reference layer {layer} is out of range: this model has layers 0..{num_layers - 1}")
     return layer

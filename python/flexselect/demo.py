@@ -69,6 +69,7 @@ def red_finder(out: Path) -> Path:
     import torch
 
     from .backends.hf.qwen2_5_vl import Qwen25VLBackend
+    from .tiny import plant_attention
 
     if (out / "config.json").is_file():
         return out
@@ -77,29 +78,15 @@ def red_finder(out: Path) -> Path:
     lm = backend.text_model
     layer = DEMO_LAYER
     red, plain = _calibration_tokens(backend)
+    normed = lm.layers[layer].input_layernorm
     with torch.no_grad():
-        # Layers before the reference layer pass their input through (only the residual path is left), so the
-        # reference layer sees the visual tokens as the vision tower made them.
-        for block in lm.layers[:layer]:
-            block.self_attn.o_proj.weight.zero_()
-            block.mlp.down_proj.weight.zero_()
-        block = lm.layers[layer]
-        block.input_layernorm.weight.fill_(1.0)
-        normed = block.input_layernorm
+        normed.weight.fill_(1.0)
         direction = normed(red).mean(0) - normed(plain).mean(0)  # what red-square tokens have and others lack
         direction /= direction.norm()
         gap = float((normed(red) @ direction).mean() - (normed(plain) @ direction).mean())
-        attn = block.self_attn
-        head_dim = attn.head_dim
-        slot = head_dim // 2 - 1  # the lowest rotary frequency: positions barely rotate it
-        for proj in (attn.q_proj, attn.k_proj):
-            proj.weight.zero_()
-            proj.bias.zero_()
-        scale = (LOGIT_GAP * head_dim**0.5 / gap) ** 0.5
-        for head in range(attn.k_proj.weight.shape[0] // head_dim):
-            attn.k_proj.weight[head * head_dim + slot] = scale * direction
-        for head in range(attn.q_proj.weight.shape[0] // head_dim):
-            attn.q_proj.bias[head * head_dim + slot] = scale  # every question token asks the same: "red?"
+    # every question token asks the same ("red?"): a query bias only, no query weights
+    scale = (LOGIT_GAP * lm.layers[layer].self_attn.head_dim**0.5 / gap) ** 0.5
+    plant_attention(lm, layer, key=scale * direction, query_bias=scale)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".partial-"))
     try:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import FlexSelectError
+
 if TYPE_CHECKING:
     from .backends.base import VisualTokens
 
@@ -23,6 +25,16 @@ PIXEL_FACTOR = 28  # patch 14 x spatial merge 2: each side of a frame must be a 
 def frame_size(height: int, width: int, factor: int = PIXEL_FACTOR) -> tuple[int, int]:
     """Each side rounded to the nearest multiple of `factor` (at least one): the size the vision tower takes."""
     return max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+
+
+def time_interval(tokens_per_second: float | None, temporal_patch: int, sample_fps: float) -> float:
+    """Temporal position step per frame unit: `tokens_per_second` (the family's, from defaults.json) positions per
+    second of video, or 1 per unit for a family without time scaling (Qwen2-VL: None)."""
+    if tokens_per_second is None:
+        return 1.0
+    if not sample_fps > 0:
+        raise FlexSelectError(f"the sampling rate must be positive, got {sample_fps}")
+    return tokens_per_second * temporal_patch / sample_fps
 
 
 def video_positions(num_frames: int, grid: tuple[int, int], interval: float) -> torch.Tensor:

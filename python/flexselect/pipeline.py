@@ -20,7 +20,7 @@ from typing import Callable, Literal, Protocol
 import numpy as np
 import torch
 
-from .defaults import AGGREGATE, SET_FRAMES, family_defaults, reference_layer_for
+from .defaults import AGGREGATE, SET_FRAMES, family_defaults, resolve_layer
 from .errors import FlexSelectError
 from .evidence import EvidenceRange, evidence_ranges
 from .backends.base import Backend, Generation, GenerationConfig, Prompt, VisualTokens
@@ -207,11 +207,7 @@ class FlexSelect:
         if selector == "lite" and self.ranker is None:
             raise FlexSelectError("selector 'lite' needs a ranker: pass --ranker PATH")
         if selector == "reference":
-            layer = reference_layer_for(self.backend.family, self.backend.num_layers) if layer is None else layer
-            if not 0 <= layer < self.backend.num_layers:
-                raise FlexSelectError(
-                    f"reference layer {layer} is out of range: this model has layers 0..{self.backend.num_layers - 1}"
-                )
+            layer = resolve_layer(self.backend.family, self.backend.num_layers, layer)
         total = visual.num_tokens
         tpf = visual.tokens_per_frame
         if selector == "none":
@@ -329,11 +325,12 @@ def _stage(progress: StageProgress | None, stage: str):
     return (lambda done, total: progress(stage, done, total)) if progress else None
 
 
-_LOADED: dict[tuple, FlexSelect] = {}
+KEEP_LOADED = 2  # models the one-call form keeps loaded; loading another drops the least recently used
+_LOADED: OrderedDict[tuple, FlexSelect] = OrderedDict()
 
 
 def answer(video: str | os.PathLike, question: str, model: str | os.PathLike | None = None, **options) -> Answer:
-    """One call: load `model` (kept loaded for the next call) and answer `question` about `video`.
+    """One call: load `model` (kept loaded for the next calls, up to `KEEP_LOADED` models) and answer `question`.
 
     `options` are those of `FlexSelect.load` (device, dtype, gguf, mmproj, ranker, positions) and of
     `FlexSelect.answer` (sampling, options, generation, progress).
@@ -341,6 +338,10 @@ def answer(video: str | os.PathLike, question: str, model: str | os.PathLike | N
     load_keys = ("gguf", "mmproj", "ranker", "device", "dtype", "positions", "n_ctx", "n_gpu_layers")
     load_args = {k: options.pop(k) for k in load_keys if k in options}
     key = (str(model), tuple(sorted((k, str(v)) for k, v in load_args.items())))
-    if key not in _LOADED:
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+    else:
+        while len(_LOADED) >= KEEP_LOADED:  # released before the next load, so two models never exceed the limit
+            _LOADED.popitem(last=False)
         _LOADED[key] = FlexSelect.load(model, **load_args)
     return _LOADED[key].answer(video, question, **options)

@@ -58,9 +58,12 @@ def split_budget(budget: int, set_sizes: list[int]) -> list[int]:
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores in ascending index order; ties go to the lower index (as in the C++ runtime)."""
-    order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
-    return torch.sort(order).values
+    """Indices of the k highest scores in ascending index order; ties go to the lower index and a NaN score is never
+    preferred to a number, not even to -inf (as in the C++ runtime)."""
+    scores = scores.float()
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order[torch.sort(scores[order].isnan().to(torch.uint8), stable=True).indices]  # NaN after everything
+    return torch.sort(order[:k]).values
 
 
 def question_attention_scores(

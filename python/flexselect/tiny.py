@@ -105,13 +105,35 @@ def build_tokenizer(vocab_size: int = 512):
     return tok, buf.getvalue()
 
 
+# Qwen2-VL's tower: no windowed attention, no time scaling (tokens_per_second), an embed_dim of its own
+TINY_QWEN2_VL_VISION = {
+    "depth": 3, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+    "spatial_merge_size": 2, "temporal_patch_size": 2,
+}
+
+
 def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a complete tiny Qwen2.5-VL checkpoint folder (config, weights, tokenizer, preprocessor) and return it.
 
     The folder is written beside `out_dir` and renamed into place, so an interrupted build never leaves a
     half-written checkpoint that would later load as if it were whole.
     """
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    return _build_tiny_qwen(out_dir, seed, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, TINY_VISION,
+                            "Qwen2_5_VLProcessor")
+
+
+def build_tiny_qwen2_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """The same for Qwen2-VL (the same language model and tokenizer; GGUF-exportable too)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    return _build_tiny_qwen(out_dir, seed, Qwen2VLConfig, Qwen2VLForConditionalGeneration, TINY_QWEN2_VL_VISION,
+                            "Qwen2VLProcessor")
+
+
+def _build_tiny_qwen(out_dir, seed: int, config_class, model_class, vision: dict, processor_class: str) -> Path:
+    from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
     if (out / "config.json").is_file():
@@ -119,10 +141,10 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     tok, spm_model = build_tokenizer()
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     vocab_size = tok.get_vocab_size()
-    config = Qwen2_5_VLConfig(
+    config = config_class(
         text_config={**TINY_TEXT, "vocab_size": vocab_size, "bos_token_id": ids["<|endoftext|>"],
                      "eos_token_id": ids["<|im_end|>"]},
-        vision_config=TINY_VISION,
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -132,7 +154,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         vocab_size=vocab_size,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     # Random init at std 0.02 gives near-uniform attention everywhere; a wider spread makes the tiny model's
     # rankings decisive, which keeps cross-backend comparisons (f32 vs f16, torch vs llama.cpp) meaningful.
     with torch.no_grad():
@@ -152,7 +174,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     (staging / "tokenizer.model").write_bytes(spm_model)  # what the GGUF converter reads
     preprocessor = {
         "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
+        "processor_class": processor_class,
         "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
         "rescale_factor": 1 / 255,
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
@@ -266,3 +288,34 @@ def build_tiny_internvl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
                     "size": {"height": 112, "width": 112}, "do_normalize": True,
                     "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
     return _write_checkpoint(out, model, tok, extra, preprocessor, seed)
+
+
+# -- planted attention: the demo's red-square finder and the tests' needles -------------------------------------
+def plant_attention(text_model, layer: int, key: torch.Tensor, query: torch.Tensor | None = None,
+                    query_bias: float = 0.0) -> None:
+    """Arrange a (tiny) language model so that `layer` attends along one direction, in place.
+
+    The layers before `layer` pass their input through (zero attention-output and MLP-down weights: only the residual
+    path is left), so `layer` sees the input embeddings. There, every head's key is the normed input's projection on
+    `key` and its query the projection on `query` (or none) plus `query_bias`, both on the lowest rotary frequency,
+    which positions barely rotate. Tokens along `key` then draw the attention of tokens along `query`.
+    """
+    with torch.no_grad():
+        for block in text_model.layers[:layer]:
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        block = text_model.layers[layer]
+        block.input_layernorm.weight.fill_(1.0)
+        attn = block.self_attn
+        head_dim = attn.head_dim
+        slot = head_dim // 2 - 1
+        for proj in (attn.q_proj, attn.k_proj):
+            proj.weight.zero_()
+            if proj.bias is not None:
+                proj.bias.zero_()
+        for proj, direction, bias in ((attn.k_proj, key, 0.0), (attn.q_proj, query, query_bias)):
+            for head in range(proj.weight.shape[0] // head_dim):
+                if direction is not None:
+                    proj.weight[head * head_dim + slot] = direction
+                if bias:
+                    proj.bias[head * head_dim + slot] = bias

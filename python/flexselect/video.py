@@ -2,8 +2,9 @@
 
 decord is the chosen decoder (seeks and decodes just the sampled frames, resizing in the decoder); PyAV is the
 fallback when decord is missing or cannot read a file. Memory is one preallocated array of the sampled frames:
-a 1-hour 1080p video never needs more than that. Sampling rules are shared with the C++ runtime (cpp/video.cpp):
-uniform = centres of n equal segments of the span; fps = round(span * fps) frames taken the same way.
+a 1-hour 1080p video never needs more than that. Sampling rules are shared with the C++ runtime (cpp/src/video.cpp):
+uniform = centres of n equal segments of the span; fps = round(span * fps) frames taken the same way; the clip's
+`sample_fps` is the requested rate when that many frames were taken, else the frames over the span's duration.
 """
 
 from __future__ import annotations
@@ -42,15 +43,23 @@ class Clip:
     timestamps: np.ndarray  # float64 [N] seconds from the start of the video
     source: str
     info: VideoInfo
+    # Sampled frames per second, what M-RoPE's temporal spacing is computed from: the requested rate when one was
+    # requested, else the sampled frames over the span they cover. 0: estimated from the timestamps.
+    sample_fps: float = 0.0
 
-    @property
-    def sample_fps(self) -> float:
-        """Frames per second of the sampled span (what M-RoPE's temporal spacing is computed from)."""
-        n = len(self.frames)
-        if n < 2:
-            return self.info.fps
-        step = (self.timestamps[-1] - self.timestamps[0]) / (n - 1)
-        return 1.0 / step if step > 0 else self.info.fps
+    def __post_init__(self) -> None:
+        if not self.sample_fps > 0:
+            n = len(self.frames)
+            step = (self.timestamps[-1] - self.timestamps[0]) / (n - 1) if n > 1 else 0.0
+            object.__setattr__(self, "sample_fps", 1.0 / step if step > 0 else self.info.fps)
+
+    @classmethod
+    def from_frames(cls, frames: np.ndarray, fps: float, source: str = "frames") -> "Clip":
+        """In-memory frames (uint8 [N, H, W, 3]) sampled at `fps` from the start, as `load_clip` would return them."""
+        frames = np.ascontiguousarray(frames, dtype=np.uint8)
+        n, h, w = frames.shape[:3]
+        info = VideoInfo(path=source, num_frames=n, fps=fps, duration=n / fps, width=w, height=h)
+        return cls(frames, np.arange(n) / fps, source, info, sample_fps=fps)
 
 
 def _check_file(path: str | os.PathLike) -> Path:
@@ -130,6 +139,12 @@ def sample_indices(
     max_frames: int | None = None,
 ) -> np.ndarray:
     """Sorted unique frame indices: uniform (`num_frames`), at `fps`, or every frame; capped by `max_frames`."""
+    return _plan(info, num_frames, fps, start, end, max_frames)[0]
+
+
+def _plan(info: VideoInfo, num_frames, fps, start, end, max_frames) -> tuple[np.ndarray, float, float | None]:
+    """The sampled indices, the span they cover in seconds, and the rate to report if the request was met (the
+    requested fps when exactly round(span * fps) frames are taken, else None)."""
     if num_frames is not None and num_frames <= 0:
         raise FlexSelectError(f"the number of frames must be positive, got {num_frames}")
     if fps is not None and fps <= 0:
@@ -152,10 +167,12 @@ def sample_indices(
         n = max(1, round((t1 - t0) * fps))
     else:
         n = span
+    requested = n
     n = min(n, span, max_frames or n)
     # centres of n equal segments: floor((2i + 1) * span / (2n)), in integers so C++ computes the same
     idx = first + (2 * np.arange(n, dtype=np.int64) + 1) * span // (2 * n)
-    return np.unique(idx)
+    met_fps = fps if num_frames is None and fps is not None and n == requested else None
+    return np.unique(idx), span / info.fps, met_fps
 
 
 def output_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
@@ -184,19 +201,22 @@ def load_clip(
 ) -> Clip:
     """Decode only the sampled frames. `on_frame(i, n)` runs after each frame (progress; may raise to cancel)."""
     info = probe(path, decoder)
-    indices = sample_indices(info, num_frames, fps, start, end, max_frames)
+    indices, span_s, met_fps = _plan(info, num_frames, fps, start, end, max_frames)
+
+    def clip(frames: np.ndarray, kept: np.ndarray) -> Clip:
+        rate = met_fps if met_fps is not None and len(kept) == len(indices) else len(kept) / span_s
+        return Clip(frames, kept / info.fps, info.path, info, sample_fps=rate)
+
     w, h = output_size(info.width, info.height, max_side)
     decord = _decord() if decoder != "pyav" else None
     if decord is not None:
         try:
-            frames = _decode_decord(decord, info, indices, w, h, on_frame)
-            return Clip(frames, indices / info.fps, info.path, info)
+            return clip(_decode_decord(decord, info, indices, w, h, on_frame), indices)
         except _DecordFailed as e:
             if decoder == "decord":
                 raise _unreadable(Path(info.path), e.__cause__) from None
             log.info("decord failed on %s (%s); decoding with PyAV", info.path, e.__cause__)
-    frames, kept = _decode_pyav(info, indices, w, h, on_frame)
-    return Clip(frames, kept / info.fps, info.path, info)
+    return clip(*_decode_pyav(info, indices, w, h, on_frame))
 
 
 class _DecordFailed(Exception):

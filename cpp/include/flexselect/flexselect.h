@@ -55,7 +55,7 @@ std::vector<float> question_attention_scores(const float * q, const float * k, i
                                              int n_kv_heads, int head_dim, int vis_begin, int vis_end,
                                              Aggregate aggregate);
 
-// ---- evidence (selection.cpp; python/flexselect/evidence.py) ------------------------------------------------------
+// ---- evidence (evidence.cpp; python/flexselect/evidence.py) ------------------------------------------------------
 
 struct EvidenceRange {
     double start_s = 0.0, end_s = 0.0;
@@ -75,7 +75,8 @@ struct Pos3 {
     int32_t t, y, x;
 };
 
-// Temporal step per unit: tokens_per_second * temporal_patch / sample_fps.
+// Temporal step per unit: tokens_per_second * temporal_patch / sample_fps, or 1 when tokens_per_second <= 0 (the
+// family has no time scaling: Qwen2-VL; defaults.json's null).
 double time_interval(double tokens_per_second, int temporal_patch, double sample_fps);
 
 // Offsets of a video's tokens relative to its start position, unit-major then row then col:
@@ -112,7 +113,7 @@ struct Clip {
     int width = 0, height = 0;                  // after resizing: multiples of 28
     std::vector<std::vector<uint8_t>> frames;   // RGB24, height * width * 3 each
     std::vector<double> timestamps;             // seconds
-    double sample_fps = 0.0;                    // sampled frames / sampled span in seconds
+    double sample_fps = 0.0;                    // the requested fps if met, else frames / span in seconds
     int64_t source_frames = 0;                  // frames in the (trimmed) source
     double source_fps = 0.0;
 };
@@ -175,12 +176,14 @@ class Llm {
     int n_layers() const;
     int n_embd() const;
     int n_ctx() const;
-    double tokens_per_second() const;  // vision config; 2 for Qwen2.5-VL
+    std::string family() const;        // defaults.json's family of the mmproj's projector (qwen2_5_vl, qwen2_vl)
+    double tokens_per_second() const;  // the family's (defaults.json); 0: one temporal step per unit
 
     Prompt prompt(const std::string & question) const;
     VisualTokens encode(const Clip & clip, int temporal_patch = 2);
 
-    // Scores of the tokens of `units` (in unit order) at `layer`: the set is scored as a short video of its own.
+    // Scores of the tokens of `units` (in unit order) at `layer` (in range: select_tokens checks it): the set is
+    // scored as a short video of its own.
     // The graph is cut right after layer `layer`'s Q/K (see llm.cpp); the KV cache is cleared before and after.
     std::vector<float> score_set(const VisualTokens & v, const std::vector<int> & units, const Prompt & p, int layer,
                                  Aggregate aggregate);
@@ -219,7 +222,7 @@ class Ranker {
     std::unique_ptr<Impl> impl_;
 };
 
-// ---- the whole job (pipeline.cpp) --------------------------------------------------------------------------------
+// ---- selection over all frame sets (pipeline.cpp) -----------------------------------------------------------------
 
 struct SelectOptions {
     int budget = 0;       // <= 0: the family default (rounded up to whole units, capped at the video's tokens)

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..defaults import family_defaults
+from ..defaults import family_defaults, prompt_text
 from ..errors import FlexSelectError
 from .base import Generation, GenerationConfig, Progress, Prompt, VisualTokens, sample
 from ..mrope import (
@@ -64,6 +64,7 @@ from ..mrope import (
     frame_size,
     full_video_extent,
     layout_positions,
+    time_interval,
     video_positions,
 )
 from ..selection import Aggregate, question_attention_scores
@@ -75,7 +76,6 @@ log = logging.getLogger("flexselect")
 
 PROJECTORS = {"qwen2.5vl_merger": "qwen2_5_vl", "qwen2vl_merger": "qwen2_vl"}  # mmproj projector -> family
 TEXT_ARCH = "qwen2vl"
-TOKENS_PER_SECOND = 2  # Qwen2.5-VL's vision config value (not stored in the GGUF); as the transformers backend
 TEMPORAL_PATCH = 2
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 LOG_ERROR = 4
@@ -392,7 +392,8 @@ class LlamaCppBackend:
         h, w = frames.shape[1:3]
         grid = (h // PIXEL_FACTOR, w // PIXEL_FACTOR)
         units = math.ceil(n / TEMPORAL_PATCH)
-        interval = TOKENS_PER_SECOND * TEMPORAL_PATCH / clip.sample_fps
+        # the family's rule from defaults.json (the GGUF does not carry it): Qwen2-VL steps by 1 per unit
+        interval = time_interval(self.defaults.tokens_per_second, TEMPORAL_PATCH, clip.sample_fps)
         if interval < 1:
             log.warning("sampling at %.1f fps puts several frame pairs on one temporal position; llama.cpp masks "
                         "attention by position, so its answers can differ slightly from transformers' (<= 4 fps "
@@ -432,10 +433,9 @@ class LlamaCppBackend:
         return list(buf[:n])
 
     def prompt(self, question: str) -> Prompt:
-        d = self.defaults
-        prefix = torch.tensor(self.tokenize(d.prompt_prefix), dtype=torch.long)
-        suffix = torch.tensor(self.tokenize(d.prompt_suffix.replace("{question}", question)), dtype=torch.long)
-        return Prompt(prefix, suffix, question)
+        prefix, suffix = prompt_text(self.family, question)
+        return Prompt(torch.tensor(self.tokenize(prefix), dtype=torch.long),
+                      torch.tensor(self.tokenize(suffix), dtype=torch.long), question)
 
     # -- decoding ------------------------------------------------------------------------------------------------
     def _decode(self, positions: np.ndarray, tokens: np.ndarray | None = None, embeds: np.ndarray | None = None,
@@ -516,10 +516,8 @@ class LlamaCppBackend:
     # -- scoring pass --------------------------------------------------------------------------------------------
     def reference_qk(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int,
                      abort: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Post-RoPE queries of the suffix rows [H, T, d] and keys of all positions [H_kv, N, d] at `layer`."""
-        if not 0 <= layer < self.num_layers:
-            raise FlexSelectError(f"reference layer {layer} is out of range: this model has layers "
-                                  f"0..{self.num_layers - 1}")
+        """Post-RoPE queries of the suffix rows [H, T, d] and keys of all positions [H_kv, N, d] at `layer` (in
+        range: the pipeline checks it)."""
         embeds, positions = self.scoring_layout(visual, frames, prompt)
         self._check_fits(positions.shape[1], "scoring pass of one frame set")
         cap = self._capture

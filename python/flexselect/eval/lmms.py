@@ -6,11 +6,19 @@
 lmms-eval finds it through the `lmms_eval.models` entry point in pyproject.toml; it is not a dependency of
 flexselect (install it beside). `model_args`: model or gguf + mmproj, ranker (then Lite selects), device, dtype,
 frames or fps, max_frames, max_side, budget, layer, set_frames, selector (reference / lite / none: the baseline),
-max_new_tokens. Only generation tasks are supported: FlexSelect answers, it does not score given continuations.
+max_new_tokens, n_ctx; a misspelt one is refused, not ignored. Only generation tasks are supported: FlexSelect
+answers, it does not score given continuations.
+
+Data parallel: `accelerate launch --num_processes N -m lmms_eval ...` (on one machine or several) starts N copies;
+each takes its rank and the world size from accelerate, loads the model on its own GPU (`cuda:<local rank>`) and
+answers its own shard of the requests (lmms-eval shards them by rank); lmms-eval gathers the answers. A GGUF model
+uses the GPUs CUDA_VISIBLE_DEVICES shows each process.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from pathlib import Path
 
 from lmms_eval.api.model import lmms
@@ -18,6 +26,8 @@ from tqdm import tqdm
 
 from ..errors import FlexSelectError
 from .datasets import VIDEO_EXTS
+
+log = logging.getLogger("flexselect")
 
 
 def manifest():
@@ -34,17 +44,32 @@ def _number(value, kind):
 class FlexSelectLMM(lmms):
     def __init__(self, model=None, gguf=None, mmproj=None, ranker=None, device="auto", dtype="auto", frames=None,
                  fps=None, max_frames=None, max_side=None, budget=None, layer=None, set_frames=None, selector=None,
-                 max_new_tokens=16, n_ctx=32768, **unused) -> None:
+                 max_new_tokens=16, n_ctx=32768, batch_size=1, max_batch_size=None, **unknown) -> None:
+        from accelerate import Accelerator  # lmms-eval's own dependency: what its data-parallel launch runs on
+
         from ..pipeline import FlexSelect, Sampling, SelectOptions  # here: lmms-eval imports this module for every run
 
+        if unknown:  # lmms-eval passes every model_args key through: a typo must not silently use a default
+            known = [p for p in inspect.signature(FlexSelectLMM.__init__).parameters if p not in ("self", "unknown")]
+            raise FlexSelectError(f"unknown FlexSelect model_args: {', '.join(sorted(unknown))}; "
+                                  f"known: {', '.join(known)}")
+        if _number(batch_size, int) not in (None, 1):
+            log.warning("FlexSelect answers one request at a time; batch_size=%s is ignored", batch_size)
         super().__init__()
-        self.pipe = FlexSelect.load(model, gguf=gguf, mmproj=mmproj, ranker=ranker, device=device, dtype=dtype,
-                                    n_ctx=int(n_ctx))
+        self.accelerator = Accelerator()
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self._device = self.accelerator.device if device == "auto" else _device_of(device, self.accelerator)
+        self.pipe = FlexSelect.load(model, gguf=gguf, mmproj=mmproj, ranker=ranker, device=str(self._device),
+                                    dtype=dtype, n_ctx=int(n_ctx))
         self.sampling = Sampling(_number(frames, int), _number(fps, float), max_frames=_number(max_frames, int),
                                  max_side=_number(max_side, int))
         self.options = SelectOptions(_number(budget, int), _number(layer, int), _number(set_frames, int),
                                      selector=selector or None)
         self.max_new_tokens = int(max_new_tokens)
+
+    @property
+    def device(self):
+        return self._device
 
     def generate_until(self, requests) -> list[str]:
         from ..backends.base import GenerationConfig
@@ -81,3 +106,12 @@ class FlexSelectLMM(lmms):
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("FlexSelect answers single-round questions")
+
+
+def _device_of(device: str, accelerator):
+    """An explicit `device`; a bare "cuda" means this process's own GPU when several processes run."""
+    import torch
+
+    if device == "cuda" and accelerator.num_processes > 1:
+        return torch.device("cuda", accelerator.local_process_index)
+    return torch.device(device)

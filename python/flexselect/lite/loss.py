@@ -50,7 +50,7 @@ def soft_rank(scores: torch.Tensor, tau: float = DEFAULT_TAU, chunk: int = CHUNK
 
 
 def hard_rank(values: torch.Tensor) -> torch.Tensor:
-    """0-based float64 ranks, ties get the average of the ranks they span (as scipy.stats.rankdata(method='average') - 1)."""
+    """0-based float64 ranks; ties get the mean of the ranks they span (scipy.stats.rankdata(method="average") - 1)."""
     unique, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
     start = torch.cumsum(counts, 0) - counts
     return (start.double() + (counts - 1) / 2.0)[inverse]

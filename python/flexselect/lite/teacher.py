@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..defaults import AGGREGATE, SET_FRAMES, reference_layer_for
+from ..defaults import AGGREGATE, SET_FRAMES, resolve_layer
 from ..errors import FlexSelectError
 from ..selection import frame_sets
 from .bundle import write_atomic
@@ -140,7 +140,7 @@ def build_teacher_data(
 
     out, videos = Path(out_dir), Path(video_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layer = reference_layer_for(backend.family, backend.num_layers) if layer is None else layer
+    layer = resolve_layer(backend.family, backend.num_layers, layer)
     host = host_info(backend)
     check_settings(out, {"format": FORMAT, "host": host.to_dict(), "layer": layer, "aggregate": aggregate,
                          "frames": frames, "set_frames": SET_FRAMES})

@@ -22,24 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from ...defaults import family_defaults
 from ...errors import FlexSelectError
 from ...selection import Aggregate, question_attention_scores
 from ..base import Progress, Prompt, VisualTokens
+from .common import consecutive_positions, encode_square_frames, eos_ids, read_preprocessor, template_prompt
 from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
-from .llava_onevision import (consecutive_positions, eos_ids, read_preprocessor, square_pixels,
-                              template_prompt)
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
     from ...video import Clip
 
-ENCODE_CHUNK_FRAMES = 16  # frames per vision-tower call: bounds activation memory on long videos
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-START_IMAGE, END_IMAGE = "<img>", "</img>"
 
 
 @dataclass
@@ -81,12 +77,13 @@ class InternVLBackend(HFBackend):
         self.grid = (side, side)
         self.mean = torch.tensor(preprocessor.get("image_mean", IMAGENET_MEAN), dtype=torch.float32)
         self.std = torch.tensor(preprocessor.get("image_std", IMAGENET_STD), dtype=torch.float32)
-        delimiters = tokenizer.convert_tokens_to_ids([START_IMAGE, END_IMAGE])
+        self.defaults = family_defaults(self.family)
+        start, end = self.defaults.special_tokens["frame_start"], self.defaults.special_tokens["frame_end"]
+        delimiters = tokenizer.convert_tokens_to_ids([start, end])
         if any(i is None or i == tokenizer.unk_token_id for i in delimiters):
-            raise FlexSelectError(f"the tokenizer has no {START_IMAGE} / {END_IMAGE} tokens: not an InternVL checkpoint")
+            raise FlexSelectError(f"the tokenizer has no {start} / {end} tokens: not an InternVL checkpoint")
         self.delimiter_ids = torch.tensor(delimiters, dtype=torch.long)
         self.eos_token_ids = eos_ids(model, tokenizer)
-        self.defaults = family_defaults(self.family)
         self._labels: dict[int, list[int]] = {}
 
     @classmethod
@@ -100,30 +97,19 @@ class InternVLBackend(HFBackend):
 
     @torch.inference_mode()
     def encode(self, clip: Clip, progress: Progress | None = None) -> FramedVisualTokens:
-        n = len(clip.frames)
         start_emb, end_emb = self.embed_ids(self.delimiter_ids)[:, None]
-        chunks = []
-        for start in range(0, n, ENCODE_CHUNK_FRAMES):
-            pixels = square_pixels(clip.frames[start : start + ENCODE_CHUNK_FRAMES], self.side, self.mean, self.std)
-            tokens = self.model.model.get_image_features(pixel_values=pixels.to(self.device)).pooler_output
+
+        def features(pixels: torch.Tensor) -> torch.Tensor:  # <img> tokens </img> per frame
+            tokens = self.model.model.get_image_features(pixel_values=pixels).pooler_output
             f = tokens.shape[0]
             blocks = torch.cat([start_emb.expand(f, 1, -1).to(tokens.dtype), tokens,
                                 end_emb.expand(f, 1, -1).to(tokens.dtype)], dim=1)
-            chunks.append(blocks.reshape(-1, blocks.shape[-1]))
-            if progress:
-                progress(min(start + ENCODE_CHUNK_FRAMES, n), n)
-        return FramedVisualTokens(
-            embeds=torch.cat(chunks).to(self.model.dtype),
-            num_frames=n,
-            grid=self.grid,
-            timestamps=np.asarray(clip.timestamps, dtype=np.float64),
-            time_interval=1.0,
-            frame_size=(self.side, self.side),
-            source=clip.source,
-        )
+            return blocks.reshape(-1, blocks.shape[-1])
+
+        return encode_square_frames(self, clip, features, progress, FramedVisualTokens)
 
     def prompt(self, question: str) -> Prompt:
-        return template_prompt(self.tokenizer, self.defaults, question)
+        return template_prompt(self.tokenizer, self.family, question)
 
     def _label_ids(self, n: int) -> torch.Tensor:
         if n not in self._labels:  # ids, not tensors: a tensor made under inference_mode cannot enter autograd later

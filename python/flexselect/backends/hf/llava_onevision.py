@@ -16,58 +16,21 @@ simply sit at consecutive positions.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ...defaults import FamilyDefaults, family_defaults
+from ...defaults import family_defaults
 from ..base import Progress, Prompt, VisualTokens
+from .common import consecutive_positions, encode_square_frames, eos_ids, read_preprocessor, template_prompt
 from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
     from ...video import Clip
 
-ENCODE_CHUNK_FRAMES = 16  # frames per vision-tower call: bounds activation memory on long videos
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
-
-
-def read_preprocessor(path: Path) -> dict:
-    """The checkpoint's video preprocessor settings (falling back to the image preprocessor's), or {}."""
-    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        if (path / name).is_file():
-            return json.loads((path / name).read_text())
-    return {}
-
-
-def square_pixels(frames: np.ndarray, side: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> normalised float [N, 3, side, side] (resized to the tower's square input)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    if tuple(x.shape[2:]) != (side, side):
-        x = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
-    return (x / 255.0 - mean[:, None, None]) / std[:, None, None]
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id if model.generation_config else None
-    eos = eos if isinstance(eos, list) else [eos]
-    return {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
-
-
-def template_prompt(tokenizer, defaults: FamilyDefaults, question: str) -> Prompt:
-    """The family's fixed chat template from defaults.json around the question."""
-    def ids(text: str) -> torch.Tensor:
-        return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
-
-    return Prompt(ids(defaults.prompt_prefix), ids(defaults.prompt_suffix.replace("{question}", question)), question)
-
-
-def consecutive_positions(length: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(length, device=device)[None]
 
 
 class LlavaOnevisionBackend(HFBackend):
@@ -98,26 +61,14 @@ class LlavaOnevisionBackend(HFBackend):
 
     @torch.inference_mode()
     def encode(self, clip: Clip, progress: Progress | None = None) -> VisualTokens:
-        n = len(clip.frames)
-        chunks = []
-        for start in range(0, n, ENCODE_CHUNK_FRAMES):
-            pixels = square_pixels(clip.frames[start : start + ENCODE_CHUNK_FRAMES], self.side, self.mean, self.std)
-            out = self.model.model.get_video_features(pixel_values_videos=pixels[None].to(self.device, self.model.dtype))
-            chunks.append(out.pooler_output[0, :-1])  # the trailing newline is added once, by the layout
-            if progress:
-                progress(min(start + ENCODE_CHUNK_FRAMES, n), n)
-        return VisualTokens(
-            embeds=torch.cat(chunks).to(self.model.dtype),
-            num_frames=n,
-            grid=self.grid,
-            timestamps=np.asarray(clip.timestamps, dtype=np.float64),
-            time_interval=1.0,
-            frame_size=(self.side, self.side),
-            source=clip.source,
-        )
+        def features(pixels: torch.Tensor) -> torch.Tensor:
+            out = self.model.model.get_video_features(pixel_values_videos=pixels[None].to(self.model.dtype))
+            return out.pooler_output[0, :-1]  # the trailing newline is added once, by the layout
+
+        return encode_square_frames(self, clip, features, progress)
 
     def prompt(self, question: str) -> Prompt:
-        return template_prompt(self.tokenizer, self.defaults, question)
+        return template_prompt(self.tokenizer, self.family, question)
 
     def _layout(self, visual_embeds: torch.Tensor, prompt: Prompt) -> LayoutedInput:
         newline = self.model.model.image_newline.to(visual_embeds.dtype)[None]

@@ -6,7 +6,7 @@ with the M-RoPE layout of `flexselect.mrope` (the one the models were trained wi
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,12 +17,16 @@ import torch.nn.functional as F
 
 from ...defaults import family_defaults
 from ...errors import FlexSelectError
-from ...mrope import PIXEL_FACTOR, compact_positions, frame_size, full_video_extent, layout_positions, video_positions
+from ...mrope import (PIXEL_FACTOR, compact_positions, frame_size, full_video_extent, layout_positions, time_interval,
+                      video_positions)
 from ..base import Progress, Prompt, VisualTokens
+from .common import eos_ids, read_preprocessor, template_prompt
 from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
     from ...video import Clip
+
+log = logging.getLogger("flexselect")
 
 ENCODE_CHUNK_UNITS = 16  # units per vision-tower call: bounds activation memory on long videos
 
@@ -58,14 +62,17 @@ class Qwen25VLBackend(HFBackend):
         self.patch = vision.patch_size
         self.temporal_patch = vision.temporal_patch_size
         self.merge = vision.spatial_merge_size
-        # Qwen2-VL has no tokens_per_second: its temporal position steps by 1 per unit, whatever the fps.
-        self.tokens_per_second = getattr(vision, "tokens_per_second", None)
+        self.defaults = family_defaults(family)
+        # The family's rule (defaults.json), shared with the llama.cpp backend and the C++ runtime, whose GGUFs do not
+        # carry it. Qwen2-VL has none: its temporal position steps by 1 per unit, whatever the fps.
+        self.tokens_per_second = self.defaults.tokens_per_second
+        if getattr(vision, "tokens_per_second", None) not in (None, self.tokens_per_second):
+            log.warning("%s: the checkpoint's tokens_per_second %s differs from the family's %s in defaults.json; "
+                        "using defaults.json's, as every runtime does", family, vision.tokens_per_second,
+                        self.tokens_per_second)
         self.mean = torch.tensor(preprocessor.get("image_mean", [0.48145466, 0.4578275, 0.40821073]))
         self.std = torch.tensor(preprocessor.get("image_std", [0.26862954, 0.26130258, 0.27577711]))
-        eos = model.generation_config.eos_token_id if model.generation_config else None
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_token_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
-        self.defaults = family_defaults(family)
+        self.eos_token_ids = eos_ids(model, tokenizer)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", positions: str = "original"):
@@ -79,8 +86,7 @@ class Qwen25VLBackend(HFBackend):
             from transformers import Qwen2VLForConditionalGeneration as model_class
         dev = resolve_device(device)
         model = model_class.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
-        preprocessor_file = path / "preprocessor_config.json"
-        preprocessor = json.loads(preprocessor_file.read_text()) if preprocessor_file.is_file() else {}
+        preprocessor = read_preprocessor(path, ("preprocessor_config.json",))
         return cls(model, AutoTokenizer.from_pretrained(path), preprocessor, config.model_type, positions)
 
     # -- frames -> visual tokens --------------------------------------------------------------------------------
@@ -113,8 +119,7 @@ class Qwen25VLBackend(HFBackend):
             num_frames=units,
             grid=grid,
             timestamps=np.asarray(clip.timestamps[:: self.temporal_patch], dtype=np.float64),
-            time_interval=(1.0 if self.tokens_per_second is None
-                           else self.tokens_per_second * self.temporal_patch / clip.sample_fps),
+            time_interval=time_interval(self.tokens_per_second, self.temporal_patch, clip.sample_fps),
             frame_size=(grid[0] * PIXEL_FACTOR, grid[1] * PIXEL_FACTOR),
             source=clip.source,
             frames_per_unit=self.temporal_patch,
@@ -122,11 +127,7 @@ class Qwen25VLBackend(HFBackend):
 
     # -- prompt and layouts -------------------------------------------------------------------------------------
     def prompt(self, question: str) -> Prompt:
-        def ids(text: str) -> torch.Tensor:
-            return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
-
-        d = self.defaults
-        return Prompt(ids(d.prompt_prefix), ids(d.prompt_suffix.replace("{question}", question)), question)
+        return template_prompt(self.tokenizer, self.family, question)
 
     def _layout(self, visual_embeds, offsets, extent, prompt: Prompt) -> LayoutedInput:
         embeds = torch.cat([self.embed_ids(prompt.prefix_ids), visual_embeds, self.embed_ids(prompt.suffix_ids)])

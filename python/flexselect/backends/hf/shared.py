@@ -107,11 +107,8 @@ class HFBackend:
 
     # -- scoring pass -------------------------------------------------------------------------------------------
     def hidden_at_layer(self, inputs: LayoutedInput, layer: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Run layers 0..layer-1 and return what enters `layer`: hidden states and its rotary (cos, sin)."""
-        if not 0 <= layer < self.num_layers:
-            raise FlexSelectError(
-                f"reference layer {layer} is out of range: this model has layers 0..{self.num_layers - 1}"
-            )
+        """Run layers 0..layer-1 and return what enters `layer` (in range: the pipeline checks it): hidden states and
+        its rotary (cos, sin)."""
         captured: dict[str, object] = {}
 
         def stop_here(module: nn.Module, args: tuple, kwargs: dict) -> None:
