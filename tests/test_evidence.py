@@ -13,7 +13,7 @@ from flexselect import demo
 from flexselect.evidence import describe, evidence_ranges
 from flexselect.video import load_clip
 
-VECTORS = json.loads((Path(__file__).parent / "vectors" / "evidence.json").read_text())["cases"]
+VECTORS = json.loads((Path(__file__).parent / "vectors.json").read_text())["evidence"]
 
 
 @pytest.mark.parametrize("case", VECTORS, ids=[c["name"] for c in VECTORS])

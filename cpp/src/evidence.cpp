@@ -1,5 +1,5 @@
 // Evidence: where in the video the kept tokens come from, as ranked time ranges (python/flexselect/evidence.py;
-// both read the hand-computed cases of tests/vectors/evidence.json).
+// both are held to the hand-computed "evidence" cases of tests/vectors.json).
 #include "flexselect/flexselect.h"
 
 #include <algorithm>

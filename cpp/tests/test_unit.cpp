@@ -132,6 +132,21 @@ static void test_shared_position_vectors() {
     }
 }
 
+static void test_shared_evidence_vectors() {
+    for (const auto & c : vectors()["evidence"]) {
+        const auto got = evidence_ranges(ints(c["kept_per_unit"]), c["timestamps"].get<std::vector<double>>(),
+                                         c["max_ranges"]);
+        const auto & want = c["ranges"];
+        CHECK(got.size() == want.size());
+        for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+            const auto & w = want[i];
+            CHECK(got[i].start_s == w["start_s"].get<double>() && got[i].end_s == w["end_s"].get<double>());
+            CHECK(got[i].tokens == w["tokens"].get<int>() && near(got[i].share, w["share"], 1e-12));
+        }
+    }
+    CHECK(throws([] { evidence_ranges({1, 2, 3}, {0.0, 1.0}); }));
+}
+
 // ---- C++-only checks: errors, invariants, llama.cpp's batch layout, the vision tower's frame size ------------------
 
 static void test_errors_and_invariants() {
@@ -177,6 +192,7 @@ static void test_target_size() {
 int main() {
     test_shared_selection_vectors();
     test_shared_position_vectors();
+    test_shared_evidence_vectors();
     test_errors_and_invariants();
     test_mrope_batch_layout();
     test_target_size();
