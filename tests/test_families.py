@@ -81,7 +81,7 @@ def test_family_is_detected_and_loaded(family, model_dirs, backends):
 
 def test_unsupported_model_type_lists_the_supported_families(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mllama"}))
-    supported = "internvl.*llava_onevision.*qwen2_5_vl.*qwen2_vl"
+    supported = "internvl.*llava_onevision.*qwen2_5_vl.*qwen2_vl.*qwen3_vl.*qwen3_vl_moe"
     with pytest.raises(FlexSelectError, match=supported):
         load_backend(tmp_path)
 
