@@ -11,7 +11,11 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 python -m pip install -q --upgrade pip
 # torch pinned first: the local CPU wheel; an unpinned torch would pull gigabytes of CUDA packages.
 # llama-cpp-python compiles llama.cpp (~6 min on 2 cores, once; pip caches the wheel); GGML_NATIVE off for portability.
-CMAKE_ARGS="-DGGML_NATIVE=OFF" python -m pip install -q torch==2.13.0 -e ".[test,lite,gguf,plot]"
+CMAKE_ARGS="-DGGML_NATIVE=OFF" python -m pip install -q torch==2.13.0 -e ".[test,lite,gguf,plot,serve]"
+# the serve tests drive Debian's chromium with Playwright (never `playwright install`: no browser download)
+if ! command -v chromium >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 
 if [ "${FLEXSELECT_SKIP_CPP:-0}" != 1 ]; then
   if ! dpkg -s libavformat-dev libavcodec-dev libswscale-dev libavutil-dev >/dev/null 2>&1; then
