@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -35,8 +36,8 @@ def make_server(controlled, media_dir):
 
     servers = []
 
-    def make(**settings):
-        pipe = FlexSelect(controlled)
+    def make(backend: ControlledBackend | None = None, **settings):
+        pipe = FlexSelect(backend or controlled)
         settings = {"model_id": "tiny-qwen2_5_vl", "media_dirs": [str(media_dir)], **settings}
         servers.append(LiveServer(create_app(pipe, Settings(**settings))))
         return servers[-1]
@@ -45,3 +46,25 @@ def make_server(controlled, media_dir):
     controlled.gate.set()
     for server in servers:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def red_finder(tmp_path_factory):
+    """The demo's tiny model arranged to attend to red, and its 30 s video with the red square at 19-21 s, in a
+    media folder of its own: its evidence is known, so the page's peaks can be checked."""
+    from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
+    from flexselect.demo import demo_assets
+
+    cache = tmp_path_factory.mktemp("demo-cache")
+    old = os.environ.get("FLEXSELECT_CACHE")
+    os.environ["FLEXSELECT_CACHE"] = str(cache)
+    try:
+        model, video = demo_assets()
+    finally:
+        if old is None:
+            del os.environ["FLEXSELECT_CACHE"]
+        else:
+            os.environ["FLEXSELECT_CACHE"] = old
+    media = tmp_path_factory.mktemp("demo-media")
+    shutil.copy(video, media / "red-square.mp4")
+    return Qwen25VLBackend.load(model, device="cpu", dtype="float32"), media

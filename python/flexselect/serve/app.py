@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -163,7 +164,9 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
                                            report(run, result)))
 
     def report(run: Run, result: dict) -> dict:
-        recent[run.id] = (run.job.video, run.job.sampling, result["visual"], result["selection"])
+        # the heatmap needs the token layout, not the embeddings (hundreds of MiB for a long video on a real model)
+        layout = dataclasses.replace(result["visual"], embeds=result["visual"].embeds[:0])
+        recent[run.id] = (run.job.video, run.job.sampling, layout, result["selection"])
         while len(recent) > 16:
             recent.popitem(last=False)
         return api.flexselect_report(result, f"/v1/flexselect/runs/{run.id}/heatmap.png")

@@ -67,6 +67,7 @@ function knobs() {
   if (number("frames") !== null) body.frames = number("frames");
   if (number("budget") !== null) body.budget = number("budget");
   if (number("set-frames") !== null) body.set_frames = number("set-frames");
+  if (number("layer") !== null) body.layer = number("layer");
   body.max_tokens = number("max-tokens") ?? 256;
   body.temperature = number("temperature") ?? 0;
   return body;
@@ -266,6 +267,7 @@ function showEvidence(ranges) {
     li.textContent = `${range.start_s.toFixed(1)}–${range.end_s.toFixed(1)} s · ${(100 * range.share).toFixed(0)}% ` +
       `of the kept tokens (${range.tokens})`;
     li.dataset.time = String(range.start_s);
+    li.dataset.end = String(range.end_s);
     li.addEventListener("click", () => seek(range.start_s));
     return li;
   }));
