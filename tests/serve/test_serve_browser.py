@@ -71,9 +71,10 @@ def test_ask_watch_seek_follow_up_and_stop(make_server, red_finder, page, tmp_pa
     expect(first.locator(".evidence-text")).to_contain_text(f"of them from {first_start:.1f}-")
     page.wait_for_function("document.getElementById('heatmap').complete && "
                            "document.getElementById('heatmap').naturalWidth > 0")
-    assert page.evaluate("""(() => { const c = document.getElementById('timeline');
+    red_pixels = """(() => { const c = document.getElementById('timeline');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-        let red = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 200 && d[i + 1] < 120) red++; return red; })()""") > 50
+        let red = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 200 && d[i + 1] < 120) red++; return red; })()"""
+    assert page.evaluate(red_pixels) > 50  # the density bars are drawn
     page.screenshot(path=str(tmp_path / "answered.png"), full_page=True)
 
     # clicking the peak seeks the player to the red square; the kept-token overlay follows the picture

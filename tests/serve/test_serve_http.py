@@ -191,3 +191,17 @@ def test_streamed_error_event(server):
 def test_foreign_host_header_is_refused(server):
     # DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends its own Host
     assert httpx.get(server.url + "/v1/models", headers={"Host": "evil.example"}).status_code == 400
+
+
+def test_other_spellings_of_the_video_part(server, media_dir):
+    import base64
+
+    inline = "data:video/mp4;base64," + base64.b64encode((media_dir / "clip.mp4").read_bytes()).decode()
+    for part in ({"type": "input_video", "input_video": {"url": "clip.mp4"}},
+                 {"type": "input_video", "video_url": "sub/again.mp4"},
+                 {"type": "video_url", "video_url": {"url": inline}},
+                 {"type": "video_url", "video_url": {"url": f"file://{media_dir / 'clip.mp4'}"}}):
+        body = {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "What is shown?"}]}], **SMALL}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, (part["type"], r.text)
+        assert r.json()["flexselect"]["kept_tokens"] == 24

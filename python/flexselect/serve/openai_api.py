@@ -37,7 +37,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     @classmethod
-    def from_refused(cls, e: Refused) -> "ApiError":
+    def from_refused(cls, e: Refused) -> ApiError:
         return cls(e.status, str(e), e.code, e.param)
 
     def body(self) -> dict:
@@ -189,7 +189,7 @@ def flexselect_report(result: dict, sheet_url: str) -> dict:
         "frame_units": visual.num_frames,
         "tokens_per_frame": visual.tokens_per_frame,
         "visual_tokens": visual.num_tokens,
-        "kept_tokens": int(len(kept)),
+        "kept_tokens": len(kept),
         "budget": selection.budget,
         "frame_sets": len(selection.sets),
         "frame_set_units": [[int(u) for u in s] for s in selection.sets],
@@ -199,7 +199,7 @@ def flexselect_report(result: dict, sheet_url: str) -> dict:
         "seconds": {k: round(float(v), 4) for k, v in result["seconds"].items()},
         "peak_memory_mb": result["peak_memory_mb"],
         "evidence": [r.to_dict() for r in evidence],  # ranked; see flexselect.evidence
-        "evidence_text": describe(evidence, int(len(kept)), visual.num_tokens),
+        "evidence_text": describe(evidence, len(kept), visual.num_tokens),
         # kept-token density over time: one entry per temporal unit, for the page's timeline
         "timeline": [{"start": round(float(starts[u]), 3), "end": round(float(ends[u]), 3), "kept": int(per_unit[u])}
                      for u in range(visual.num_frames)],

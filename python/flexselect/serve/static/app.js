@@ -190,7 +190,8 @@ function showReport(report, turn) {
   stats.textContent = `kept ${report.kept_tokens} of ${report.visual_tokens} tokens (${share}%) in ` +
     `${report.frame_sets} frame set(s) · ${report.frame_units} units · selector ${report.selector}` +
     (report.reference_layer !== null ? `, layer ${report.reference_layer}` : "") +
-    ` · ${report.video_cached ? "video tokens reused" : `decode ${s.decode.toFixed(2)}s, encode ${s.encode.toFixed(2)}s`}` +
+    ` · ${report.video_cached ? "video tokens reused"
+      : `decode ${s.decode.toFixed(2)}s, encode ${s.encode.toFixed(2)}s`}` +
     ` · select ${s.select.toFixed(2)}s · first token ${s.ttft_answer.toFixed(2)}s · total ${s.total.toFixed(2)}s`;
   const where = document.createElement("div");
   where.className = "evidence-text";
@@ -264,7 +265,8 @@ function drawTimeline() {
 function showEvidence(ranges) {
   $("evidence").replaceChildren(...ranges.map((range) => {
     const li = document.createElement("li");
-    li.textContent = `${range.start_s.toFixed(1)}–${range.end_s.toFixed(1)} s · ${(100 * range.share).toFixed(0)}% ` +
+    li.textContent = `${range.start_s.toFixed(1)}–${range.end_s.toFixed(1)} s · ` +
+      `${(100 * range.share).toFixed(0)}% ` +
       `of the kept tokens (${range.tokens})`;
     li.dataset.time = String(range.start_s);
     li.dataset.end = String(range.end_s);
@@ -283,7 +285,10 @@ function drawOverlay() {
   const player = $("player"), canvas = $("overlay");
   const g = canvas.getContext("2d");
   const report = state.report;
-  if (!report || !$("show-overlay").checked || !player.videoWidth) { g.clearRect(0, 0, canvas.width, canvas.height); return; }
+  if (!report || !$("show-overlay").checked || !player.videoWidth) {
+    g.clearRect(0, 0, canvas.width, canvas.height);
+    return;
+  }
   const scale = Math.min(player.clientWidth / player.videoWidth, player.clientHeight / player.videoHeight);
   const w = player.videoWidth * scale, h = player.videoHeight * scale;
   Object.assign(canvas.style, { left: `${(player.clientWidth - w) / 2}px`, top: `${(player.clientHeight - h) / 2}px`,
@@ -295,7 +300,8 @@ function drawOverlay() {
   for (let r = 0; r < rows; r++) {
     for (let c = 0; c < cols; c++) {
       g.fillStyle = mask[r * cols + c] === "1" ? "rgba(255, 32, 32, 0.38)" : "rgba(0, 0, 0, 0.5)";
-      g.fillRect(c * canvas.width / cols, r * canvas.height / rows, canvas.width / cols + 0.5, canvas.height / rows + 0.5);
+      const cw = canvas.width / cols, ch = canvas.height / rows;
+      g.fillRect(c * cw, r * ch, cw + 0.5, ch + 0.5);
     }
   }
 }
