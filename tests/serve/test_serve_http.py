@@ -205,3 +205,15 @@ def test_other_spellings_of_the_video_part(server, media_dir):
         r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 200, (part["type"], r.text)
         assert r.json()["flexselect"]["kept_tokens"] == 24
+
+
+def test_disconnect_while_waiting_for_a_plain_answer(make_server, controlled):
+    server = make_server()
+    controlled.gate.clear()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", timeout=httpx.Timeout(30, read=3),
+                   json={"messages": video_message("clip.mp4", "What is shown?"), **SMALL, "max_tokens": 64})
+    controlled.gate.set()  # the run goes on to its next frame set or first token, sees the flag and stops there
+    runs = server.app.state.runs
+    wait_until(lambda: runs.status()["cancelled"] == 1 and runs.status()["running"] is None, what="the cancel")
+    assert ask(server).status_code == 200

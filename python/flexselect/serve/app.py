@@ -48,6 +48,7 @@ log = logging.getLogger("flexselect")
 STATIC = files("flexselect.serve") / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 KEY_COOKIE = "flexselect_key"
+DISCONNECT_CHECK_S = 0.25  # how often a waiting request asks whether its client is still there
 PROGRESS_INTERVAL_S = 0.1  # progress events are thinned to this rate; stage changes and the last one always go
 
 
@@ -178,14 +179,16 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
         return api.flexselect_report(result, f"/v1/flexselect/runs/{run.id}/heatmap.png")
 
     async def wait_for_result(request: Request, run: Run) -> dict | None:
+        gone = Disconnected(request)
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(run.events.get(), timeout=0.25)
+                    event = await asyncio.wait_for(run.events.get(), timeout=DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        run.cancel()
-                        return None
+                    event = None
+                if await gone():
+                    return None  # the finally below cancels the run
+                if event is None:
                     continue
                 if event["type"] == "done":
                     return event["result"]
@@ -203,16 +206,23 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
             return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
         last_progress: tuple[str, float] = ("", 0.0)
+        gone = Disconnected(request)
+        idle_since = time.monotonic()
         try:
             yield data(api.chunk(run.id, model, {"role": "assistant", "content": ""}))
             while True:
                 try:
-                    event = await asyncio.wait_for(run.events.get(), timeout=settings.heartbeat_s)
+                    event = await asyncio.wait_for(run.events.get(), timeout=DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    yield ": waiting\n\n"  # a comment line: keeps proxies from closing an idle stream
+                    event = None
+                if await gone():
+                    return  # the finally below cancels the run
+                if event is None:
+                    if time.monotonic() - idle_since > settings.heartbeat_s:
+                        idle_since = time.monotonic()
+                        yield ": waiting\n\n"  # a comment line: keeps proxies from closing an idle stream
                     continue
+                idle_since = time.monotonic()
                 kind = event["type"]
                 if kind == "progress":
                     now = time.monotonic()
@@ -220,8 +230,6 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
                             and now - last_progress[1] < PROGRESS_INTERVAL_S):
                         continue
                     last_progress = (event["stage"], now)
-                    if await request.is_disconnected():
-                        return
                     progress = {k: event[k] for k in ("stage", "done", "total")}
                     yield data(api.chunk(run.id, model, {}, flexselect={"progress": progress}))
                 elif kind == "text":
@@ -271,6 +279,22 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
         return {"object": "status", "model": settings.model_id, **runs.status()}
 
     return app
+
+
+class Disconnected:
+    """`await gone()`: has the client hung up? Asks the server at most every DISCONNECT_CHECK_S, so a run that
+    streams events without pause is still noticed (each check is a receive() that returns at once)."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.checked = 0.0
+
+    async def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.checked < DISCONNECT_CHECK_S:
+            return False
+        self.checked = now
+        return await self.request.is_disconnected()
 
 
 async def read_json(request: Request, limit: int) -> dict:

@@ -58,7 +58,10 @@ class Run:
 
     def emit(self, kind: str, **data: Any) -> None:
         """From the worker thread: hand an event to the request's coroutine."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, {"type": kind, **data})
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, {"type": kind, **data})
+        except RuntimeError:  # the event loop is closed: the server is stopping and nobody listens any more
+            self.cancel()
 
     def cancel(self) -> None:
         self.cancelled.set()
