@@ -11,7 +11,12 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 python -m pip install -q --upgrade pip
 # torch pinned first: the local CPU wheel; an unpinned torch would pull gigabytes of CUDA packages.
 # llama-cpp-python compiles llama.cpp (~6 min on 2 cores, once; pip caches the wheel); GGML_NATIVE off for portability.
-CMAKE_ARGS="-DGGML_NATIVE=OFF" python -m pip install -q torch==2.13.0 -e ".[test,lite,gguf,plot,lint]"
+CMAKE_ARGS="-DGGML_NATIVE=OFF" python -m pip install -q torch==2.13.0 -e ".[test,lite,gguf,plot,lint,serve]"
+
+# the serve tests drive Debian's chromium with Playwright (never `playwright install`: no browser download)
+if ! command -v chromium >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 
 # Style first (seconds): ruff lint + format and clang-format over cpp/, with the configs in pyproject.toml and
 # .clang-format. STYLE_ENFORCED=0 until the tree-wide formatting is applied: until then a finding is reported, loudly,

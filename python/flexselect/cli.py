@@ -15,6 +15,7 @@ from .eval.cli import add_eval_command
 from .layer_scan import add_layer_scan_command
 from .lite import add_lite_commands
 from .plan import add_plan_command
+from .serve import add_serve_command
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lite_commands(sub)
     add_eval_command(sub)
     add_plan_command(sub)
+    add_serve_command(sub)
     export = sub.add_parser("export", help="export a model for another runtime (GGUF for llama.cpp)")
     add_export_gguf_command(export.add_subparsers(dest="format", required=True))
     return parser

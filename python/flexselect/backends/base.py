@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # only for type hints: the models never decode video themselv
     from ..video import Clip
 
 Progress = Callable[[int, int], None]  # (done, total); may raise to cancel (ComfyUI does)
+OnToken = Callable[[int], None]  # each generated token's id, as it is sampled (the server streams with it)
 
 
 @dataclass
@@ -94,10 +95,14 @@ class Backend(Protocol):
 
     def generate(
         self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt, config: GenerationConfig,
-        progress: Progress | None = None,
+        progress: Progress | None = None, on_token: OnToken | None = None,
     ) -> Generation:
         """Answer from [prefix + the kept tokens (ascending global indices) + suffix]; `progress` is called after
-        each new token (it may raise to cancel)."""
+        each new token (it may raise to cancel), `on_token` with that token's id (for streaming: see `decode`)."""
+        ...
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of generated token ids, special tokens dropped (a partial character decodes to U+FFFD)."""
         ...
 
 

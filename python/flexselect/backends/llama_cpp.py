@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ..defaults import family_defaults, prompt_text
 from ..errors import FlexSelectError
-from .base import Generation, GenerationConfig, Progress, Prompt, VisualTokens, sample
+from .base import Generation, GenerationConfig, OnToken, Progress, Prompt, VisualTokens, sample
 from ..mrope import (
     PIXEL_FACTOR,
     compact_positions,
@@ -560,6 +560,9 @@ class LlamaCppBackend:
         ptr = self._ll.llama_get_logits_ith(self.ctx, -1)
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).copy())
 
+    def decode(self, token_ids: list[int]) -> str:
+        return b"".join(self._piece(t) for t in token_ids).decode("utf-8", "replace")
+
     def _piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = self._ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
@@ -569,7 +572,8 @@ class LlamaCppBackend:
         return buf.raw[:n]
 
     def generate(self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt,
-                 config: GenerationConfig, progress: Progress | None = None) -> Generation:
+                 config: GenerationConfig, progress: Progress | None = None,
+                 on_token: OnToken | None = None) -> Generation:
         start = time.perf_counter()
         kept = kept.to(torch.long).cpu()
         embeds, positions, next_position = self.answer_layout(visual, kept, prompt)
@@ -590,6 +594,8 @@ class LlamaCppBackend:
                 stopped = "eos"
                 break
             token_ids.append(token)
+            if on_token:
+                on_token(token)
             if progress:
                 progress(step + 1, config.max_new_tokens)
             if step + 1 == config.max_new_tokens:
@@ -600,7 +606,7 @@ class LlamaCppBackend:
                 break
             self._decode(np.full((3, 1), position, dtype=np.int64), tokens=np.array([token]), logits_last=True)
             position += 1
-        text = b"".join(self._piece(t) for t in token_ids).decode("utf-8", "replace").strip()
+        text = self.decode(token_ids).strip()
         total = time.perf_counter() - start
         return Generation(text=text, token_ids=token_ids, ttft_s=ttft, prompt_tokens=n_prompt,
                           stats={"backend": "llama.cpp", "stopped": stopped, "seconds": total})

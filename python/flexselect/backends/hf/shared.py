@@ -28,7 +28,7 @@ from torch import nn
 
 from ...errors import FlexSelectError
 from ...selection import Aggregate, question_attention_scores
-from ..base import Generation, GenerationConfig, Progress, Prompt, VisualTokens, sample
+from ..base import Generation, GenerationConfig, OnToken, Progress, Prompt, VisualTokens, sample
 
 CAPTURE_ATTENTION = "flexselect_capture"
 
@@ -274,7 +274,7 @@ class HFBackend:
     @torch.inference_mode()
     def generate(
         self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt, config: GenerationConfig,
-        progress: Progress | None = None,
+        progress: Progress | None = None, on_token: OnToken | None = None,
     ) -> Generation:
         from transformers import DynamicCache
 
@@ -295,6 +295,8 @@ class HFBackend:
             if token in self.eos_token_ids:
                 break
             token_ids.append(token)
+            if on_token:
+                on_token(token)
             if progress:
                 progress(step + 1, config.max_new_tokens)
             if step + 1 == config.max_new_tokens:
@@ -307,5 +309,8 @@ class HFBackend:
                 past_key_values=cache, use_cache=True,
             ).last_hidden_state
             position += 1
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
-        return Generation(text=text, token_ids=token_ids, ttft_s=ttft, prompt_tokens=inputs.embeds.shape[1])
+        return Generation(text=self.decode(token_ids).strip(), token_ids=token_ids, ttft_s=ttft,
+                          prompt_tokens=inputs.embeds.shape[1])
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
