@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import struct
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -64,7 +64,11 @@ def _capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+        sdpa_mask,
+    )
 
     if CAPTURE_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
         AttentionInterface.register(CAPTURE_ATTENTION, _capture_attention)
