@@ -30,6 +30,7 @@ class FamilyDefaults:
     max_side: int
     prompt_prefix: str = ""  # chat template up to the video (families whose template all paths share)
     prompt_suffix: str = "{question}"  # everything after the video; {question} is replaced
+    reference_layer_measured: bool = True  # False: taken at Qwen2.5-VL's relative depth, never measured
 
 
 def family_defaults(family: str) -> FamilyDefaults:
@@ -42,14 +43,22 @@ def family_defaults(family: str) -> FamilyDefaults:
 
 @functools.cache  # pure, and so the warning below is logged once per model shape, not once per question
 def reference_layer_for(family: str, num_layers: int) -> int:
-    """The paper's reference layer, or the layer at the same relative depth for a model of another depth."""
+    """The paper's reference layer, or the layer at the same relative depth for a model of another depth (with a
+    warning, as for a family whose layer was never measured)."""
     d = family_defaults(family)
-    if num_layers == d.num_layers:
-        return d.reference_layer
-    layer = min(num_layers - 1, max(1, round(d.reference_layer * num_layers / d.num_layers)))
-    log.warning(
-        "%s: the paper's reference layer %d is for %d layers; this model has %d, using layer %d (same relative "
-        "depth). Run `flexselect layer-scan` to measure the best one.",
-        family, d.reference_layer, d.num_layers, num_layers, layer,
-    )
+    layer = d.reference_layer
+    if num_layers != d.num_layers:
+        layer = min(num_layers - 1, max(1, round(d.reference_layer * num_layers / d.num_layers)))
+    if not d.reference_layer_measured:
+        log.warning(
+            "%s: reference layer %d of %d was never measured (the paper covers no such model): it sits at "
+            "Qwen2.5-VL's relative depth (20 of 28). Run `flexselect layer-scan --model ...` to measure the best one "
+            "and pass it as --layer.", family, layer, num_layers,
+        )
+    elif num_layers != d.num_layers:
+        log.warning(
+            "%s: the paper's reference layer %d is for %d layers; this model has %d, using layer %d (same relative "
+            "depth). Run `flexselect layer-scan` to measure the best one.",
+            family, d.reference_layer, d.num_layers, num_layers, layer,
+        )
     return layer

@@ -9,13 +9,13 @@ from pathlib import Path
 from ..errors import FlexSelectError
 from .base import Backend
 
-# config.json `model_type` -> family in defaults.json. Not supported, and why:
-# - qwen3_vl: DeepStack injects vision features into the first decoder layers and Q/K are normalised per head,
-#   neither of which the shared stopped scoring pass reproduces; frames are also interleaved with timestamp text.
-# - internvl_chat (the original remote-code InternVL checkpoints): use the transformers-native "-hf" conversion.
+# config.json `model_type` -> family in defaults.json. Not supported: internvl_chat (the original remote-code
+# InternVL checkpoints): use the transformers-native "-hf" conversion.
 SUPPORTED = {
     "qwen2_5_vl": "qwen2_5_vl",
     "qwen2_vl": "qwen2_vl",
+    "qwen3_vl": "qwen3_vl",
+    "qwen3_vl_moe": "qwen3_vl_moe",
     "llava_onevision": "llava_onevision",
     "internvl": "internvl",
 }
@@ -53,6 +53,10 @@ def load_backend(path: str | os.PathLike, device: str = "auto", dtype: str = "au
         from .hf.internvl import InternVLBackend
 
         return InternVLBackend.load(path, device=device, dtype=dtype)
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
+        from .hf.qwen3_vl import Qwen3VLBackend
+
+        return Qwen3VLBackend.load(path, device=device, dtype=dtype, positions=positions)
     from .hf.qwen2_5_vl import Qwen25VLBackend
 
     return Qwen25VLBackend.load(path, device=device, dtype=dtype, positions=positions)
