@@ -42,18 +42,24 @@ def family_defaults(family: str) -> FamilyDefaults:
 
 
 @functools.cache  # pure, and so the warning below is logged once per model shape, not once per question
-def reference_layer_for(family: str, num_layers: int) -> int:
+def reference_layer_for(family: str, num_layers: int, candidates: tuple[int, ...] | None = None) -> int:
     """The paper's reference layer, or the layer at the same relative depth for a model of another depth (with a
-    warning, as for a family whose layer was never measured)."""
+    warning, as for a family whose layer was never measured). `candidates`: the layers that can be scored; when
+    not all can (a hybrid model's full-attention layers), the candidate nearest that depth, the shallower on a tie."""
     d = family_defaults(family)
+    depth = d.reference_layer * num_layers / d.num_layers
     layer = d.reference_layer
     if num_layers != d.num_layers:
-        layer = min(num_layers - 1, max(1, round(d.reference_layer * num_layers / d.num_layers)))
+        layer = min(num_layers - 1, max(1, round(depth)))
+    hybrid = candidates is not None and len(candidates) < num_layers
+    if hybrid and layer not in candidates:
+        layer = min(candidates, key=lambda c: (abs(c - depth), c))
     if not d.reference_layer_measured:
         log.warning(
-            "%s: reference layer %d of %d was never measured (the paper covers no such model): it sits at "
+            "%s: reference layer %d of %d was never measured (the paper covers no such model): it is the %s "
             "Qwen2.5-VL's relative depth (20 of 28). Run `flexselect layer-scan --model ...` to measure the best one "
             "and pass it as --layer.", family, layer, num_layers,
+            "full-attention layer nearest" if hybrid else "layer at",
         )
     elif num_layers != d.num_layers:
         log.warning(

@@ -23,7 +23,9 @@ import torch
 from .defaults import AGGREGATE, SET_FRAMES, family_defaults, reference_layer_for
 from .errors import FlexSelectError
 from .evidence import EvidenceRange, evidence_ranges
-from .backends.base import Backend, Generation, GenerationConfig, Prompt, VisualTokens
+from .backends.base import (
+    Backend, Generation, GenerationConfig, Prompt, VisualTokens, attention_layers, check_reference_layer,
+)
 from .selection import Aggregate, frame_sets, round_budget, split_budget, top_k
 from .video import Clip, load_clip
 
@@ -206,11 +208,10 @@ class FlexSelect:
         if selector == "lite" and self.ranker is None:
             raise FlexSelectError("selector 'lite' needs a ranker: pass --ranker PATH")
         if selector == "reference":
-            layer = reference_layer_for(self.backend.family, self.backend.num_layers) if layer is None else layer
-            if not 0 <= layer < self.backend.num_layers:
-                raise FlexSelectError(
-                    f"reference layer {layer} is out of range: this model has layers 0..{self.backend.num_layers - 1}"
-                )
+            if layer is None:
+                layer = reference_layer_for(self.backend.family, self.backend.num_layers,
+                                            tuple(attention_layers(self.backend)))
+            check_reference_layer(self.backend, layer)
         total = visual.num_tokens
         tpf = visual.tokens_per_frame
         if selector == "none":

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import numpy as np
 import torch
 
+from ..errors import FlexSelectError
 from ..selection import Aggregate
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
@@ -99,6 +100,27 @@ class Backend(Protocol):
         """Answer from [prefix + the kept tokens (ascending global indices) + suffix]; `progress` is called after
         each new token (it may raise to cancel)."""
         ...
+
+
+def attention_layers(backend: Backend) -> list[int]:
+    """The layers a reference layer can be: those with a softmax attention map to score. Every layer, except in
+    hybrid models (Qwen3.5) whose linear-attention layers have none: their backend lists the others as
+    `attention_layers`."""
+    return list(getattr(backend, "attention_layers", range(backend.num_layers)))
+
+
+def check_reference_layer(backend: Backend, layer: int) -> None:
+    """One clear error for a reference layer the model cannot be scored at, before any pass runs."""
+    if not 0 <= layer < backend.num_layers:
+        raise FlexSelectError(
+            f"reference layer {layer} is out of range: this model has layers 0..{backend.num_layers - 1}"
+        )
+    valid = attention_layers(backend)
+    if layer not in valid:
+        raise FlexSelectError(
+            f"reference layer {layer} is a linear-attention layer, which has no attention map to score; this model's "
+            f"full-attention layers are {', '.join(map(str, valid))}: pass one of them as --layer"
+        )
 
 
 def sample(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator) -> int:
