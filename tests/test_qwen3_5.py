@@ -332,3 +332,18 @@ def test_pipeline_answers_end_to_end(family, model_dirs, test_video):
     labels = sum(len(pipe.backend._label_ids(s)) + 2 for s in visual.label_seconds)
     assert answer.generation.prompt_tokens == len(prompt.prefix_ids) + labels + 20 + len(prompt.suffix_ids)
     assert isinstance(answer.text, str) and len(answer.generation.token_ids) <= 3
+
+
+def test_cli_show_writes_the_sheet_and_refuses_a_linear_attention_layer(model_dirs, test_video, tmp_path, capsys):
+    from flexselect.cli import main
+
+    model = str(model_dirs["qwen3_5_moe"])
+    base = [str(test_video), "What colour is the square?", "--model", model, "--frames", "8", "--budget", "20",
+            "--device", "cpu", "--dtype", "float32"]
+    assert main(["answer", *base, "--layer", "5"]) != 0
+    assert "layer 5 is a linear-attention layer" in capsys.readouterr().err
+    out = tmp_path / "sheet.png"
+    assert main(["show", *base, "--layer", "3", "-o", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 0
