@@ -56,18 +56,24 @@ def prompt_text(family: str, question: str) -> tuple[str, str]:
 
 
 @functools.cache  # pure, and so the warning below is logged once per model shape, not once per question
-def reference_layer_for(family: str, num_layers: int) -> int:
+def reference_layer_for(family: str, num_layers: int, candidates: tuple[int, ...] | None = None) -> int:
     """The paper's reference layer, or the layer at the same relative depth for a model of another depth (with a
-    warning, as for a family whose layer was never measured)."""
+    warning, as for a family whose layer was never measured). `candidates`: the layers that can be scored; when
+    not all can (a hybrid model's full-attention layers), the candidate nearest that depth, the shallower on a tie."""
     d = family_defaults(family)
+    depth = d.reference_layer * num_layers / d.num_layers
     layer = d.reference_layer
     if num_layers != d.num_layers:
-        layer = min(num_layers - 1, max(1, round(d.reference_layer * num_layers / d.num_layers)))
+        layer = min(num_layers - 1, max(1, round(depth)))
+    hybrid = candidates is not None and len(candidates) < num_layers
+    if hybrid and layer not in candidates:
+        layer = min(candidates, key=lambda c: (abs(c - depth), c))
     if not d.reference_layer_measured:
         log.warning(
-            "%s: reference layer %d of %d was never measured (the paper covers no such model): it sits at "
+            "%s: reference layer %d of %d was never measured (the paper covers no such model): it is the %s "
             "Qwen2.5-VL's relative depth (20 of 28). Run `flexselect layer-scan --model ...` to measure the best one "
             "and pass it as --layer.", family, layer, num_layers,
+            "full-attention layer nearest" if hybrid else "layer at",
         )
     elif num_layers != d.num_layers:
         log.warning(
@@ -77,11 +83,3 @@ def reference_layer_for(family: str, num_layers: int) -> int:
         )
     return layer
 
-
-def resolve_layer(family: str, num_layers: int, layer: int | None) -> int:
-    """The reference layer to score at: `layer`, or the family's default for this depth; refused if the model has no
-    such layer. The one range check: every backend's scoring pass trusts it."""
-    layer = reference_layer_for(family, num_layers) if layer is None else layer
-    if not 0 <= layer < num_layers:
-        raise FlexSelectError(f"reference layer {layer} is out of range: this model has layers 0..{num_layers - 1}")
-    return layer

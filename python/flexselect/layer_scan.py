@@ -28,7 +28,7 @@ import torch
 
 from .defaults import AGGREGATE, SET_FRAMES, family_defaults, reference_layer_for
 from .errors import FlexSelectError
-from .backends.base import Prompt, VisualTokens
+from .backends.base import Prompt, VisualTokens, attention_layers
 from .backends.hf.shared import HFBackend
 from .selection import Aggregate, top_k
 from .video import write_video
@@ -58,6 +58,7 @@ class ScanResult:
     num_layers: int
     recall: list[float]  # mean over examples, per layer
     per_example: list[list[float]]
+    layers: list[int]  # the scanned layers (`recall` is per entry): all but a hybrid model's linear-attention ones
     best_layer: int
     default_layer: int  # the paper's reference layer for the family (scaled to this depth)
     top_k: int | None  # None: K = |R| per example
@@ -69,13 +70,15 @@ class ScanResult:
 def layer_scores(
     backend: HFBackend, visual: VisualTokens, frames: list[int], prompt: Prompt, aggregate: Aggregate = "max"
 ) -> torch.Tensor:
-    """Scores [num_layers, tokens of `frames`] of every layer from ONE forward pass (the last layer's attention is
-    never run): the same capture as the stopped scoring pass, asked for every layer."""
+    """Scores [layers, tokens of `frames`] of every layer that can be a reference layer (`attention_layers`: all
+    but a hybrid model's linear-attention ones), from ONE forward pass (the last one's attention is never run): the
+    same capture as the stopped scoring pass, asked for every such layer."""
     if not isinstance(backend, HFBackend):
         raise FlexSelectError("layer-scan needs a transformers checkpoint (--model), not the llama.cpp backend")
     inputs = backend.scoring_inputs(visual, frames, prompt)
-    scores = backend.layer_scores(inputs, range(backend.num_layers), len(prompt.suffix_ids), aggregate)
-    return torch.stack([scores[layer].float().cpu() for layer in range(backend.num_layers)])
+    layers = attention_layers(backend)
+    scores = backend.layer_scores(inputs, layers, len(prompt.suffix_ids), aggregate)
+    return torch.stack([scores[layer].float().cpu() for layer in layers])
 
 
 def recall_at_k(scores: torch.Tensor, relevant: torch.Tensor, k: int | None = None) -> torch.Tensor:
@@ -134,9 +137,11 @@ def scan(
         info.append({"question": ex.question, "relevant_tokens": len(relevant), "visual_tokens": visual.num_tokens,
                      "k": len(relevant) if top_k_tokens is None else min(top_k_tokens, visual.num_tokens)})
     recall = np.mean(np.asarray(per_example), axis=0)
+    layers = attention_layers(backend)
     return ScanResult(
         family=backend.family, num_layers=backend.num_layers, recall=recall.tolist(), per_example=per_example,
-        best_layer=int(np.argmax(recall)), default_layer=reference_layer_for(backend.family, backend.num_layers),
+        layers=layers, best_layer=layers[int(np.argmax(recall))],
+        default_layer=reference_layer_for(backend.family, backend.num_layers, tuple(layers)),
         top_k=top_k_tokens, aggregate=aggregate, examples=info,
     )
 
@@ -220,7 +225,7 @@ def write_report(result: ScanResult, out_dir: str | os.PathLike, model: str = ""
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "layer_scan.json", out / "layer_scan.png"
     json_path.write_text(json.dumps({"model": model, **asdict(result)}, indent=1))
-    layers = np.arange(result.num_layers)
+    layers = np.asarray(result.layers)
     fig = Figure(figsize=(7, 3.6), dpi=120)
     ax = fig.subplots()
     for row in result.per_example:
@@ -267,7 +272,7 @@ def run_layer_scan(args: argparse.Namespace) -> int:
     backend = load_backend(args.model, device=args.device, dtype=args.dtype)
     result = scan(backend, load_examples(examples_file), args.top_k, args.aggregate)
     json_path, png_path = write_report(result, args.out, model=str(args.model))
-    for layer, r in enumerate(result.recall):
+    for layer, r in zip(result.layers, result.recall):
         print(f"layer {layer:3d}  recall {r:.3f}{'  <- best' if layer == result.best_layer else ''}")
     print(f"best layer: {result.best_layer} (default {result.default_layer}); wrote {json_path} and {png_path}")
     print(f"to use it: --layer {result.best_layer}   (e.g. flexselect answer VIDEO QUESTION --model {args.model} "

@@ -20,10 +20,10 @@ from typing import Callable, Literal, Protocol
 import numpy as np
 import torch
 
-from .defaults import AGGREGATE, SET_FRAMES, family_defaults, resolve_layer
+from .backends.base import Backend, Generation, GenerationConfig, Prompt, VisualTokens, resolve_reference_layer
+from .defaults import AGGREGATE, SET_FRAMES, family_defaults
 from .errors import FlexSelectError
 from .evidence import EvidenceRange, evidence_ranges
-from .backends.base import Backend, Generation, GenerationConfig, Prompt, VisualTokens
 from .selection import Aggregate, frame_sets, round_budget, split_budget, top_k
 from .video import Clip, load_clip
 
@@ -207,7 +207,7 @@ class FlexSelect:
         if selector == "lite" and self.ranker is None:
             raise FlexSelectError("selector 'lite' needs a ranker: pass --ranker PATH")
         if selector == "reference":
-            layer = resolve_layer(self.backend.family, self.backend.num_layers, layer)
+            layer = resolve_reference_layer(self.backend, layer)
         total = visual.num_tokens
         tpf = visual.tokens_per_frame
         if selector == "none":

@@ -417,3 +417,111 @@ def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0, moe: bool = F
          "max_frames": 768}, indent=2))
     staging.rename(out)
     return out
+
+
+# -- Qwen3.5 and Qwen3.5-MoE: the hybrid Gated DeltaNet / full-attention text stack on the Qwen3-VL vision tower --
+# Eight layers with the real `full_attention_interval` of 4: linear attention at 0-2 and 4-6, full softmax
+# attention (with its output gate and per-head Q/K norms) at 3 and 7. Head dim 64 with the real partial rotary
+# factor 0.25 leaves 8 rotary frequencies, split over (t, h, w) by the interleaved M-RoPE section [3, 3, 2]
+# (the real [11, 11, 10] scaled down). The linear-attention heads keep the real key:value head ratio of 1:2.
+TINY_QWEN3_5_TEXT = {
+    "hidden_size": 64,
+    "num_hidden_layers": 8,
+    "full_attention_interval": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                        "mrope_section": [3, 3, 2], "mrope_interleaved": True},
+}
+TINY_QWEN3_5_DENSE_MLP = {"intermediate_size": 128}
+TINY_QWEN3_5_MOE_MLP = {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 4,
+                        "num_experts_per_tok": 2}
+TINY_QWEN3_5_VISION = {  # Qwen3-VL's tower without DeepStack: patch 16, merge 2 -> one token per 32x32 pixels
+    "depth": 3,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "out_hidden_size": 64,
+    "num_position_embeddings": 64,  # an 8x8 learned grid, resampled to each frame's grid
+}
+
+
+def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0, moe: bool = False) -> Path:
+    """A tiny random Qwen3.5 (or, with `moe`, Qwen3.5-MoE) checkpoint folder, written atomically like the others.
+
+    Same tokenizer as the Qwen2.5-VL builder (with its `tokenizer.model`, so the GGUF converter takes the
+    SentencePiece route). Q and K are RMS-normalised per head before the score, so widening their projections as
+    the other builders do would change nothing: the Q/K norm weights are raised instead (softmax temperature ~1/4
+    of the default init), which makes the tiny model's rankings decisive.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if moe:
+        from transformers import Qwen3_5MoeConfig as config_class
+        from transformers import Qwen3_5MoeForConditionalGeneration as model_class
+    else:
+        from transformers import Qwen3_5Config as config_class
+        from transformers import Qwen3_5ForConditionalGeneration as model_class
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    tok, spm_model = build_tokenizer()
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    vocab_size = tok.get_vocab_size()
+    text = {**TINY_QWEN3_5_TEXT, **(TINY_QWEN3_5_MOE_MLP if moe else TINY_QWEN3_5_DENSE_MLP),
+            "vocab_size": vocab_size, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"]}
+    config = config_class(
+        text_config=text,
+        vision_config=TINY_QWEN3_5_VISION,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+                p.fill_(1.0)  # zero-centred RMSNorm: scale 1 + 1 = 2 on each of Q and K
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    model.save_pretrained(staging)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    fast.save_pretrained(staging)
+    (staging / "tokenizer.model").write_bytes(spm_model)  # what the GGUF converter reads
+    preprocessor = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen3VLProcessor",
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "rescale_factor": 1 / 255,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+    }
+    (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    staging.rename(out)
+    return out
+
+
+def build_tiny_qwen3_5_moe(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random Qwen3.5-MoE checkpoint (4 experts, 2 active, plus the shared expert)."""
+    return build_tiny_qwen3_5(out_dir, seed, moe=True)

@@ -16,6 +16,8 @@ SUPPORTED = {
     "qwen2_vl": "qwen2_vl",
     "qwen3_vl": "qwen3_vl",
     "qwen3_vl_moe": "qwen3_vl_moe",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5_moe",
     "llava_onevision": "llava_onevision",
     "internvl": "internvl",
 }
@@ -53,6 +55,10 @@ def load_backend(path: str | os.PathLike, device: str = "auto", dtype: str = "au
         from .hf.internvl import InternVLBackend
 
         return InternVLBackend.load(path, device=device, dtype=dtype)
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        from .hf.qwen3_5 import Qwen35Backend
+
+        return Qwen35Backend.load(path, device=device, dtype=dtype, positions=positions)
     if family in ("qwen3_vl", "qwen3_vl_moe"):
         from .hf.qwen3_vl import Qwen3VLBackend
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import numpy as np
 import torch
 
+from ..defaults import reference_layer_for
+from ..errors import FlexSelectError
 from ..selection import Aggregate
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
@@ -104,6 +106,37 @@ class Backend(Protocol):
     def decode(self, token_ids: list[int]) -> str:
         """The text of generated token ids, special tokens dropped (a partial character decodes to U+FFFD)."""
         ...
+
+
+def attention_layers(backend: Backend) -> list[int]:
+    """The layers a reference layer can be: those with a softmax attention map to score. Every layer, except in
+    hybrid models (Qwen3.5) whose linear-attention layers have none: their backend lists the others as
+    `attention_layers`."""
+    return list(getattr(backend, "attention_layers", range(backend.num_layers)))
+
+
+def check_reference_layer(backend: Backend, layer: int) -> None:
+    """One clear error for a reference layer the model cannot be scored at, before any pass runs."""
+    if not 0 <= layer < backend.num_layers:
+        raise FlexSelectError(
+            f"reference layer {layer} is out of range: this model has layers 0..{backend.num_layers - 1}"
+        )
+    valid = attention_layers(backend)
+    if layer not in valid:
+        raise FlexSelectError(
+            f"reference layer {layer} is a linear-attention layer, which has no attention map to score; this model's "
+            f"full-attention layers are {', '.join(map(str, valid))}: pass one of them as --layer"
+        )
+
+
+def resolve_reference_layer(backend: Backend, layer: int | None) -> int:
+    """The layer to score at: `layer`, or the family's default for this model (the full-attention layer nearest the
+    paper's relative depth), refused with one clear line if the model cannot be scored there. Every path that scores
+    (the pipeline, Lite's teacher) asks this, once, before any pass runs."""
+    if layer is None:
+        layer = reference_layer_for(backend.family, backend.num_layers, tuple(attention_layers(backend)))
+    check_reference_layer(backend, layer)
+    return layer
 
 
 def sample(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator) -> int:

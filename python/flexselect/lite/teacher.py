@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..defaults import AGGREGATE, SET_FRAMES, resolve_layer
+from ..backends.base import resolve_reference_layer
+from ..defaults import AGGREGATE, SET_FRAMES
 from ..errors import FlexSelectError
 from ..selection import frame_sets
 from .bundle import write_atomic
@@ -140,7 +141,7 @@ def build_teacher_data(
 
     out, videos = Path(out_dir), Path(video_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layer = resolve_layer(backend.family, backend.num_layers, layer)
+    layer = resolve_reference_layer(backend, layer)
     host = host_info(backend)
     check_settings(out, {"format": FORMAT, "host": host.to_dict(), "layer": layer, "aggregate": aggregate,
                          "frames": frames, "set_frames": SET_FRAMES})

@@ -119,7 +119,9 @@ class Qwen3VLBackend(Qwen25VLBackend):
             grid_thw = torch.tensor([[t, gh, gw]], device=self.device)
             out = visual_tower(patches.to(self.device, visual_tower.dtype), grid_thw=grid_thw)
             chunks.append(out.pooler_output)
-            deepstack.append(torch.stack(list(out.deepstack_features)))
+            levels = list(getattr(out, "deepstack_features", None) or ())  # none in Qwen3.5's tower
+            tokens = out.pooler_output
+            deepstack.append(torch.stack(levels) if levels else tokens.new_zeros((0, *tokens.shape)))
             grid = (gh // self.merge, gw // self.merge)
             if progress:
                 progress(min(start + frames_per_chunk, n), n)
@@ -185,10 +187,9 @@ class Qwen3VLBackend(Qwen25VLBackend):
         embeds[on_device] = visual.embeds[kept_all]  # the visual rows were placeholders
         mask = torch.zeros(1, len(embeds), dtype=torch.bool, device=self.device)
         mask[0, on_device] = True
-        return LayoutedInput(
-            embeds[None], torch.cat(positions, dim=1)[:, None, :].to(self.device), pos, columns,
-            extra={"visual_pos_masks": mask, "deepstack_visual_embeds": list(visual.deepstack[:, kept_all].unbind(0))},
-        )
+        extra = {"visual_pos_masks": mask, "deepstack_visual_embeds": list(visual.deepstack[:, kept_all].unbind(0))}
+        return LayoutedInput(embeds[None], torch.cat(positions, dim=1)[:, None, :].to(self.device), pos, columns,
+                             extra=extra if len(visual.deepstack) else {})
 
     def scoring_inputs(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> LayoutedInput:
         units = sorted(frames)
