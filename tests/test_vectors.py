@@ -64,7 +64,8 @@ def test_video_positions(case):
     offsets = video_positions(case["units"], (case["rows"], case["cols"]), case["interval"])
     per_unit = case["rows"] * case["cols"]
     assert offsets[0, ::per_unit].tolist() == case["unit_t"]
-    visual = SimpleNamespace(num_frames=case["units"], grid=(case["rows"], case["cols"]), time_interval=case["interval"])
+    grid = (case["rows"], case["cols"])
+    visual = SimpleNamespace(num_frames=case["units"], grid=grid, time_interval=case["interval"])
     assert full_video_extent(visual) == case["extent"] == int(offsets.max())
 
 
