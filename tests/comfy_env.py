@@ -222,6 +222,6 @@ def server_environment() -> Path:
         (staging / "requirements.txt").write_text("\n".join(reqs) + "\n")
         (staging / "constraints.txt").write_text(f"torch=={torch.__version__}\n")
         run([py, "-m", "pip", "install", "-q", "-r", staging / "requirements.txt", "-c", staging / "constraints.txt"],
-            900)
+            1800)  # once: ComfyUI's frontend and template packages are large
 
     return _build_once(cache_root() / f"comfy-server-{COMFY_VERSION}-{key}", build)
