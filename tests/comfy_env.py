@@ -202,7 +202,7 @@ def server_environment() -> Path:
     tree = comfyui_source()
     import torch
 
-    key = hashlib.sha256(f"{WHEEL}|{torch.__version__}|{sys.version}|{sys.prefix}".encode()).hexdigest()[:10]
+    key = hashlib.sha256(f"{WHEEL}|{torch.__version__}|{sys.version}|{sys.prefix}|requests".encode()).hexdigest()[:10]
 
     torch_site = _build_once(cache_root() / f"torch-site-{key}", lambda staging, _: _link_torch_site(staging / "site"))
 
@@ -219,6 +219,7 @@ def server_environment() -> Path:
             bare = name.split("=")[0].split(">")[0].split("<")[0].split("~")[0].strip().lower()
             if name and bare not in SKIP_REQUIREMENTS:
                 reqs.append(name)
+        reqs.append("requests")  # imported by ComfyUI's server (app/frontend_management.py), not in its requirements
         (staging / "requirements.txt").write_text("\n".join(reqs) + "\n")
         (staging / "constraints.txt").write_text(f"torch=={torch.__version__}\n")
         run([py, "-m", "pip", "install", "-q", "-r", staging / "requirements.txt", "-c", staging / "constraints.txt"],

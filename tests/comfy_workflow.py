@@ -4,7 +4,9 @@ ComfyUI lists as a template and the frontend loads; the API format that scripts 
 
 The frontend's serialisation (ComfyUI frontend 1.35, as in ComfyUI 0.8.0): `widgets_values` holds one value per
 widget input in `input_order` (required, then optional), an INT with `control_after_generate` is followed by its
-control value ("fixed"), and a combo with an upload button gets that button's value ("image") after all the others.
+control value ("fixed"), and a combo with an upload button gets that button's value ("image") after all the others;
+a video upload also gets a preview widget, which the prompt carries as "video-preview": "" (seen in the 0.8.0
+frontend's graphToPrompt; ComfyUI ignores it).
 Regenerate the files with `FLEXSELECT_WRITE_WORKFLOWS=1 python -m pytest tests/test_comfy_nodes.py -k workflow`.
 """
 
@@ -17,6 +19,7 @@ API_FILE = "comfy_nodes/api_workflows/flexselect_qa.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload")
 UPLOAD_VALUE = "image"  # what the frontend stores for an upload button
+VIDEO_PREVIEW = "video-preview"  # a widget the frontend adds below a video upload; graphToPrompt sends it as ""
 
 # node id -> (class_type, title, inputs); a link is [source node id, output slot]
 EXAMPLE: dict[str, tuple[str, str, dict]] = {
@@ -76,6 +79,8 @@ def api_workflow(object_info: dict) -> dict:
         names = [name for name, _ in _ordered_inputs(object_info[kind])]
         inputs = {name: copy.deepcopy(values[name]) for name in names if name in values}
         assert set(inputs) == set(values), f"{kind}: {set(values) - set(inputs)} are not inputs of the node"
+        if any(_options(spec).get("video_upload") for _, spec in _ordered_inputs(object_info[kind])):
+            inputs[VIDEO_PREVIEW] = ""  # the frontend's preview widget under an uploadable video combo: sent, unused
         wf[node_id] = {"class_type": kind, "_meta": {"title": title}, "inputs": inputs}
     return wf
 
@@ -132,6 +137,8 @@ def prompt_from_ui(ui: dict, object_info: dict) -> dict:
                 values.pop(0)
             upload = upload or any(_options(spec).get(flag) for flag in UPLOAD_FLAGS)
         assert values == ([UPLOAD_VALUE] if upload else []), f"{node['type']}: widgets_values left over: {values}"
+        if any(_options(spec).get("video_upload") for _, spec in _ordered_inputs(info)):
+            inputs[VIDEO_PREVIEW] = ""
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:
                 _, src, src_slot, *_ = links[slot["link"]]

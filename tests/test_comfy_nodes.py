@@ -98,7 +98,10 @@ def run_workflow(pack, wf: dict) -> dict:
         assert ready, f"cycle or dangling link among {list(pending)}"
         for node_id in sorted(ready, key=int):
             node = pending.pop(node_id)
-            args = {k: (outputs[v[0]][v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
+            known = {i.id for i in classes[node["class_type"]].define_schema().inputs} if node["class_type"] in classes \
+                else set(node["inputs"])  # ComfyUI passes a node only its own inputs ("video-preview" is not one)
+            args = {k: (outputs[v[0]][v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()
+                    if k in known}
             if node["class_type"] == "PreviewImage":  # core node: only check what it would be given
                 images = args["images"]
                 assert images.dtype == torch.float32 and images.ndim == 4 and images.shape[-1] == 3
