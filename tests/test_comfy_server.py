@@ -211,7 +211,7 @@ def shipped_prompt(server, **overrides) -> dict:
 
 
 def small(server, **overrides) -> dict:
-    """The shipped workflow at a tiny size (8 frames at 112 px: 8 x 12 tokens), for the checks of other paths."""
+    """The shipped workflow at a tiny size (8 frames at 112 px: 4 temporal units x 12 tokens), for other paths."""
     prompt = shipped_prompt(server, **{"1": {"frames": 8, "max_side": 112}, "3": {"budget": 12, "set_frames": 2},
                                        "4": {"max_new_tokens": 4}})
     for node_id, inputs in overrides.items():
@@ -266,7 +266,7 @@ def test_ranker_path(server):
     prompt["3"]["inputs"]["ranker"] = ["6", 0]
     entry = server.run(show_info(prompt, ["3", 2]))
     succeeded(entry)
-    assert "selector lite" in entry["outputs"]["90"]["text"][0] and "kept 12 of 96" in entry["outputs"]["90"]["text"][0]
+    assert "selector lite" in entry["outputs"]["90"]["text"][0] and "kept 12 of 48" in entry["outputs"]["90"]["text"][0]
     assert isinstance(entry["outputs"]["4"]["text"][0], str)
 
 
@@ -301,7 +301,7 @@ def test_run_error_is_one_node_worded_line(server):
     (error,) = errors_of(entry)
     message = error["exception_message"]
     # ComfyUI itself appends "\n" and its (empty) tips to every run error; the pack's own line ends clean.
-    assert message == ("the budget of 100000 tokens is larger than the clip's 96 visual tokens (8 temporal units x "
+    assert message == ("the budget of 100000 tokens is larger than the clip's 48 visual tokens (4 temporal units x "
                        "12 tokens): lower budget, or sample more frames in Load Video\n"), message
     inputs = json.dumps(error["current_inputs"])
     assert len(inputs) < 1500 and "<FlexSelect clip: 8 frames 112x74" in inputs, inputs[:500]
