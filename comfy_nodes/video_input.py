@@ -145,11 +145,9 @@ def clip_from_images(images, frame_rate: float, s: Sampling, source: str = "IMAG
         want = min(s.frames, window.size)
     picked = window[np.unique(np.round(np.linspace(0, window.size - 1, want)).astype(np.int64))]
     x = images[torch.from_numpy(picked).to(images.device)].permute(0, 3, 1, 2).float()
-    h, w = x.shape[2:]
-    if max(h, w) > s.max_side:
-        scale = s.max_side / max(h, w)
-        x = F.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
-                          antialias=True, align_corners=False)
+    w, h = fv.output_size(int(x.shape[3]), int(x.shape[2]), s.max_side)  # the size a file would be decoded at
+    if (h, w) != tuple(x.shape[2:]):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
     info = fv.VideoInfo(path=source, num_frames=total, fps=frame_rate, duration=total / frame_rate,
                         width=int(w), height=int(h))

@@ -270,10 +270,10 @@ def test_in_memory_video_and_image_batch(pack, env):
     from_images, _, info = load_clip(pack, pack.N.NO_FILE, 8, 2.0, 1.0, 3.0, 45, 0.0, 3, images=images,
                                      frame_rate=10.0)
     for clip in (from_video.clip, from_images.clip):
-        assert clip.frames.shape == (5, 30, 45, 3) and clip.frames.dtype == np.uint8  # 2 s at 2 fps (+1)
+        assert clip.frames.shape == (5, 30, 44, 3) and clip.frames.dtype == np.uint8  # 2 s at 2 fps (+1), even sides
         assert clip.timestamps[0] >= 1.0 and clip.timestamps[-1] <= 3.0 and clip.sample_fps == pytest.approx(2.0)
     np.testing.assert_array_equal(from_video.clip.frames, from_images.clip.frames)
-    assert preview.shape == (3, 30, 45, 3) and "IMAGE input" in info
+    assert preview.shape == (3, 30, 44, 3) and "IMAGE input" in info
     assert torch.equal(images, before)
     # The images input wins over the file widget: a graph from VideoHelperSuite runs whatever the widget says.
     model = load_model(pack, env)
