@@ -1,45 +1,31 @@
 """FlexSelect for ComfyUI: query-aware visual token selection for long-video question answering.
 
-Install: put (or symlink) this folder in ComfyUI/custom_nodes/ and install requirements.txt with ComfyUI's Python
-(see README.md). The nodes use ComfyUI's V1 contract, so ComfyUI 0.3.x and newer load them.
+The repository is the node pack: ComfyUI-Manager clones it and the registry ships it into custom_nodes/, where the
+root `__init__.py` loads this package. V3 nodes (`comfy_api.latest`), which ComfyUI 0.3.75 and newer load.
 """
 
 import os
 import sys
 
 
-if __name__.rsplit(".", 1)[-1] == "flexselect":  # older ComfyUI imports a pack under its folder's name
-    raise ImportError("rename custom_nodes/flexselect to custom_nodes/comfyui-flexselect: the name 'flexselect' "
-                      "belongs to the library these nodes import")
+def _use_bundled_library() -> None:
+    """The pack brings the flexselect library with it (python/flexselect beside this folder), first on sys.path, so
+    the nodes run the library release they ship with even if another flexselect is installed."""
+    lib = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "python")
+    if os.path.isfile(os.path.join(lib, "flexselect", "__init__.py")) and lib not in sys.path:
+        sys.path.insert(0, lib)
 
 
-def _find_library() -> None:
-    """Use an installed flexselect; else the checkout this folder lives in (symlinked into custom_nodes/)."""
-    try:
-        import flexselect  # noqa: F401
+_use_bundled_library()
 
-        return
-    except ImportError:
-        pass
-    here = os.path.dirname(os.path.realpath(__file__))
-    checkout_lib = os.path.join(os.path.dirname(here), "python")
-    if os.path.isfile(os.path.join(checkout_lib, "flexselect", "__init__.py")):
-        sys.path.append(checkout_lib)
-        return
-    raise ImportError(
-        "FlexSelect nodes need the flexselect library in ComfyUI's Python: symlink comfy_nodes/ from a flexselect "
-        "checkout into custom_nodes/, or run `python -m pip install --no-deps -e /path/to/flexselect` with ComfyUI's "
-        "python (then `pip install -r requirements.txt`; torch stays ComfyUI's own)"
-    )
-
-
-_find_library()
-
-from . import comfy_compat  # noqa: E402
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from . import comfy_compat
+from .nodes import FlexSelectExtension
 
 comfy_compat.register_model_folders()
 
-WEB_DIRECTORY = "./web"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+async def comfy_entrypoint() -> FlexSelectExtension:
+    return FlexSelectExtension()
+
+
+__all__ = ["comfy_entrypoint"]

@@ -1,157 +1,108 @@
-"""The few ComfyUI services the nodes use, with stand-ins when ComfyUI is absent (tests, plain Python).
-
-Inside ComfyUI: `folder_paths` (input folder, model folders), `comfy.utils.ProgressBar`, and
-`comfy.model_management` (interrupt check, soft_empty_cache). Outside: a temp input folder, model folders under
-$FLEXSELECT_COMFY_MODELS (or a temp dir), no-op progress and interrupt. Tests patch `throw_if_interrupted`.
-"""
+"""The ComfyUI services the nodes use, in one place: folders (`folder_paths`), progress (`comfy.utils`), and
+`comfy.model_management` (Cancel, handing models to ComfyUI's memory management, releasing cached GPU memory).
+Tests patch `throw_if_interrupted` and point the folders at temporary ones."""
 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
-try:  # ComfyUI present
-    import folder_paths as _folder_paths  # type: ignore
-except Exception:  # noqa: BLE001 - any failure means "not inside ComfyUI"
-    _folder_paths = None
+import folder_paths
+import torch
 
-try:
-    import comfy.utils as _comfy_utils  # type: ignore
-except Exception:  # noqa: BLE001
-    _comfy_utils = None
+import comfy.model_management as mm
+import comfy.utils
 
-try:
-    import comfy.model_management as _mm  # type: ignore
-except Exception:  # noqa: BLE001
-    _mm = None
-
-IN_COMFY = _folder_paths is not None
 LLM_FOLDER = "LLM"  # what other Video-LLM packs use: models/LLM/<checkpoint folder or .gguf>
 RANKER_FOLDER = "flexselect"  # models/flexselect/<lite ranker>
 
-_fallback_root: Path | None = None
-_fallback_folders: dict[str, list[str]] = {}
-
-
-def _root() -> Path:
-    global _fallback_root
-    if _fallback_root is None:
-        env = os.environ.get("FLEXSELECT_COMFY_MODELS")
-        _fallback_root = Path(env) if env else Path(tempfile.mkdtemp(prefix="flexselect-comfy-"))
-    return _fallback_root
-
 
 # -- folders ---------------------------------------------------------------------------------------------------------
-def input_directory() -> str:
-    if _folder_paths is not None:
-        return _folder_paths.get_input_directory()
-    path = _root() / "input"
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
-
-
 def annotated_filepath(name: str) -> str:
     """'clip.mp4', 'clip.mp4 [output]' (ComfyUI's annotation) -> full path."""
-    if _folder_paths is not None:
-        return _folder_paths.get_annotated_filepath(name)
-    return os.path.join(input_directory(), name)
+    return folder_paths.get_annotated_filepath(name)
 
 
 def register_model_folders() -> None:
-    """Make sure models/LLM and models/flexselect exist as model folders (other packs may have added LLM already)."""
+    """models/LLM and models/flexselect as model folders (another pack may have added LLM already)."""
     for name in (LLM_FOLDER, RANKER_FOLDER):
-        if _folder_paths is not None:
-            if name not in _folder_paths.folder_names_and_paths:
-                _folder_paths.add_model_folder_path(name, os.path.join(_folder_paths.models_dir, name))
-        elif name not in _fallback_folders:
-            _fallback_folders[name] = [str(_root() / "models" / name)]
-
-
-def add_model_folder(name: str, path: str | os.PathLike) -> None:
-    """Add a folder to a model folder list (ComfyUI's, or the stand-in's)."""
-    register_model_folders()
-    if _folder_paths is not None:
-        _folder_paths.add_model_folder_path(name, str(path))
-    elif str(path) not in _fallback_folders[name]:
-        _fallback_folders[name].append(str(path))
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
 
 
 def model_folders(name: str) -> list[str]:
     register_model_folders()
-    if _folder_paths is not None:
-        try:
-            return list(_folder_paths.get_folder_paths(name))
-        except KeyError:
-            return []
-    return list(_fallback_folders.get(name, []))
+    return list(folder_paths.get_folder_paths(name))
 
 
 def video_files() -> list[str]:
-    """Video files in the input folder (ComfyUI's own filter when present, else by extension)."""
-    folder = input_directory()
+    """Video files in the input folder (by ComfyUI's own content-type filter, as core Load Video lists them)."""
+    folder = folder_paths.get_input_directory()
     try:
         files = sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
     except OSError:
         return []
-    if _folder_paths is not None and hasattr(_folder_paths, "filter_files_content_types"):
-        return _folder_paths.filter_files_content_types(files, ["video"])
-    exts = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpeg", ".mpg", ".gif", ".flv", ".wmv", ".ts")
-    return [f for f in files if f.lower().endswith(exts)]
+    return folder_paths.filter_files_content_types(files, ["video"])
 
 
-# -- progress and interrupt -----------------------------------------------------------------------------------------
-class _NullBar:
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.current = 0
-
-    def update_absolute(self, value, total=None, preview=None) -> None:
-        if total is not None:
-            self.total = total
-        self.current = value
-
-    def update(self, value) -> None:
-        self.current += value
-
-
-def progress_bar(total: int):
-    if _comfy_utils is not None:
-        return _comfy_utils.ProgressBar(max(1, int(total)))
-    return _NullBar(max(1, int(total)))
+# -- progress and Cancel ---------------------------------------------------------------------------------------------
+def progress_bar(total: int) -> comfy.utils.ProgressBar:
+    return comfy.utils.ProgressBar(max(1, int(total)))
 
 
 def throw_if_interrupted() -> None:
-    """Raise ComfyUI's InterruptProcessingException if the user pressed Cancel (no-op outside ComfyUI)."""
-    if _mm is not None:
-        _mm.throw_exception_if_processing_interrupted()
+    """Raise ComfyUI's InterruptProcessingException if the user pressed Cancel."""
+    mm.throw_exception_if_processing_interrupted()
+
+
+# -- model management ------------------------------------------------------------------------------------------------
+class _Managed(torch.nn.Module):
+    """What a ModelPatcher moves. ModelPatcher sets `.device` on the module it holds, which a transformers model
+    refuses (there it is a read-only property); the model follows every `.to()` as a submodule."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.device = model.device
+
+
+def model_patcher(module, device):
+    """A ComfyUI ModelPatcher for a torch model, so ComfyUI's model management sees, offloads and unloads it
+    (None for a model that is not a torch module: llama.cpp keeps its own memory)."""
+    if device is None or not isinstance(module, torch.nn.Module):
+        return None
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(_Managed(module), load_device=torch.device(device),
+                                            offload_device=mm.unet_offload_device())
+
+
+def load_models(patchers) -> None:
+    """Bring models back onto their device before use (ComfyUI may have offloaded them for another model)."""
+    patchers = [p for p in patchers if p is not None]
+    if patchers:
+        # A full load: partial (lowvram) loading only works for ComfyUI's own layer types.
+        mm.load_models_gpu(patchers, force_full_load=True)
+
+
+def loaded_models() -> list:
+    """The ModelPatchers ComfyUI's model management holds now."""
+    return [m.model for m in mm.current_loaded_models if m.model is not None]
+
+
+def unload_models(patchers) -> None:
+    """Take models out of ComfyUI's model management (moved to the offload device, forgotten)."""
+    patchers = [p for p in patchers if p is not None]
+    for i in reversed(range(len(mm.current_loaded_models))):
+        if mm.current_loaded_models[i].model in patchers:
+            mm.current_loaded_models.pop(i).model_unload()
 
 
 def soft_empty_cache() -> None:
-    if _mm is not None and hasattr(_mm, "soft_empty_cache"):
-        _mm.soft_empty_cache()
-        return
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
+    """Release the GPU memory torch keeps cached."""
+    mm.soft_empty_cache()
 
 
-def available_ram_bytes() -> int | None:
-    try:
-        import psutil
+def available_ram_bytes() -> int:
+    import psutil  # one of ComfyUI's own requirements
 
-        return int(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return int(psutil.virtual_memory().available)
