@@ -1,6 +1,7 @@
-"""A tiny, randomly initialised Qwen2.5-VL checkpoint built from a config, for the demo and the tests.
+"""Tiny, randomly initialised checkpoints (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL) built from configs, for
+the demo and the tests.
 
-Its answers are noise: it exists so that every code path (vision tower, M-RoPE, the scoring pass, generation,
+Their answers are noise: they exist so that every code path (vision tower, M-RoPE, the scoring pass, generation,
 GGUF export, the C++ runtime) runs offline on any machine, with the real classes and file layout of a checkpoint.
 """
 
@@ -266,6 +267,103 @@ def build_tiny_internvl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
                     "size": {"height": 112, "width": 112}, "do_normalize": True,
                     "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
     return _write_checkpoint(out, model, tok, extra, preprocessor, seed)
+
+
+# -- Qwen3-VL (dense and MoE): Q/K norms, interleaved M-RoPE, DeepStack, patch 16 ---------------------------------
+TINY_QWEN3_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    # head_dim 16: 8 rotary frequencies interleaved over (t, h, w) as in the real [24, 20, 20] of 64
+    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
+                        "mrope_interleaved": True},
+}
+TINY_QWEN3_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1}
+TINY_QWEN3_VISION = {
+    "depth": 3,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "out_hidden_size": 64,
+    "num_position_embeddings": 64,  # an 8x8 grid of learned position embeddings, interpolated to each frame
+    "deepstack_visual_indexes": [0, 1, 2],  # three DeepStack levels, as the real models: added after text layers 0-2
+}
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0, moe: bool = False) -> Path:
+    """A complete tiny random Qwen3-VL checkpoint folder (`moe`: Qwen3-VL-MoE), with the tokenizer of the tiny
+    Qwen2.5-VL (SentencePiece model included, for the GGUF converter) and Qwen3-VL's preprocessor configs."""
+    from transformers import PreTrainedTokenizerFast
+
+    if moe:
+        from transformers import Qwen3VLMoeConfig as config_class
+        from transformers import Qwen3VLMoeForConditionalGeneration as model_class
+    else:
+        from transformers import Qwen3VLConfig as config_class
+        from transformers import Qwen3VLForConditionalGeneration as model_class
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    tok, spm_model = build_tokenizer()
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    text = {**TINY_QWEN3_TEXT, **(TINY_QWEN3_MOE if moe else {}), "vocab_size": tok.get_vocab_size(),
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "tie_word_embeddings": False}
+    config = config_class(
+        text_config=text,
+        vision_config=TINY_QWEN3_VISION,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    # As for Qwen2.5-VL: wider Q/K projections make the tiny model's rankings decisive. The DeepStack mergers get
+    # the same spread, so their features move the scores (a pass that misplaced them would show).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ("q_proj" in name or "k_proj" in name or "deepstack_merger" in name):
+                p.normal_(0.0, 0.25)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    model.save_pretrained(staging)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    fast.chat_template = QWEN3_CHAT_TEMPLATE
+    fast.save_pretrained(staging)
+    (staging / "tokenizer.model").write_bytes(spm_model)  # what the GGUF converter reads
+    common = {"do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+              "rescale_factor": 1 / 255, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+              "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2}
+    (staging / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor", **common,
+         "size": {"shortest_edge": 65536, "longest_edge": 16777216}}, indent=2))
+    (staging / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor", **common,
+         "size": {"shortest_edge": 4096, "longest_edge": 25165824}, "fps": 2, "min_frames": 4,
+         "max_frames": 768}, indent=2))
+    staging.rename(out)
+    return out
 
 
 # -- Qwen3.5 and Qwen3.5-MoE: the hybrid Gated DeltaNet / full-attention text stack on the Qwen3-VL vision tower --
