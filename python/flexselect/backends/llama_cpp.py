@@ -99,6 +99,7 @@ TOKENS_PER_SECOND = 2  # Qwen2.5-VL's vision config value (not stored in the GGU
 TEMPORAL_PATCH = 2
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 LOG_ERROR = 4
+GGML_TYPE_F32 = 0
 _LOG_TAIL: collections.deque[str] = collections.deque(maxlen=5)  # llama.cpp's last error lines
 _LOG_CALLBACK = None
 
@@ -213,6 +214,7 @@ class LlamaCppBackend:
         n_batch: int = 512,
         positions: str = "original",
         abort_after_reference: bool = True,
+        kv_f32: bool = False,
     ) -> None:
         try:
             import llama_cpp
@@ -299,6 +301,8 @@ class LlamaCppBackend:
         cparams.cb_eval = self._cb
         cparams.cb_eval_user_data = None
         cparams.no_perf = True
+        if kv_f32:  # llama.cpp's KV cache is f16 even for an f32 GGUF; f32 for exact comparisons with transformers
+            cparams.type_k = cparams.type_v = GGML_TYPE_F32
         if n_gpu_layers == 0 or not ll.llama_supports_gpu_offload():
             # flash attention pays off on GPUs; on CPU it made a 3072-token prefill 2.5x slower (bench/runtimes.py)
             cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
