@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from flexselect.backends import load_backend
 from flexselect.backends.base import GenerationConfig
 from flexselect.backends.gguf_info import inspect_gguf
