@@ -221,8 +221,10 @@ class ProgressBars:
 
 def add_export_gguf_command(export_subparsers) -> None:
     """`flexselect export gguf`: the exporter (package `flexselect_export`) is imported only when it runs."""
-    p = export_subparsers.add_parser("gguf", help="convert a Qwen2.5-VL checkpoint to model.gguf + mmproj.gguf",
-                                     description="Convert a Qwen2.5-VL checkpoint to a llama.cpp GGUF + mmproj.")
+    p = export_subparsers.add_parser(
+        "gguf", help="convert a Qwen2.5-VL / Qwen3-VL / Qwen3.5 checkpoint to model.gguf + mmproj.gguf",
+        description="Convert a Qwen2.5-VL, Qwen2-VL, Qwen3-VL or Qwen3.5 (dense or MoE) checkpoint to a llama.cpp "
+                    "GGUF + mmproj.")
     p.add_argument("model_dir", help="transformers checkpoint folder (config.json, weights, tokenizer)")
     p.add_argument("out_dir", help="folder for model.gguf and mmproj.gguf")
     p.add_argument("--outtype", choices=("f16", "q8_0", "f32"), default="f16",

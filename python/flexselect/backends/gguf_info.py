@@ -34,9 +34,15 @@ def inspect_gguf(path: str | os.PathLike) -> dict:
         info["block_count"] = _field(reader, "clip.vision.block_count")
         info["projection_dim"] = _field(reader, "clip.vision.projection_dim")
         info["has_vision"] = bool(_field(reader, "clip.has_vision_encoder"))
+        deepstack = reader.fields.get("clip.vision.is_deepstack_layers")  # Qwen3-VL: one flag per vision block
+        info["deepstack_layers"] = sum(bool(deepstack.parts[i][0]) for i in deepstack.data) if deepstack else 0
     else:
         info["block_count"] = _field(reader, f"{arch}.block_count")
         info["embedding_length"] = _field(reader, f"{arch}.embedding_length")
+        info["deepstack_layers"] = _field(reader, f"{arch}.n_deepstack_layers") or 0  # Qwen3-VL
+        recurrent = reader.fields.get(f"{arch}.attention.recurrent_layers")  # Qwen3.5: linear-attention layers
+        if recurrent is not None:
+            info["recurrent_layers"] = [i for i, j in enumerate(recurrent.data) if bool(recurrent.parts[j][0])]
         info["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in \
             reader.fields else None
     return info

@@ -34,6 +34,23 @@ What each step does, and how it matches the transformers backend (`hf/qwen2_5_vl
   positions, then one token at a time at the next position; greedy, or temperature/top-p with a seeded generator
   (the transformers backend's `sample`). TTFT is measured from the start of the answer pass to the first token.
 
+Qwen3-VL and Qwen3.5 (dense and MoE; text architectures qwen3vl, qwen3vlmoe, qwen35, qwen35moe, projector
+qwen3vl_merger) differ as their transformers adapters do (`hf/qwen3_vl.py`, `hf/qwen3_5.py`), and here as follows:
+
+* **encode**: frames at multiples of 32 (patch 16 x merge 2); mtmd's rows are `llama_model_n_embd_inp` wide: the
+  main embedding followed by one slice per DeepStack level (Qwen3.5: none). They are kept split as transformers'
+  `DeepStackVisualTokens` (embeds + deepstack) and joined again for the exact tokens a pass carries, so llama.cpp's
+  qwen3vl graph adds the DeepStack features of exactly those tokens after its first layers (`deepstack_out-{il}`).
+* **layout**: [prefix] then per unit `<t seconds>` <|vision_start|> its tokens <|vision_end|>, then [suffix], with
+  the positions of `hf/qwen3_vl.py` (text consecutive; a unit at s puts token (r, c) at (s, s + r, s + c) and the
+  text after it at s + max(rows, cols); "compact" advances only by what a unit keeps). It is decoded as runs of
+  text tokens and embedding rows; the mtmd image positions are the same (t, y, x) = (s, s + r, s + c).
+* **scoring**: the same eval-callback capture of `Qcur-{L}` / `Kcur-{L}` (ROPE nodes: the post-Q/K-norm, post-
+  M-RoPE tensors in llama.cpp's qwen3vl / qwen35 graphs; the pre-norm projections carry the same names) and the same
+  stop. The visual columns are the set's token rows between the timestamp texts. Qwen3.5: only full-attention
+  layers (not in `{arch}.attention.recurrent_layers`) can be the reference layer (`attention_layers`); the Gated
+  DeltaNet layers before it update their convolution and recurrent state inside the stopped graph as in any decode.
+
 Known difference to transformers: llama.cpp masks attention by position, not by sequence index. For video tokens
 that share a temporal position (interval < 1, i.e. sampling faster than 4 fps) a token sees the tokens of the
 other frame at the same t only where (row, col) is not after its own; transformers masks by order. With the
@@ -76,9 +93,13 @@ log = logging.getLogger("flexselect")
 
 PROJECTORS = {"qwen2.5vl_merger": "qwen2_5_vl", "qwen2vl_merger": "qwen2_vl"}  # mmproj projector -> family
 TEXT_ARCH = "qwen2vl"
+QWEN3_ARCHS = {"qwen3vl": "qwen3_vl", "qwen3vlmoe": "qwen3_vl_moe", "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
+QWEN3_PROJECTOR = "qwen3vl_merger"
+QWEN3_PIXEL_FACTOR = 32  # patch 16 x spatial merge 2
 TEMPORAL_PATCH = 2
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 LOG_ERROR = 4
+GGML_TYPE_F32 = 0
 _LOG_TAIL: collections.deque[str] = collections.deque(maxlen=5)  # llama.cpp's last error lines
 _LOG_CALLBACK = None
 
@@ -193,6 +214,7 @@ class LlamaCppBackend:
         n_batch: int = 512,
         positions: str = "original",
         abort_after_reference: bool = True,
+        kv_f32: bool = False,
     ) -> None:
         try:
             import llama_cpp
@@ -215,22 +237,39 @@ class LlamaCppBackend:
         if text_info["architecture"] == "clip":
             raise FlexSelectError(f"{gguf_path} is a vision projector (mmproj), not a language model: pass the "
                                   "language model GGUF as --gguf and this file as --mmproj")
-        if text_info["architecture"] != TEXT_ARCH:
-            raise FlexSelectError(f"{gguf_path} is a {text_info['architecture']!r} model; the llama.cpp backend "
-                                  f"supports Qwen2.5-VL / Qwen2-VL ({TEXT_ARCH!r}) GGUFs")
+        arch = text_info["architecture"]
+        if arch != TEXT_ARCH and arch not in QWEN3_ARCHS:
+            raise FlexSelectError(f"{gguf_path} is a {arch!r} model; the llama.cpp backend supports Qwen2.5-VL / "
+                                  f"Qwen2-VL ({TEXT_ARCH!r}), Qwen3-VL and Qwen3.5 ({', '.join(QWEN3_ARCHS)}) GGUFs")
         if proj_info["architecture"] != "clip" or not proj_info.get("has_vision"):
             raise FlexSelectError(f"{mmproj_path} is not a vision projector (mmproj) GGUF; pass the mmproj "
                                   "written next to the model (flexselect export gguf writes mmproj.gguf)")
-        family = PROJECTORS.get(proj_info["projector_type"])
-        if family is None:
-            raise FlexSelectError(f"{mmproj_path} is a {proj_info['projector_type']!r} projector; supported: "
-                                  f"{', '.join(PROJECTORS)}")
+        projector = proj_info["projector_type"]
+        if arch in QWEN3_ARCHS:
+            family = QWEN3_ARCHS[arch] if projector == QWEN3_PROJECTOR else None
+            if family is None:
+                raise FlexSelectError(f"{mmproj_path} is a {projector!r} projector, but {gguf_path} is a {arch!r} "
+                                      f"model, which takes a {QWEN3_PROJECTOR!r} one: pass the mmproj of this model")
+            if proj_info["deepstack_layers"] != text_info["deepstack_layers"]:
+                raise FlexSelectError(f"{mmproj_path} gives {proj_info['deepstack_layers']} DeepStack levels but "
+                                      f"{gguf_path} takes {text_info['deepstack_layers']}: this mmproj belongs to "
+                                      "another model")
+        else:
+            family = PROJECTORS.get(projector)
+            if family is None:
+                raise FlexSelectError(f"{mmproj_path} is a {projector!r} projector; a {arch!r} model takes "
+                                      f"{' or '.join(map(repr, PROJECTORS))}: pass the mmproj of this model")
         if proj_info["projection_dim"] != text_info["embedding_length"]:
             raise FlexSelectError(
                 f"{mmproj_path} outputs {proj_info['projection_dim']}-wide embeddings but {gguf_path} takes "
                 f"{text_info['embedding_length']}: this mmproj belongs to another model"
             )
         self.family = family
+        self.qwen3 = arch in QWEN3_ARCHS  # timestamps as text, per-unit positions, DeepStack rows (module docstring)
+        self.pixel_factor = QWEN3_PIXEL_FACTOR if self.qwen3 else PIXEL_FACTOR
+        if "recurrent_layers" in text_info:  # Qwen3.5: the full-attention layers are the only ones to score
+            recurrent = set(text_info["recurrent_layers"])
+            self.attention_layers = [i for i in range(text_info["block_count"]) if i not in recurrent]
         self.defaults = family_defaults(family)
         self.n_ctx = int(n_ctx)
         self.n_batch = int(min(n_batch, n_ctx))
@@ -248,7 +287,8 @@ class LlamaCppBackend:
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.vocab_size = ll.llama_vocab_n_tokens(self.vocab)  # a Lite ranker's question embeddings must match it
         self.num_layers = ll.llama_model_n_layer(self.model)
-        self.hidden_size = ll.llama_model_n_embd_inp(self.model)
+        self.row_width = ll.llama_model_n_embd_inp(self.model)  # mtmd's rows (Qwen3-VL: main + DeepStack slices)
+        self.hidden_size = ll.llama_model_n_embd(self.model) if self.qwen3 else self.row_width  # VisualTokens.embeds
 
         self._capture = _Capture()
         self._cb = ll.ggml_backend_sched_eval_callback(self._capture)  # keep a reference: C holds the pointer
@@ -261,6 +301,8 @@ class LlamaCppBackend:
         cparams.cb_eval = self._cb
         cparams.cb_eval_user_data = None
         cparams.no_perf = True
+        if kv_f32:  # llama.cpp's KV cache is f16 even for an f32 GGUF; f32 for exact comparisons with transformers
+            cparams.type_k = cparams.type_v = GGML_TYPE_F32
         if n_gpu_layers == 0 or not ll.llama_supports_gpu_offload():
             # flash attention pays off on GPUs; on CPU it made a 3072-token prefill 2.5x slower (bench/runtimes.py)
             cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -287,6 +329,9 @@ class LlamaCppBackend:
             raise FlexSelectError(f"{mmproj_path} does not use M-RoPE; expected a Qwen2.5-VL / Qwen2-VL projector")
         self.eos_token_ids = {t for t in range(self.vocab_size)
                               if ll.llama_vocab_is_eog(self.vocab, t)}
+        if self.qwen3:
+            self._labels: dict[str, list[int]] = {}
+            self._vision_start, self._vision_end = (self._special_id(t) for t in ("<|vision_start|>", "<|vision_end|>"))
         self.last_score_stats: dict = {}
 
     # -- setup helpers -------------------------------------------------------------------------------------------
@@ -342,9 +387,9 @@ class LlamaCppBackend:
 
     # -- frames -> visual tokens ---------------------------------------------------------------------------------
     @staticmethod
-    def frames_rgb(frames: np.ndarray) -> np.ndarray:
+    def frames_rgb(frames: np.ndarray, factor: int = PIXEL_FACTOR) -> np.ndarray:
         """uint8 [N, H, W, 3] at the transformers backend's frame size (same resize), still uint8 RGB for mtmd."""
-        size = frame_size(frames.shape[1], frames.shape[2])
+        size = frame_size(frames.shape[1], frames.shape[2], factor)
         if size == tuple(frames.shape[1:3]):
             return np.ascontiguousarray(frames)
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
@@ -378,27 +423,27 @@ class LlamaCppBackend:
             if m.mtmd_encode_chunk(self.mtmd, chunk) != 0:
                 raise FlexSelectError(f"mtmd failed to encode a frame pair: {self._last_error()}")
             out = m.mtmd_get_output_embd(self.mtmd)
-            return np.ctypeslib.as_array(out, shape=(n_tokens * self.hidden_size,)).reshape(n_tokens, -1).copy()
+            return np.ctypeslib.as_array(out, shape=(n_tokens * self.row_width,)).reshape(n_tokens, -1).copy()
         finally:
             m.mtmd_input_chunks_free(chunks)
             for bmp in bitmaps:
                 m.mtmd_bitmap_free(bmp)
 
     def encode(self, clip: Clip, progress: Progress | None = None) -> VisualTokens:
-        frames = self.frames_rgb(np.asarray(clip.frames))
+        frames = self.frames_rgb(np.asarray(clip.frames), self.pixel_factor)
         n = len(frames)
         if n == 0:
             raise FlexSelectError("the clip has no frames")
         h, w = frames.shape[1:3]
-        grid = (h // PIXEL_FACTOR, w // PIXEL_FACTOR)
+        grid = (h // self.pixel_factor, w // self.pixel_factor)
         units = math.ceil(n / TEMPORAL_PATCH)
         # the family's rule from defaults.json (the GGUF does not carry it): Qwen2-VL steps by 1 per unit
         interval = time_interval(self.defaults.tokens_per_second, TEMPORAL_PATCH, clip.sample_fps)
-        if interval < 1:
+        if interval < 1 and not self.qwen3:
             log.warning("sampling at %.1f fps puts several frame pairs on one temporal position; llama.cpp masks "
                         "attention by position, so its answers can differ slightly from transformers' (<= 4 fps "
                         "avoids this)", clip.sample_fps)
-        embeds = np.empty((units * grid[0] * grid[1], self.hidden_size), dtype=np.float32)
+        embeds = np.empty((units * grid[0] * grid[1], self.row_width), dtype=np.float32)
         tpf = grid[0] * grid[1]
         for u in range(units):
             a = frames[2 * u]
@@ -409,6 +454,8 @@ class LlamaCppBackend:
             embeds[u * tpf : (u + 1) * tpf] = out
             if progress:
                 progress(min(2 * u + 2, n), n)
+        if self.qwen3:
+            return self._deepstack_tokens(embeds, clip, units, grid, (h, w))
         return VisualTokens(
             embeds=torch.from_numpy(embeds),
             num_frames=units,
@@ -420,7 +467,35 @@ class LlamaCppBackend:
             frames_per_unit=TEMPORAL_PATCH,
         )
 
+    def _deepstack_tokens(self, rows: np.ndarray, clip: Clip, units: int, grid: tuple[int, int],
+                          size: tuple[int, int]) -> VisualTokens:
+        """mtmd's [main | DeepStack level 0 | level 1 | ...] rows as transformers' Qwen3-VL visual tokens."""
+        # one definition of the type and of the unit times: the transformers adapter's
+        from .hf.qwen3_vl import DeepStackVisualTokens, unit_seconds
+
+        d = self.hidden_size
+        rows_t = torch.from_numpy(rows)
+        return DeepStackVisualTokens(
+            embeds=rows_t[:, :d].contiguous(),
+            num_frames=units,
+            grid=grid,
+            timestamps=np.asarray(clip.timestamps[::TEMPORAL_PATCH], dtype=np.float64),
+            time_interval=1.0,  # unused: every unit restarts its positions
+            frame_size=size,
+            source=getattr(clip, "source", ""),
+            frames_per_unit=TEMPORAL_PATCH,
+            deepstack=rows_t[:, d:].reshape(len(rows), -1, d).transpose(0, 1).contiguous(),
+            label_seconds=unit_seconds(clip.timestamps, TEMPORAL_PATCH),
+        )
+
     # -- prompt --------------------------------------------------------------------------------------------------
+    def _special_id(self, token: str) -> int:
+        ids = self.tokenize(token)
+        if len(ids) != 1:
+            self.close()
+            raise FlexSelectError(f"the model's vocabulary has no {token} token: not a Qwen3-VL / Qwen3.5 GGUF")
+        return ids[0]
+
     def tokenize(self, text: str) -> list[int]:
         data = text.encode("utf-8")
         cap = len(data) + 16
@@ -501,7 +576,79 @@ class LlamaCppBackend:
         if visual.embeds.shape[1] != self.hidden_size:
             raise FlexSelectError(f"these visual tokens are {visual.embeds.shape[1]}-wide but the model takes "
                                   f"{self.hidden_size}: encode the video with this model")
-        return visual.embeds[index.to(visual.embeds.device)].float().cpu().numpy()
+        index = index.to(visual.embeds.device)
+        rows = visual.embeds[index].float().cpu()
+        if self.row_width != self.hidden_size:  # Qwen3-VL: each row carries its DeepStack slices after it
+            deepstack = getattr(visual, "deepstack", None)
+            if deepstack is None or deepstack.shape[0] * self.hidden_size != self.row_width - self.hidden_size:
+                raise FlexSelectError("these visual tokens lack this model's DeepStack features: encode the video "
+                                      "with this model")
+            slices = deepstack[:, index].float().cpu().transpose(0, 1).reshape(len(rows), -1)
+            rows = torch.cat([rows, slices], dim=1)
+        return rows.numpy()
+
+    # -- Qwen3-VL / Qwen3.5: timestamps as text, positions restarting per unit ----------------------------------
+    def _qwen3_layout(self, visual: VisualTokens, units: list[int], tokens: list[torch.Tensor], prompt: Prompt,
+                      compact: bool) -> tuple[list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray]],
+                                              torch.Tensor, int]:
+        """The sequence of `hf/qwen3_vl.py`'s layout as decode runs [(token ids | None, rows | None, positions
+        [3, n])], the sequence indices of the visual tokens, and the next position. The suffix is the last run."""
+        rows_, cols = visual.grid
+        runs: list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray]] = []
+        text: list[int] = []
+        columns: list[torch.Tensor] = []
+        at = pos = len(prompt.prefix_ids)
+        text_pos = list(range(pos))
+        text = prompt.prefix_ids.tolist()
+
+        def flush() -> None:
+            if text:
+                runs.append((np.array(text, dtype=np.int32), None, np.tile(np.array(text_pos), (3, 1))))
+            text.clear()
+            text_pos.clear()
+
+        def add_text(ids: list[int]) -> None:
+            nonlocal pos, at
+            text.extend(ids)
+            text_pos.extend(range(pos, pos + len(ids)))
+            pos += len(ids)
+            at += len(ids)
+
+        for unit, kept in zip(units, tokens):
+            add_text([*self._label_ids(float(visual.label_seconds[unit])), self._vision_start])
+            if len(kept):
+                flush()
+                local = kept - unit * visual.tokens_per_frame
+                r, c = (local // cols).numpy(), (local % cols).numpy()
+                runs.append((None, self._rows(visual, kept), np.stack([np.full_like(r, pos), pos + r, pos + c])))
+                columns.append(torch.arange(at, at + len(kept)))
+                at += len(kept)
+            if not compact:
+                pos += max(rows_, cols)
+            elif len(kept):
+                pos += int(max(r.max(), c.max())) + 1
+            add_text([self._vision_end])
+        flush()
+        add_text(prompt.suffix_ids.tolist())
+        flush()
+        return runs, torch.cat(columns) if columns else torch.zeros(0, dtype=torch.long), pos
+
+    def _label_ids(self, seconds: float) -> list[int]:
+        # the Qwen3-VL processor's "<t seconds>", as the transformers adapter writes it
+        from .hf.qwen3_vl import timestamp_label
+
+        label = timestamp_label(seconds)
+        if label not in self._labels:
+            self._labels[label] = self.tokenize(label)
+        return self._labels[label]
+
+    def _run_runs(self, runs, logits_last: bool = False) -> None:
+        for i, (ids, rows, pos) in enumerate(runs):
+            last = i == len(runs) - 1
+            if ids is not None:
+                self._decode(pos, tokens=ids, logits_last=logits_last and last)
+            else:
+                self._decode(pos, embeds=rows, logits_last=logits_last and last)
 
     def answer_layout(self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt):
         offsets = video_positions(visual.num_frames, visual.grid, visual.time_interval)[:, kept]
@@ -518,6 +665,8 @@ class LlamaCppBackend:
                      abort: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Post-RoPE queries of the suffix rows [H, T, d] and keys of all positions [H_kv, N, d] at `layer` (in
         range: the pipeline checks it)."""
+        if self.qwen3:
+            return self._qwen3_reference_qk(visual, frames, prompt, layer, abort)[:2]
         embeds, positions = self.scoring_layout(visual, frames, prompt)
         self._check_fits(positions.shape[1], "scoring pass of one frame set")
         cap = self._capture
@@ -545,9 +694,54 @@ class LlamaCppBackend:
             raise FlexSelectError(f"captured keys for {k.shape[0]} of {positions.shape[1]} positions")
         return q.transpose(0, 1), k.transpose(0, 1)
 
+    def _check_attention_layer(self, layer: int) -> None:
+        valid = getattr(self, "attention_layers", None)
+        if valid is not None and layer not in valid:
+            raise FlexSelectError(
+                f"reference layer {layer} is a linear-attention layer, which has no attention map to score; this "
+                f"model's full-attention layers are {', '.join(map(str, valid))}: pass one of them as --layer"
+            )
+
+    def _qwen3_reference_qk(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int,
+                            abort: bool | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Qwen3-VL / Qwen3.5: (queries of the suffix rows, keys of all positions, visual columns) at `layer`."""
+        self._check_attention_layer(layer)
+        units = sorted(frames)
+        if units != list(frames):
+            raise FlexSelectError("a frame set must list its frames in time order")
+        runs, columns, _ = self._qwen3_layout(visual, units, [visual.frame_tokens([u]) for u in units], prompt,
+                                              compact=False)
+        n_total = sum(pos.shape[1] for _, _, pos in runs)
+        self._check_fits(n_total, "scoring pass of one frame set")
+        cap = self._capture
+        cap.start(layer, self.abort_after_reference if abort is None else abort)
+        try:
+            self._ll.llama_memory_clear(self.mem, True)
+            for i, (ids, rows, pos) in enumerate(runs):
+                cap.want_q = i == len(runs) - 1  # the suffix: the question rows that score
+                n_before = len(cap.q)
+                self._decode(pos, tokens=ids) if ids is not None else self._decode(pos, embeds=rows)
+        finally:
+            cap.stop()
+            self._ll.llama_memory_clear(self.mem, True)
+        if cap.error:
+            raise FlexSelectError(f"could not read the reference layer's tensors: {cap.error}")
+        if not cap.k or any(q is None for q in cap.q[n_before:]):
+            raise FlexSelectError(f"llama.cpp gave no Qcur-{layer}/Kcur-{layer} tensors at layer {layer}")
+        q = torch.from_numpy(np.concatenate(cap.q[n_before:]))  # [T, H, d]
+        k = torch.from_numpy(np.concatenate(cap.k))  # [N, H_kv, d]
+        if k.shape[0] != n_total:
+            raise FlexSelectError(f"captured keys for {k.shape[0]} of {n_total} positions")
+        return q.transpose(0, 1), k.transpose(0, 1), columns
+
     def score(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int,
               aggregate: Aggregate = "max") -> torch.Tensor:
         t0 = time.perf_counter()
+        if self.qwen3:
+            q, k, columns = self._qwen3_reference_qk(visual, frames, prompt, layer, None)
+            scores = question_attention_scores(q, k, columns, aggregate)
+            self.last_score_stats = {"seconds": time.perf_counter() - t0, "tokens": k.shape[1]}
+            return scores
         q, k = self.reference_qk(visual, frames, prompt, layer)
         start = len(prompt.prefix_ids)
         scores = question_attention_scores(q, k, slice(start, start + len(frames) * visual.tokens_per_frame),
@@ -576,11 +770,21 @@ class LlamaCppBackend:
                  on_token: OnToken | None = None) -> Generation:
         start = time.perf_counter()
         kept = kept.to(torch.long).cpu()
-        embeds, positions, next_position = self.answer_layout(visual, kept, prompt)
-        n_prompt = positions.shape[1]
-        self._check_fits(n_prompt + 1, "answer prompt")
         self._capture.stop()
-        self._run_layout(prompt, embeds, positions, logits_last=True)
+        if self.qwen3:  # every unit keeps its timestamp and delimiters, with its kept tokens (possibly none)
+            owner = kept // visual.tokens_per_frame
+            runs, _, next_position = self._qwen3_layout(
+                visual, list(range(visual.num_frames)), [kept[owner == u] for u in range(visual.num_frames)], prompt,
+                compact=self.positions == "compact")
+            n_prompt = sum(pos.shape[1] for _, _, pos in runs)
+            self._check_fits(n_prompt + 1, "answer prompt")
+            self._ll.llama_memory_clear(self.mem, True)
+            self._run_runs(runs, logits_last=True)
+        else:
+            embeds, positions, next_position = self.answer_layout(visual, kept, prompt)
+            n_prompt = positions.shape[1]
+            self._check_fits(n_prompt + 1, "answer prompt")
+            self._run_layout(prompt, embeds, positions, logits_last=True)
         rng = torch.Generator().manual_seed(config.seed)
         token_ids: list[int] = []
         ttft = 0.0
