@@ -365,7 +365,8 @@ class FlexSelect:
         prompt = self.backend.prompt("?")
         if manifest["prefix"] != prompt.prefix_ids.tolist():
             raise FlexSelectError(f"{path} was made with another prompt template: rebuild it with `flexselect index`")
-        visual = visual_from_manifest(manifest["visual"], tensors["visual.embeds"].to(self.backend.device))
+        embeds = tensors["visual.embeds"].to(getattr(self.backend, "device", "cpu"))
+        visual = visual_from_manifest(manifest["visual"], embeds)
         key = IndexKey(layer, manifest["set_frames"], tuple(manifest["prefix"]))
         index = VideoIndex(key, planned_bytes=manifest["bytes"])
         index.device = self.indexes.placement(index.planned_bytes, getattr(self.backend, "device", None))
