@@ -156,8 +156,8 @@ def main() -> None:
                   f"(answer pass alone {cpp['answer_only_s']:.2f}s: follow-up / answer-only "
                   f"{cpp['multi_q2_ttft_s'] / cpp['answer_only_s']:.2f}x)",
                   f"index {cpp['index']['bytes'] / 2**20:.1f} MiB; wall: two single runs "
-                  f"{cpp['wall_two_single_runs_s']:.2f}s, one run with both {cpp['wall_one_multi_run_s']:.2f}s; same kept tokens and answers: "
-                  f"{cpp['same_results']}"]
+                  f"{cpp['wall_two_single_runs_s']:.2f}s, one run with both {cpp['wall_one_multi_run_s']:.2f}s; "
+                  f"same kept tokens and answers: {cpp['same_results']}"]
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "followup.txt").write_text("\n".join(lines) + "\n")
