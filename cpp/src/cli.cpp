@@ -302,6 +302,7 @@ int run(int argc, char ** argv) {
     // built by the first question that scores it and only the question's tokens are decoded after that.
     VideoIndex index;
     const bool from_stdin = a.questions.empty();
+    if (a.questions.size() == 1) a.index = false;  // a single question: nothing would ever reuse an index
     const bool prompt_user = from_stdin && isatty(fileno(stdin)) && !a.json;
     for (size_t n = 0;; ++n) {
         std::string question;
