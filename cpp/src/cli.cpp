@@ -9,20 +9,23 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iostream>
 #include <string>
+#include <unistd.h>
 
 using namespace flexselect;
 
 namespace {
 
 const char * kUsage =
-    "usage: flexselect-cli -m model.gguf --mmproj mmproj.gguf --video FILE -p \"QUESTION\" [options]\n"
+    "usage: flexselect-cli -m model.gguf --mmproj mmproj.gguf --video FILE [-p \"QUESTION\" ...] [options]\n"
     "\n"
     "  -m, --model FILE         Qwen2.5-VL (or Qwen2-VL) language model GGUF\n"
     "      --mmproj FILE        its vision projector GGUF (required)\n"
     "      --ranker FILE        FlexSelect-Lite ranker (.onnx) instead of the reference-layer scoring pass\n"
     "      --video FILE         the video\n"
-    "  -p, --prompt TEXT        the question\n"
+    "  -p, --prompt TEXT        the question; repeat -p for several, or give none to read one question per line\n"
+    "                           from standard input (each set is indexed once: follow-ups decode only the question)\n"
     "frames:\n"
     "      --frames N           sample N frames uniformly\n"
     "      --fps F              sample F frames per second (default %g)\n"
@@ -42,7 +45,9 @@ const char * kUsage =
     "  -ngl, --n-gpu-layers N   layers on the GPU (-1 = all, default)\n"
     "  -t, --threads N          CPU threads (default: all)\n"
     "  -c, --ctx-size N         context size (default 32768)\n"
-    "      --json               print one JSON object (answer, stats, kept token indices, answer token ids)\n"
+    "      --json               print one JSON object per question (answer, stats, kept token indices, answer\n"
+    "                           token ids), one per line\n"
+    "      --no-index           score every question's sets from scratch (no reuse between questions)\n"
     "  -v, --verbose            show llama.cpp's logs\n"
     "\n"
     "ONNX Runtime: %s\n";
@@ -56,12 +61,16 @@ void usage(FILE * out) {
 
 struct Args {
     LlmOptions llm;
-    std::string ranker, video, question;
+    std::string ranker, video;
+    std::vector<std::string> questions;  // none: read them from standard input, one per line
+    bool index = true;
     SamplingOptions sampling;
     SelectOptions select;
     GenerationOptions gen;
     bool json = false;
 };
+
+bool is_blank(const std::string & s) { return s.find_first_not_of(" \t\r\n") == std::string::npos; }
 
 int to_int(const std::string & flag, const char * v) {
     char * end = nullptr;
@@ -96,7 +105,7 @@ Args parse(int argc, char ** argv) {
         else if (f == "--mmproj") a.llm.mmproj_path = val();
         else if (f == "--ranker") a.ranker = val();
         else if (f == "--video") a.video = val();
-        else if (f == "-p" || f == "--prompt") a.question = val();
+        else if (f == "-p" || f == "--prompt") a.questions.push_back(val());
         else if (f == "--frames") a.sampling.frames = to_int(f, val());
         else if (f == "--fps") a.sampling.fps = to_double(f, val());
         else if (f == "--start") a.sampling.start = to_double(f, val());
@@ -114,6 +123,7 @@ Args parse(int argc, char ** argv) {
         else if (f == "-t" || f == "--threads") a.llm.n_threads = to_int(f, val());
         else if (f == "-c" || f == "--ctx-size") a.llm.n_ctx = to_int(f, val());
         else if (f == "--json") a.json = true;
+        else if (f == "--no-index") a.index = false;
         else if (f == "-v" || f == "--verbose") a.llm.verbose = true;
         else throw Error("unknown option " + f + " (see --help)");
     }
@@ -122,8 +132,8 @@ Args parse(int argc, char ** argv) {
         throw Error("--mmproj is required: the vision projector GGUF that belongs to " + a.llm.model_path);
     }
     if (a.video.empty()) throw Error("no video given: pass --video FILE");
-    if (a.question.find_first_not_of(" \t\r\n") == std::string::npos) {
-        throw Error("the question is empty: pass -p \"QUESTION\" about the video");
+    for (const auto & q : a.questions) {
+        if (is_blank(q)) throw Error("the question is empty: pass -p \"QUESTION\" about the video");
     }
     if (a.sampling.frames < 0 || a.sampling.fps < 0) throw Error("--frames and --fps must be positive");
     if (a.sampling.frames > 0 && a.sampling.fps > 0) throw Error("give either --frames or --fps, not both");
@@ -235,6 +245,65 @@ double peak_rss_mb() {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
+// The index part of the stats: whether this question reused sets indexed by an earlier one, and what that saved.
+std::string index_json(const Selection & sel, const VideoIndex * index) {
+    if (index == nullptr || sel.index_built + sel.index_reused == 0) return "{\"used\": false}";
+    char buf[256];
+    std::snprintf(buf, sizeof(buf),
+                  "{\"used\": true, \"reused_sets\": %d, \"built_sets\": %d, \"saved_s\": %.4f, \"bytes\": %zu}",
+                  sel.index_reused, sel.index_built, sel.index_saved_s, index->bytes());
+    return buf;
+}
+
+void print_result(const Args & a, const Generation & gen, const Selection & sel, const VisualTokens & v,
+                  const Clip & clip, size_t n_frames, bool lite, bool video_cached, double t_decode, double t_encode,
+                  double t_select, double t_answer, double total, const VideoIndex * index) {
+    const char * selector = lite ? "lite" : "reference";
+    const auto evidence = evidence_of(sel, v, clip.timestamps);
+    if (a.json) {
+        std::string layer = sel.layer >= 0 ? std::to_string(sel.layer) : "null";
+        std::printf(
+            "{\"answer\": %s, \"stats\": {\"frames\": %zu, \"frame_units\": %d, \"tokens_per_frame\": %d, "
+            "\"visual_tokens\": %d, \"kept_tokens\": %zu, \"frame_sets\": %d, \"selector\": \"%s\", "
+            "\"reference_layer\": %s, \"video_cached\": %s, \"index\": %s, \"frame_size\": [%d, %d], "
+            "\"sample_fps\": %.6g, "
+            "\"seconds\": {\"decode\": %.4f, \"encode\": %.4f, \"select\": %.4f, \"ttft_answer\": %.4f, "
+            "\"answer\": %.4f, \"total\": %.4f}, \"peak_memory_mb\": {\"process_rss\": %.1f}}, "
+            "\"evidence\": %s, \"answer_token_ids\": %s, \"kept_token_indices\": %s}\n",
+            json_str(gen.text).c_str(), n_frames, v.num_units, v.tokens_per_unit(), v.num_tokens(), sel.kept.size(),
+            sel.n_sets, selector, layer.c_str(), video_cached ? "true" : "false", index_json(sel, index).c_str(),
+            clip.height, clip.width, clip.sample_fps, t_decode, t_encode, t_select, gen.ttft_s, t_answer, total,
+            peak_rss_mb(), evidence_json(evidence).c_str(), json_list(gen.tokens).c_str(), json_list(sel.kept).c_str());
+    } else {
+        std::printf("%s\n", gen.text.c_str());
+        std::fprintf(stderr, "evidence: %s\n", evidence_text(evidence, sel.kept.size(), v.num_tokens()).c_str());
+        const double share = 100.0 * sel.kept.size() / std::max(1, v.num_tokens());
+        std::string layer = sel.layer >= 0 ? ", reference layer " + std::to_string(sel.layer) : "";
+        std::string reuse;
+        if (index != nullptr && sel.index_reused > 0) {
+            char buf[160];
+            std::snprintf(buf, sizeof(buf), "index: reused %d set(s), saved %.2fs\n", sel.index_reused,
+                          sel.index_saved_s);
+            reuse = buf;
+        } else if (index != nullptr && sel.index_built > 0) {
+            char buf[160];
+            std::snprintf(buf, sizeof(buf), "index: built %d set(s) (%.1f MiB) for the next questions\n",
+                          sel.index_built, index->bytes() / 1048576.0);
+            reuse = buf;
+        }
+        std::fprintf(stderr,
+                     "frames: %s%zu sampled -> %d units x %d tokens | visual tokens: %d | kept: %zu (%.1f%%) in %d "
+                     "frame set(s), selector %s%s\n"
+                     "%s"
+                     "time: decode %.2fs | encode %.2fs | select %.2fs | answer %.2fs (first token %.2fs) | "
+                     "total %.2fs\n"
+                     "peak memory: process_rss %.0f MiB\n",
+                     video_cached ? "cached, " : "", n_frames, v.num_units, v.tokens_per_unit(), v.num_tokens(),
+                     sel.kept.size(), share, sel.n_sets, selector, layer.c_str(), reuse.c_str(), t_decode, t_encode,
+                     t_select, t_answer, gen.ttft_s, total, peak_rss_mb());
+    }
+}
+
 int run(int argc, char ** argv) {
     Args a = parse(argc, argv);
     std::unique_ptr<Ranker> ranker;
@@ -267,43 +336,36 @@ int run(int argc, char ** argv) {
     clip.frames.clear();  // pixels are no longer needed
     clip.frames.shrink_to_fit();
 
-    const Prompt prompt = llm.prompt(a.question);
-    const auto t2 = Clock::now();
-    const Selection sel = select_tokens(llm, ranker.get(), v, prompt, a.select);
-    const double t_select = since(t2);
-    const Generation gen = llm.answer(v, sel.kept, prompt, a.gen);
-    const double total = since(t0);
-    const double t_answer = total - t_decode - t_encode - t_select;
-
-    const char * selector = ranker ? "lite" : "reference";
-    const auto evidence = evidence_of(sel, v, clip.timestamps);
-    if (a.json) {
-        std::string layer = sel.layer >= 0 ? std::to_string(sel.layer) : "null";
-        std::printf(
-            "{\"answer\": %s, \"stats\": {\"frames\": %zu, \"frame_units\": %d, \"tokens_per_frame\": %d, "
-            "\"visual_tokens\": %d, \"kept_tokens\": %zu, \"frame_sets\": %d, \"selector\": \"%s\", "
-            "\"reference_layer\": %s, \"video_cached\": false, \"frame_size\": [%d, %d], \"sample_fps\": %.6g, "
-            "\"seconds\": {\"decode\": %.4f, \"encode\": %.4f, \"select\": %.4f, \"ttft_answer\": %.4f, "
-            "\"answer\": %.4f, \"total\": %.4f}, \"peak_memory_mb\": {\"process_rss\": %.1f}}, "
-            "\"evidence\": %s, \"answer_token_ids\": %s, \"kept_token_indices\": %s}\n",
-            json_str(gen.text).c_str(), n_frames, v.num_units, v.tokens_per_unit(), v.num_tokens(), sel.kept.size(),
-            sel.n_sets, selector, layer.c_str(), clip.height, clip.width, clip.sample_fps, t_decode, t_encode,
-            t_select, gen.ttft_s, t_answer, total, peak_rss_mb(), evidence_json(evidence).c_str(),
-            json_list(gen.tokens).c_str(),
-            json_list(sel.kept).c_str());
-    } else {
-        std::printf("%s\n", gen.text.c_str());
-        std::fprintf(stderr, "evidence: %s\n", evidence_text(evidence, sel.kept.size(), v.num_tokens()).c_str());
-        const double share = 100.0 * sel.kept.size() / std::max(1, v.num_tokens());
-        std::string layer = sel.layer >= 0 ? ", reference layer " + std::to_string(sel.layer) : "";
-        std::fprintf(stderr,
-                     "frames: %zu sampled -> %d units x %d tokens | visual tokens: %d | kept: %zu (%.1f%%) in %d "
-                     "frame set(s), selector %s%s\n"
-                     "time: decode %.2fs | encode %.2fs | select %.2fs | answer %.2fs (first token %.2fs) | "
-                     "total %.2fs\n"
-                     "peak memory: process_rss %.0f MiB\n",
-                     n_frames, v.num_units, v.tokens_per_unit(), v.num_tokens(), sel.kept.size(), share, sel.n_sets,
-                     selector, layer.c_str(), t_decode, t_encode, t_select, t_answer, gen.ttft_s, total, peak_rss_mb());
+    // One question after another about the same visual tokens; with the index, a set's prefix + visual state is
+    // built by the first question that scores it and only the question's tokens are decoded after that.
+    VideoIndex index;
+    const bool from_stdin = a.questions.empty();
+    if (a.questions.size() == 1) a.index = false;  // a single question: nothing would ever reuse an index
+    const bool prompt_user = from_stdin && isatty(fileno(stdin)) && !a.json;
+    for (size_t n = 0;; ++n) {
+        std::string question;
+        if (!from_stdin) {
+            if (n == a.questions.size()) break;
+            question = a.questions[n];
+        } else {
+            do {
+                if (prompt_user) std::fputs("> ", stderr);
+            } while (std::getline(std::cin, question) && is_blank(question));
+            if (is_blank(question)) break;  // end of input
+        }
+        const Prompt prompt = llm.prompt(question);
+        const auto t2 = Clock::now();
+        const Selection sel = select_tokens(llm, ranker.get(), v, prompt, a.select, a.index ? &index : nullptr);
+        const double t_select = since(t2);
+        const auto t3 = Clock::now();
+        const Generation gen = llm.answer(v, sel.kept, prompt, a.gen);
+        const double t_answer = since(t3);
+        // decode and encode are paid once, by the first question
+        const double dec = n == 0 ? t_decode : 0.0, enc = n == 0 ? t_encode : 0.0;
+        const double total = dec + enc + t_select + t_answer;
+        print_result(a, gen, sel, v, clip, n_frames, ranker != nullptr, n > 0, dec, enc, t_select, t_answer, total,
+                     a.index ? &index : nullptr);
+        std::fflush(stdout);
     }
     return 0;
 }

@@ -530,4 +530,95 @@ Generation Llm::answer(const VisualTokens & v, const std::vector<int> & kept, co
     return out;
 }
 
+// ---- the index: a set's question-independent scoring state, reused by every later question -------------------------
+// The prefix and the set's visual tokens come before the question and attention is causal, so their KV cache of
+// layers < L and their layer-L keys are the same for every question. index_set runs only them (the pass stops at
+// layer L as in score_set) and saves the sequence's KV state; score_indexed restores it and decodes only the
+// question's tokens. The scores are score_set's: the same formula over the same keys.
+size_t SetIndex::bytes() const { return state.size() + k.size() * sizeof(float); }
+
+SetIndex Llm::index_set(const VisualTokens & v, const std::vector<int> & units, const Prompt & p, int layer) {
+    auto & m = *impl_;
+    if (layer < 0 || layer >= m.n_layer) {
+        throw Error("reference layer " + std::to_string(layer) + " is out of range: this model has layers 0.." +
+                    std::to_string(m.n_layer - 1));
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    const int tpu = v.tokens_per_unit();
+    const int P = (int) p.prefix.size(), V = (int) units.size() * tpu, T = (int) p.suffix.size();
+    m.check_fits(P + V + T, "a frame set's scoring pass");
+    const auto offsets = video_offsets((int) units.size(), v.rows, v.cols, v.interval);
+    const Layout l = layout_positions(P, offsets, video_extent((int) units.size(), v.rows, v.cols, v.interval), T);
+    std::vector<const float *> rows;
+    for (int u : units) {
+        for (int j = 0; j < tpu; ++j) rows.push_back(v.token(u * tpu + j));
+    }
+    Capture & c = m.capture;
+    c.q_name = "Qcur-" + std::to_string(layer);
+    c.k_name = "Kcur-" + std::to_string(layer);
+    c.q.clear(), c.k.clear(), c.error.clear();
+    c.got_q = c.got_k = false;
+    m.clear_memory();
+    struct Off {
+        Impl & m;
+        ~Off() { m.capture.active = false; m.clear_memory(); }
+    } off{m};
+    c.active = true;
+    c.want_q = false;
+    m.decode_tokens(p.prefix, l.prefix, false);
+    m.decode_embd(rows, l.video);
+    if (c.k.size() != (size_t) (P + V) * m.n_head_kv * m.head_dim) {
+        throw Error("indexing did not capture layer " + std::to_string(layer) + "'s keys as expected");
+    }
+    SetIndex ix;
+    ix.units = units;
+    ix.layer = layer;
+    ix.n_context = P + V;
+    ix.k.swap(c.k);
+    ix.state.resize(llama_state_seq_get_size(m.ctx.get(), 0));
+    if (llama_state_seq_get_data(m.ctx.get(), ix.state.data(), ix.state.size(), 0) != ix.state.size()) {
+        throw Error("could not save a frame set's KV state" + take_errors());
+    }
+    ix.build_s = seconds_since(t0);
+    return ix;
+}
+
+std::vector<float> Llm::score_indexed(const SetIndex & ix, const VisualTokens & v, const Prompt & p,
+                                      Aggregate aggregate) {
+    auto & m = *impl_;
+    const int tpu = v.tokens_per_unit();
+    const int P = (int) p.prefix.size(), V = (int) ix.units.size() * tpu, T = (int) p.suffix.size();
+    if (P + V != ix.n_context) throw Error("this index was made for another prompt or video");
+    m.check_fits(P + V + T, "a frame set's scoring pass");
+    const auto offsets = video_offsets((int) ix.units.size(), v.rows, v.cols, v.interval);
+    const Layout l = layout_positions(P, offsets, video_extent((int) ix.units.size(), v.rows, v.cols, v.interval), T);
+
+    Capture & c = m.capture;
+    c.q_name = "Qcur-" + std::to_string(ix.layer);
+    c.k_name = "Kcur-" + std::to_string(ix.layer);
+    c.q.clear(), c.k.clear(), c.error.clear();
+    c.got_q = c.got_k = false;
+    m.clear_memory();
+    struct Off {
+        Impl & m;
+        ~Off() { m.capture.active = false; m.clear_memory(); }
+    } off{m};
+    if (llama_state_seq_set_data(m.ctx.get(), ix.state.data(), ix.state.size(), 0) != ix.state.size()) {
+        throw Error("could not restore a frame set's KV state" + take_errors());
+    }
+    c.active = true;
+    c.want_q = true;
+    m.decode_tokens(p.suffix, l.suffix, false);
+    const size_t kv_row = (size_t) m.n_head_kv * m.head_dim;
+    if (c.k.size() != (size_t) T * kv_row || c.q.size() != (size_t) T * m.n_head * m.head_dim) {
+        throw Error("the question pass did not capture layer " + std::to_string(ix.layer) + "'s Q/K as expected");
+    }
+    std::vector<float> keys;
+    keys.reserve(ix.k.size() + c.k.size());
+    keys.insert(keys.end(), ix.k.begin(), ix.k.end());
+    keys.insert(keys.end(), c.k.begin(), c.k.end());
+    return question_attention_scores(c.q.data(), keys.data(), T, P + V + T, m.n_head, m.n_head_kv, m.head_dim, P,
+                                     P + V, aggregate);
+}
+
 }  // namespace flexselect

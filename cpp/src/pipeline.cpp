@@ -16,8 +16,14 @@ int reference_layer_for(int num_layers) {
     return std::min(num_layers - 1, std::max(1, layer));
 }
 
+size_t VideoIndex::bytes() const {
+    size_t n = 0;
+    for (const auto & s : sets) n += s.bytes();
+    return n;
+}
+
 Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, const Prompt & p,
-                        const SelectOptions & opts) {
+                        const SelectOptions & opts, VideoIndex * index) {
     Selection sel;
     const int total = v.num_tokens(), tpu = v.tokens_per_unit();
     if (ranker == nullptr) {
@@ -41,6 +47,14 @@ Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, cons
     std::vector<int> sizes;
     for (const auto & s : sets) sizes.push_back((int) s.size() * tpu);
     const auto shares = split_budget(sel.budget, sizes);
+    if (ranker != nullptr) index = nullptr;  // a ranker's pass has no question-independent half to keep
+    if (index != nullptr && (index->layer != sel.layer || index->sets.size() != sets.size() ||
+                             index->prefix != p.prefix)) {
+        *index = VideoIndex{};  // made for another layer, set size or prompt: never reused
+        index->layer = sel.layer;
+        index->prefix = p.prefix;
+        index->sets.resize(sets.size());
+    }
 
     for (size_t g = 0; g < sets.size(); ++g) {
         std::vector<int> tokens;  // global indices of the set's tokens, unit by unit
@@ -58,6 +72,16 @@ Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, cons
             embd.reserve(tokens.size() * (size_t) v.n_embd);
             for (int t : tokens) embd.insert(embd.end(), v.token(t), v.token(t) + v.n_embd);
             scores = ranker->score(embd.data(), (int) tokens.size(), v.n_embd, p.question);
+        } else if (index != nullptr) {
+            SetIndex & ix = index->sets[g];
+            if (ix.units != sets[g]) {
+                ix = llm.index_set(v, sets[g], p, sel.layer);
+                ++sel.index_built;
+            } else {
+                ++sel.index_reused;
+                sel.index_saved_s += ix.build_s;
+            }
+            scores = llm.score_indexed(ix, v, p, opts.aggregate);
         } else {
             scores = llm.score_set(v, sets[g], p, sel.layer, opts.aggregate);
         }

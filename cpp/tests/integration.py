@@ -24,6 +24,7 @@ from pathlib import Path
 
 N_FRAMES, BUDGET, SET_FRAMES, LAYER, MAX_NEW = 24, 60, 4, 3, 8
 QUESTION = "What is the color of the car in the video?"
+FOLLOW_UP = "How many people appear in the video?"
 FAILURES: list[str] = []
 
 
@@ -41,6 +42,51 @@ def run_cli(cli: str, fx: Path, *extra: str, expect_ok: bool = True) -> subproce
     if expect_ok and r.returncode != 0:
         print(r.stderr.decode(errors="replace"))
     return r
+
+
+def run_questions(cli: str, fx: Path, questions: list[str], *extra: str, stdin: bool = False):
+    """Several questions in one run: as -p flags, or one per line on standard input (no -p)."""
+    flags = [] if stdin else [x for q in questions for x in ("-p", q)]
+    cmd = [cli, "-m", str(fx / "model.gguf"), "--mmproj", str(fx / "mmproj.gguf"), "--video", str(fx / "clip.mp4"),
+           *flags, "--frames", str(N_FRAMES), "--budget", str(BUDGET), "--set-frames", str(SET_FRAMES),
+           "--max-new-tokens", str(MAX_NEW), "-t", "2", "--layer", str(LAYER), *extra]
+    r = subprocess.run(cmd, capture_output=True, input="\n\n".join(questions).encode() + b"\n" if stdin else None)
+    if r.returncode != 0:
+        print(r.stderr.decode(errors="replace"))
+    return r
+
+
+def multi_question(cli: str, fx: Path, single: dict) -> None:
+    """Several questions in one run give what single runs give; follow-ups reuse the first question's index."""
+    questions = [QUESTION, FOLLOW_UP, QUESTION]
+    r1 = run_cli(cli, fx, "--json", "--layer", str(LAYER), "-p", FOLLOW_UP)  # run_cli's own -p, then this one
+    lines = [json.loads(x) for x in r1.stdout.decode().splitlines()] if r1.returncode == 0 else []
+    check(len(lines) == 2 and sanitizer_clean(r1), "two -p flags: two JSON lines")
+    if len(lines) != 2:
+        return
+    alone = run_questions(cli, fx, [FOLLOW_UP], "--json")
+    follow = json.loads(alone.stdout) if alone.returncode == 0 else {}
+    for how, r in (("-p flags", run_questions(cli, fx, questions, "--json")),
+                   ("standard input", run_questions(cli, fx, questions, "--json", stdin=True))):
+        out = [json.loads(x) for x in r.stdout.decode().splitlines()] if r.returncode == 0 else []
+        check(len(out) == 3 and sanitizer_clean(r), f"three questions on {how}: three JSON lines")
+        if len(out) != 3:
+            continue
+        for i, want in enumerate((single, follow, single)):
+            check(out[i]["kept_token_indices"] == want.get("kept_token_indices")
+                  and out[i]["answer_token_ids"] == want.get("answer_token_ids"),
+                  f"{how}: question {i + 1} keeps and answers as its single run")
+        ix = [o["stats"]["index"] for o in out]
+        n_sets = out[0]["stats"]["frame_sets"]
+        check(ix[0]["built_sets"] == n_sets and ix[1]["reused_sets"] == ix[2]["reused_sets"] == n_sets
+              and ix[1]["saved_s"] > 0 and out[1]["stats"]["video_cached"], f"{how}: follow-ups reuse the index")
+    r = run_questions(cli, fx, questions, "--json", "--no-index")
+    out = [json.loads(x) for x in r.stdout.decode().splitlines()] if r.returncode == 0 else []
+    check(len(out) == 3 and out[1]["kept_token_indices"] == follow.get("kept_token_indices")
+          and not out[1]["stats"]["index"]["used"], "--no-index: same results, no index")
+    rt = run_questions(cli, fx, questions[:2])
+    check(rt.returncode == 0 and len(rt.stdout.decode().splitlines()) == 2 and b"index: reused" in rt.stderr,
+          "text mode: one answer per line, the index reuse on stderr")
 
 
 def sanitizer_clean(r: subprocess.CompletedProcess) -> bool:
@@ -206,6 +252,9 @@ def main() -> int:
     check(rn.returncode == 0 and json.loads(rn.stdout)["kept_token_indices"] == kept, "cut after layer L = no cut")
     rt = run_cli(args.cli, fx)  # text mode: answer on stdout, stats on stderr
     check(rt.returncode == 0 and b"kept:" in rt.stderr and b"first token" in rt.stderr, "text output with stats")
+
+    # 1c. several questions in one run (the video index)
+    multi_question(args.cli, fx, out)
 
     # 1b. ONNX Lite ranker
     ranker, ranker_wrong = make_rankers(fx, n_embd=64)

@@ -61,73 +61,212 @@ def select_options(args: argparse.Namespace):
                          selector=args.selector)
 
 
-def add_answer_command(sub) -> None:
-    p = sub.add_parser("answer", help="answer a question about a video (no arguments: the offline demo)",
-                       description="Answer a question about a long video with FlexSelect token selection.")
-    p.add_argument("video", nargs="?", help="video file (omit for the built-in demo)")
-    p.add_argument("question", nargs="?", help="the question")
-    add_model_arguments(p)
-    add_sampling_arguments(p)
-    add_selection_arguments(p)
+def add_index_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("index (follow-up questions cost about the answer pass alone)")
+    g.add_argument("--index", metavar="FILE", help="a video index written by `flexselect index` (refused if it was "
+                   "made for another model, video, sampling or layer)")
+    g.add_argument("--index-memory", type=float, metavar="GIB",
+                   help="memory all video indexes may take, in GiB (default: half of the available memory)")
+    g.add_argument("--no-index", action="store_true", help="score every question from scratch")
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def add_answer_command(sub) -> None:
+    p = sub.add_parser("answer", help="answer questions about a video (no arguments: the offline demo)",
+                       description="Answer one or more questions about a long video with FlexSelect token "
+                       "selection; the video is indexed once, so each further question costs about its answer pass.")
+    p.add_argument("video", nargs="?", help="video file (omit for the built-in demo)")
+    p.add_argument("questions", nargs="*", metavar="question", help="the question(s)")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    add_selection_arguments(p)
+    add_index_arguments(p)
+    add_generation_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object per question, one per line")
     p.set_defaults(run=run_answer)
+
+
+def add_chat_command(sub) -> None:
+    p = sub.add_parser("chat", help="ask questions about a video in a loop (one per line on standard input)",
+                       description="Load the model and the video once, then answer each line of standard input. "
+                       "The first question indexes the video; follow-ups cost about the answer pass alone. Earlier "
+                       "questions and answers are given to the answer pass (not to the selection: see README).")
+    p.add_argument("video")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    add_selection_arguments(p)
+    add_index_arguments(p)
+    add_generation_arguments(p)
+    p.add_argument("--no-history", action="store_true", help="answer each question on its own")
+    p.add_argument("--json", action="store_true", help="print one JSON object per question, one per line")
+    p.set_defaults(run=run_chat)
+
+
+def add_index_command(sub) -> None:
+    p = sub.add_parser("index", help="index a video once and write the index to a file (.fsx)",
+                       description="Run every frame set's question-independent scoring pass and write it (safetensors "
+                       "with a manifest of model, video, sampling and layer); then `answer`/`chat --index FILE`.")
+    p.add_argument("video")
+    p.add_argument("-o", "--out", required=True, help="output file, e.g. video.fsx")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    g = p.add_argument_group("selection")
+    g.add_argument("--layer", type=int, help="reference layer, 0-based (default: the model's)")
+    g.add_argument("--set-frames", type=int, help="frame units per frame set (default 64)")
+    g.add_argument("--index-memory", type=float, metavar="GIB",
+                   help="memory the index may take, in GiB (default: half of the available memory)")
+    p.set_defaults(run=run_index)
+
+
+def load_pipeline(args: argparse.Namespace):
+    from .pipeline import FlexSelect
+
+    memory = getattr(args, "index_memory", None)
+    if memory is not None and memory <= 0:
+        raise FlexSelectError(f"--index-memory must be a positive number of GiB, got {memory}")
+    pipe = FlexSelect.load(args.model, gguf=args.gguf, mmproj=args.mmproj, ranker=args.ranker, device=args.device,
+                           dtype=args.dtype, positions=getattr(args, "positions", "original"), n_ctx=args.n_ctx,
+                           n_gpu_layers=args.n_gpu_layers,
+                           index_memory=None if memory is None else int(memory * 2**30),
+                           auto_index=not getattr(args, "no_index", False))
+    return pipe
+
+
+def sampling_of(args: argparse.Namespace):
+    from .pipeline import Sampling
+
+    return Sampling(args.frames, args.fps, args.start, args.end, args.max_frames, args.max_side)
+
+
+def check_index_file(args: argparse.Namespace) -> None:
+    """Before the model loads: the index file is there and the flags do not contradict each other."""
+    from pathlib import Path
+
+    if getattr(args, "index", None):
+        if args.no_index:
+            raise FlexSelectError("--index and --no-index contradict each other: give one")
+        if not Path(args.index).is_file():
+            raise FlexSelectError(f"index not found: {args.index}")
+
+
+def ask(pipe, args, video, question: str, progress, history: list[tuple[str, str]] = ()):
+    from .backends.base import GenerationConfig
+
+    return pipe.answer(video, question, sampling=sampling_of(args), options=select_options(args),
+                       generation=GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed),
+                       progress=progress, history=list(history))
+
+
+def print_answer(args, result, demo_module=None) -> None:
+    """One question's answer: a JSON line, the demo's report, or the answer with evidence and stats on stderr."""
+    evidence = describe(result.evidence, result.stats["kept_tokens"], result.stats["visual_tokens"])
+    heatmap = demo_module.write_heatmap(result) if demo_module else None
+    if args.json:
+        out = {"answer": result.text, "question": result.question, "demo": demo_module is not None,
+               "stats": result.stats, "evidence": [r.to_dict() for r in result.evidence],
+               "answer_token_ids": result.generation.token_ids,
+               "kept_token_indices": result.selection.kept.tolist()}
+        if demo_module:
+            out |= {"video": result.visual.source, "red_square_seconds": demo_module.needle_seconds(),
+                    "heatmap": str(heatmap)}
+        print(json.dumps(out), flush=True)
+    elif demo_module:
+        print(demo_module.report(result, evidence, heatmap))
+        print(format_stats(result.stats), file=sys.stderr)
+    else:
+        print(result.text, flush=True)
+        print(f"evidence: {evidence}", file=sys.stderr)
+        print(format_stats(result.stats), file=sys.stderr, flush=True)
 
 
 def run_answer(args: argparse.Namespace) -> int:
     from . import demo as demo_module
-    from .backends.base import GenerationConfig
-    from .pipeline import FlexSelect, Sampling
 
     demo = args.video is None and args.model is None and args.gguf is None
     if demo:
         print(demo_module.DEMO_NOTICE, file=sys.stderr)
         model, video = demo_module.demo_assets()
         args.model, args.video = str(model), str(video)
-        args.question = args.question or demo_module.DEMO_QUESTION
+        args.questions = args.questions or [demo_module.DEMO_QUESTION]
         args.frames = args.frames or demo_module.DEMO_FRAMES
         args.budget = args.budget or demo_module.DEMO_BUDGET
         args.set_frames = args.set_frames or demo_module.DEMO_SET_FRAMES
         args.layer = demo_module.DEMO_LAYER if args.layer is None else args.layer
-    elif args.video is None or args.question is None:
+    elif args.video is None or not args.questions:
         raise FlexSelectError('give a video and a question: flexselect answer VIDEO "QUESTION" --model PATH')
     elif args.model is None and args.gguf is None:
         raise FlexSelectError(
             "no model given: pass --model /path/to/Qwen2.5-VL-7B-Instruct (or --gguf + --mmproj); "
             "run `flexselect answer` with no arguments for the offline demo"
         )
-    pipe = FlexSelect.load(args.model, gguf=args.gguf, mmproj=args.mmproj, ranker=args.ranker, device=args.device,
-                           dtype=args.dtype, positions=args.positions, n_ctx=args.n_ctx,
-                           n_gpu_layers=args.n_gpu_layers)
-    with ProgressBars(disable=args.json) as progress:
-        result = pipe.answer(
-            args.video, args.question,
-            sampling=Sampling(args.frames, args.fps, args.start, args.end, args.max_frames, args.max_side),
-            options=select_options(args),
-            generation=GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed),
-            progress=progress,
-        )
-    evidence = describe(result.evidence, result.stats["kept_tokens"], result.stats["visual_tokens"])
-    heatmap = demo_module.write_heatmap(result) if demo else None
-    if args.json:
-        out = {"answer": result.text, "demo": demo, "stats": result.stats,
-               "evidence": [r.to_dict() for r in result.evidence],
-               "answer_token_ids": result.generation.token_ids,
-               "kept_token_indices": result.selection.kept.tolist()}
-        if demo:
-            out |= {"video": args.video, "red_square_seconds": demo_module.needle_seconds(), "heatmap": str(heatmap)}
-        print(json.dumps(out))
-    elif demo:
-        print(demo_module.report(result, evidence, heatmap))
-        print(format_stats(result.stats), file=sys.stderr)
-    else:
-        print(result.text)
-        print(f"evidence: {evidence}", file=sys.stderr)
-        print(format_stats(result.stats), file=sys.stderr)
+    if any(not q.strip() for q in args.questions):
+        raise FlexSelectError("a question is empty: ask something about the video")
+    check_index_file(args)
+    pipe = load_pipeline(args)
+    if args.index:
+        pipe.load_index(args.index, args.video, sampling_of(args), select_options(args))
+    for question in args.questions:
+        with ProgressBars(disable=args.json) as progress:
+            result = ask(pipe, args, args.video, question, progress)
+        print_answer(args, result, demo_module if demo else None)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    if args.model is None and args.gguf is None:
+        raise FlexSelectError("no model given: pass --model PATH (or --gguf + --mmproj)")
+    from pathlib import Path
+
+    if not Path(args.video).is_file():
+        raise FlexSelectError(f"video not found: {args.video}")
+    check_index_file(args)
+    pipe = load_pipeline(args)
+    if args.index:
+        pipe.load_index(args.index, args.video, sampling_of(args), select_options(args))
+    interactive = sys.stdin.isatty() and not args.json
+    history: list[tuple[str, str]] = []
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        question = line.strip()
+        if not question:
+            continue
+        with ProgressBars(disable=args.json) as progress:
+            result = ask(pipe, args, args.video, question, progress, [] if args.no_history else history)
+        print_answer(args, result)
+        history.append((question, result.text))
+    return 0
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .pipeline import SelectOptions
+
+    out = Path(args.out)
+    if not Path(args.video).is_file():
+        raise FlexSelectError(f"video not found: {args.video}")
+    if not out.parent.is_dir():
+        raise FlexSelectError(f"cannot write {out}: the folder {out.parent} does not exist")
+    if args.model is None and args.gguf is None:
+        raise FlexSelectError("no model given: pass --model PATH (or --gguf + --mmproj)")
+    args.no_index = False
+    pipe = load_pipeline(args)
+    options = SelectOptions(layer=args.layer, set_frames=args.set_frames)
+    with ProgressBars() as progress:
+        index = pipe.save_index(args.video, out, sampling_of(args), options, progress)
+    print(f"{out}: {len(index.sets)} frame set(s), layer {index.key.layer}, {index.nbytes / 2**20:.1f} MiB, "
+          f"built in {index.build_s:.2f}s")
     return 0
 
 
@@ -186,7 +325,7 @@ def format_stats(s: dict) -> str:
     layer = f", reference layer {s['reference_layer']}" if s["reference_layer"] is not None else ""
     memory = ", ".join(f"{k} {v:.0f} MiB" for k, v in s["peak_memory_mb"].items())
     frames = "cached" if s["video_cached"] else f"{s['frames']} sampled"
-    return (
+    return index_line(s.get("index") or {}) + (
         f"frames: {frames} -> {s['frame_units']} units x {s['tokens_per_frame']} tokens | "
         f"visual tokens: {s['visual_tokens']} | kept: {s['kept_tokens']} ({kept_share:.1f}%) in "
         f"{s['frame_sets']} frame set(s), selector {s['selector']}{layer}\n"
@@ -194,6 +333,19 @@ def format_stats(s: dict) -> str:
         f"answer {sec['answer']:.2f}s (first token {sec['ttft_answer']:.2f}s) | total {sec['total']:.2f}s\n"
         f"peak memory: {memory}"
     )
+
+
+def index_line(ix: dict) -> str:
+    """Whether the video's index was reused and what that saved (empty when no index was involved)."""
+    if ix.get("notice"):
+        return f"index: not used ({ix['notice']})\n"
+    if not ix.get("used"):
+        return ""
+    size = f"{ix['bytes'] / 2**20:.1f} MiB on {ix['device']}"
+    if ix["reused_sets"]:
+        built = f", indexed {ix['built_sets']} more" if ix["built_sets"] else ""
+        return f"index: reused {ix['reused_sets']} set(s){built}, saved {ix['saved_s']:.2f}s ({size})\n"
+    return f"index: built for {ix['built_sets']} set(s) ({size}): follow-up questions reuse it\n"
 
 
 class ProgressBars:
@@ -249,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
     add_answer_command(sub)
+    add_chat_command(sub)
+    add_index_command(sub)
     add_show_command(sub)
     add_layer_scan_command(sub)
     add_lite_commands(sub)
@@ -263,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="flexselect: %(message)s")
+    logging.getLogger("flexselect.index").setLevel(logging.INFO)  # the index's size, said before it is built
     if not args.verbose:
         from transformers.utils import logging as hf_logging
 

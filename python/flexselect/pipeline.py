@@ -13,7 +13,7 @@ import resource
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Protocol
 
@@ -24,6 +24,8 @@ from .backends.base import Backend, Generation, GenerationConfig, Prompt, Visual
 from .defaults import AGGREGATE, SET_FRAMES, family_defaults
 from .errors import FlexSelectError
 from .evidence import EvidenceRange, evidence_ranges
+from .index import (IndexKey, IndexStore, VideoIndex, difference, file_identity, gib, read_index, visual_from_manifest,
+                    visual_manifest, write_index)
 from .selection import Aggregate, frame_sets, round_budget, split_budget, top_k
 from .video import Clip, load_clip
 
@@ -87,6 +89,7 @@ class Selection:
     layer: int | None
     selector: Selector
     seconds: float
+    index: dict = field(default_factory=dict)  # whether a video index was used, reused, and what it saved
 
     def kept_per_frame(self, visual: VisualTokens) -> np.ndarray:
         return np.bincount(self.kept.numpy() // visual.tokens_per_frame, minlength=visual.num_frames)
@@ -104,12 +107,23 @@ class Answer:
     generation: Generation
     stats: dict = field(default_factory=dict)
     evidence: list[EvidenceRange] = field(default_factory=list)  # where in the video the kept tokens come from
+    question: str = ""
+
+
+def conversation(history: list[tuple[str, str]], question: str) -> str:
+    """Earlier (question, answer) turns, then the question, as ChatML (every supported family's chat format): the
+    text that takes the place of {question} in the prompt after the video."""
+    turns = "".join(f"{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n<|im_start|>user\n" for q, a in history)
+    return turns + question
 
 
 class FlexSelect:
     """Load once, ask many questions. See `answer()` for the one-call form."""
 
-    def __init__(self, backend: Backend, ranker: Ranker | None = None, cache_videos: int = 4) -> None:
+    def __init__(self, backend: Backend, ranker: Ranker | None = None, cache_videos: int = 4,
+                 index_memory: int | None = None, auto_index: bool = True) -> None:
+        """`index_memory`: bytes all video indexes may take (None: half the memory available now); `auto_index`:
+        index a video on its first reference-layer question, so follow-ups cost about the answer pass alone."""
         self.backend = backend
         self.ranker = ranker
         if ranker is not None:
@@ -118,6 +132,8 @@ class FlexSelect:
         self._cache: OrderedDict[tuple, VisualTokens] = OrderedDict()
         self._cache_size = cache_videos
         self._shape = None  # the model's shape for memory checks (flexselect.plan), read on first use
+        self.indexes = IndexStore(index_memory)
+        self.auto_index = auto_index
 
     @classmethod
     def load(
@@ -132,6 +148,8 @@ class FlexSelect:
         positions: str = "original",
         n_ctx: int = 32768,
         n_gpu_layers: int = -1,
+        index_memory: int | None = None,
+        auto_index: bool = True,
     ) -> "FlexSelect":
         """A transformers checkpoint folder (`model`) or a GGUF + its mmproj (`gguf`, `mmproj`)."""
         if (model is None) == (gguf is None):
@@ -146,15 +164,16 @@ class FlexSelect:
             from .backends import load_backend
 
             backend = load_backend(model, device=device, dtype=dtype, positions=positions)
-        pipe = cls(backend)
+        pipe = cls(backend, index_memory=index_memory, auto_index=auto_index)
         return pipe.with_ranker(ranker) if ranker is not None else pipe
 
     def with_ranker(self, ranker: str | os.PathLike) -> "FlexSelect":
         """The same loaded model (and video cache) scored by a Lite ranker: no second copy of the big model."""
         from .lite import load_ranker
 
-        pipe = FlexSelect(self.backend, load_ranker(ranker, self.backend), self._cache_size)
+        pipe = FlexSelect(self.backend, load_ranker(ranker, self.backend), self._cache_size, auto_index=self.auto_index)
         pipe._cache = self._cache
+        pipe.indexes = self.indexes
         return pipe
 
     # -- video -> visual tokens ---------------------------------------------------------------------------------
@@ -163,17 +182,16 @@ class FlexSelect:
     ) -> tuple[VisualTokens, dict]:
         """Visual tokens of a video (cached) and the seconds spent decoding and encoding."""
         d = self.defaults
-        if sampling.frames is None and sampling.fps is None:
-            sampling = Sampling(fps=d.fps, start=sampling.start, end=sampling.end, max_frames=sampling.max_frames,
-                                max_side=sampling.max_side)
+        if isinstance(video, VisualTokens):  # already encoded (e.g. loaded with an index)
+            return video, {"cached": True, "decode_s": 0.0, "encode_s": 0.0}
+        sampling = self._resolved(sampling)
         if isinstance(video, Clip):
             key = None
         else:
             path = Path(video)
             if not path.is_file():
                 raise FlexSelectError(f"video not found: {path}")
-            st = path.stat()
-            key = (str(path.resolve()), st.st_mtime_ns, st.st_size, sampling)
+            key = self._video_key(path, sampling)
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key], {"cached": True, "decode_s": 0.0, "encode_s": 0.0}
@@ -191,6 +209,17 @@ class FlexSelect:
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return visual, {"cached": False, "decode_s": t1 - t0, "encode_s": t2 - t1, "sampled_frames": len(clip.frames)}
+
+    def _resolved(self, sampling: Sampling) -> Sampling:
+        if sampling.frames is None and sampling.fps is None:
+            return Sampling(fps=self.defaults.fps, start=sampling.start, end=sampling.end,
+                            max_frames=sampling.max_frames, max_side=sampling.max_side)
+        return sampling
+
+    @staticmethod
+    def _video_key(path: Path, sampling: Sampling) -> tuple:
+        st = path.stat()
+        return (str(path.resolve()), st.st_mtime_ns, st.st_size, sampling)
 
     # -- visual tokens -> kept tokens ---------------------------------------------------------------------------
     def select(
@@ -223,15 +252,22 @@ class FlexSelect:
             budget = min(round_budget(budget, tpf), total)
         sets = frame_sets(visual.num_frames, options.set_frames or SET_FRAMES)
         shares = split_budget(budget, [len(s) * tpf for s in sets])
+        scored = [i for i, (frames, share) in enumerate(zip(sets, shares)) if share < len(frames) * tpf]
+        index, notice = None, None
+        if selector == "reference" and scored and self.auto_index:
+            index, notice = self._index_for(visual, prompt, layer, options.set_frames or SET_FRAMES, sets)
+        usage = _IndexUsage(index, notice)
         scores = torch.full((total,), float("nan"))
         kept = []
         for i, (frames, share) in enumerate(zip(sets, shares)):
             tokens = visual.frame_tokens(frames)
-            if share >= len(tokens):
+            if i not in scored:
                 kept.append(tokens)  # the whole set fits: no scoring pass needed
             else:
                 if selector == "lite":
                     set_scores = self.ranker.score(visual, frames, prompt)
+                elif usage.index is not None:
+                    set_scores = self._score_indexed(usage, visual, frames, prompt, layer, aggregate)
                 else:
                     set_scores = self.backend.score(visual, frames, prompt, layer, aggregate)
                 set_scores = set_scores.float().cpu()
@@ -242,7 +278,145 @@ class FlexSelect:
         return Selection(
             kept=torch.sort(torch.cat(kept)).values, scores=scores, sets=sets, budget=budget,
             layer=layer if selector == "reference" else None, selector=selector, seconds=time.perf_counter() - t0,
+            index=usage.stats(),
         )
+
+    # -- the video index: each set's question-independent scoring state, kept for follow-up questions ------------
+    def index(
+        self,
+        video: str | os.PathLike | Clip | VisualTokens,
+        sampling: Sampling = Sampling(),
+        options: SelectOptions = SelectOptions(),
+        progress: StageProgress | None = None,
+    ) -> VideoIndex:
+        """Index every frame set of a video now (reference-layer scoring only), so any question about it costs about
+        the answer pass. Raises FlexSelectError when the index would exceed the memory limit."""
+        if not hasattr(self.backend, "index_set"):
+            raise FlexSelectError(f"the {type(self.backend).__name__} backend cannot index a video")
+        visual = video if isinstance(video, VisualTokens) else self.encode(video, sampling, progress)[0]
+        layer = resolve_reference_layer(self.backend, options.layer)
+        set_frames = options.set_frames or SET_FRAMES
+        prompt = self.backend.prompt("?")  # only the prefix matters: the context rows never see the question
+        sets = frame_sets(visual.num_frames, set_frames)
+        index, notice = self._index_for(visual, prompt, layer, set_frames, sets)
+        if index is None:
+            raise FlexSelectError(notice.replace("scoring without an index", "raise --index-memory or sample fewer "
+                                                 "frames"))
+        for i, frames in enumerate(sets):
+            if tuple(frames) not in index.sets:
+                index.sets[tuple(frames)] = self.backend.index_set(visual, frames, prompt, layer, index.device)
+            if progress:
+                progress("index", i + 1, len(sets))
+        return index
+
+    def save_index(
+        self,
+        video: str | os.PathLike,
+        path: str | os.PathLike,
+        sampling: Sampling = Sampling(),
+        options: SelectOptions = SelectOptions(),
+        progress: StageProgress | None = None,
+    ) -> VideoIndex:
+        """Index a video and write the index (with its visual tokens) to `path` (safetensors, atomic)."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise FlexSelectError(f"cannot write {path}: the folder {path.parent} does not exist")
+        visual, _ = self.encode(video, sampling, progress)
+        index = self.index(visual, options=options, progress=progress)
+        tensors = {"visual.embeds": visual.embeds}
+        sets = []
+        for g, (frames, entry) in enumerate(index.sets.items()):
+            tensors.update({f"set{g}.{name}": t for name, t in self.backend.index_tensors(entry).items()})
+            sets.append({"frames": list(frames), "build_s": entry.build_s})
+        manifest = {
+            "model": self.backend.identity(), "video": file_identity(Path(video)),
+            "sampling": asdict(self._resolved(sampling)), "layer": index.key.layer,
+            "set_frames": index.key.set_frames, "prefix": list(index.key.prefix), "bytes": index.nbytes,
+            "visual": visual_manifest(visual), "sets": sets,
+        }
+        write_index(path, tensors, manifest)
+        return index
+
+    def load_index(
+        self,
+        path: str | os.PathLike,
+        video: str | os.PathLike,
+        sampling: Sampling = Sampling(),
+        options: SelectOptions = SelectOptions(),
+    ) -> VisualTokens:
+        """Load an index written by `save_index` for `video`: its visual tokens are cached, so questions about the
+        video skip decoding, encoding and the sets' context passes. Refuses an index made for another model, video,
+        sampling, reference layer or set size, with a message that says which."""
+        manifest, tensors = read_index(path)
+        video = Path(video)
+        if not video.is_file():
+            raise FlexSelectError(f"video not found: {video}")
+        layer = resolve_reference_layer(self.backend, options.layer)
+        expected = {
+            "model": (self.backend.identity(), "another model"),
+            "video": (file_identity(video), "another video"),
+            "sampling": (asdict(self._resolved(sampling)), "other frame sampling"),
+            "layer": (layer, "another reference layer"),
+            "set_frames": (options.set_frames or SET_FRAMES, "another set size"),
+        }
+        for name, (value, what) in expected.items():
+            if manifest.get(name) != value:
+                raise FlexSelectError(f"{path} was made for {what} ({difference(name, manifest.get(name), value)}): "
+                                      "rebuild it with `flexselect index`")
+        prompt = self.backend.prompt("?")
+        if manifest["prefix"] != prompt.prefix_ids.tolist():
+            raise FlexSelectError(f"{path} was made with another prompt template: rebuild it with `flexselect index`")
+        embeds = tensors["visual.embeds"].to(getattr(self.backend, "device", "cpu"))
+        visual = visual_from_manifest(manifest["visual"], embeds)
+        key = IndexKey(layer, manifest["set_frames"], tuple(manifest["prefix"]))
+        index = VideoIndex(key, planned_bytes=manifest["bytes"])
+        index.device = self.indexes.placement(index.planned_bytes, getattr(self.backend, "device", None))
+        for g, info in enumerate(manifest["sets"]):
+            part = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.startswith(f"set{g}.")}
+            entry = self.backend.index_from_tensors(tuple(info["frames"]), layer, info["build_s"], part)
+            index.sets[tuple(info["frames"])] = entry.to(index.device)
+        self.indexes.put(visual, index)
+        self._cache[self._video_key(video, self._resolved(sampling))] = visual
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return visual
+
+    def clear_index(self) -> int:
+        """Drop every video index (frees their GPU / CPU memory); returns how many were dropped."""
+        return self.indexes.clear()
+
+    def _index_for(self, visual: VisualTokens, prompt: Prompt, layer: int, set_frames: int,
+                   sets: list[list[int]]) -> tuple[VideoIndex | None, str | None]:
+        """This video's index for (layer, set size, prompt prefix), or room made for a new one; None and a
+        one-line notice when it would not fit the memory limit; (None, None) when the backend cannot index."""
+        if not hasattr(self.backend, "index_set"):
+            return None, None
+        key = IndexKey(layer, set_frames, tuple(prompt.prefix_ids.tolist()))
+        index = self.indexes.get(visual, key)
+        if index is not None:
+            return index, None
+        planned = self.backend.index_bytes(visual, sets, prompt, layer)
+        logging.getLogger("flexselect.index").info("indexing this video: %d frame set(s), about %s", len(sets),
+                                                   gib(planned))
+        return self.indexes.reserve(visual, key, planned, getattr(self.backend, "device", None))
+
+    def _score_indexed(self, usage: "_IndexUsage", visual: VisualTokens, frames: list[int], prompt: Prompt,
+                       layer: int, aggregate: Aggregate) -> torch.Tensor:
+        index = usage.index
+        entry = index.sets.get(tuple(frames))
+        if entry is None:
+            try:
+                entry = self.backend.index_set(visual, frames, prompt, layer, index.device)
+            except (torch.OutOfMemoryError, MemoryError):
+                self.indexes.discard(visual, index.key)
+                usage.drop("ran out of memory while indexing: scoring without an index")
+                return self.backend.score(visual, frames, prompt, layer, aggregate)
+            index.sets[tuple(frames)] = entry
+            usage.built += 1
+        else:
+            usage.reused += 1
+            usage.saved_s += entry.build_s
+        return self.backend.score_indexed(entry, visual, prompt, aggregate)
 
     # -- the whole job ------------------------------------------------------------------------------------------
     def check_fits(self, video, sampling: Sampling, options: SelectOptions, generation: GenerationConfig) -> None:
@@ -277,7 +451,10 @@ class FlexSelect:
         options: SelectOptions = SelectOptions(),
         generation: GenerationConfig = GenerationConfig(),
         progress: StageProgress | None = None,
+        history: list[tuple[str, str]] = (),
     ) -> Answer:
+        """`history`: earlier (question, answer) turns of the conversation. They go to the answer pass only; the
+        selection is made for the question alone (measured and explained in README.md, "Follow-up questions")."""
         if not question or not question.strip():
             raise FlexSelectError("the question is empty: ask something about the video")
         if torch.cuda.is_available():
@@ -287,7 +464,8 @@ class FlexSelect:
         visual, encode_stats = self.encode(video, sampling, progress)
         prompt = self.backend.prompt(question.strip())
         selection = self.select(visual, prompt, options, progress)
-        generated = self.backend.generate(visual, selection.kept, prompt, generation, _stage(progress, "answer"))
+        answer_prompt = self.backend.prompt(conversation(history, question.strip())) if history else prompt
+        generated = self.backend.generate(visual, selection.kept, answer_prompt, generation, _stage(progress, "answer"))
         total_s = time.perf_counter() - t0
         stats = {
             "frames": encode_stats.get("sampled_frames"),
@@ -299,6 +477,7 @@ class FlexSelect:
             "selector": selection.selector,
             "reference_layer": selection.layer,
             "video_cached": encode_stats["cached"],
+            "index": selection.index,
             "seconds": {
                 "decode": encode_stats["decode_s"],
                 "encode": encode_stats["encode_s"],
@@ -309,7 +488,27 @@ class FlexSelect:
             },
             "peak_memory_mb": peak_memory_mb(),
         }
-        return Answer(generated.text, visual, selection, generated, stats, selection.evidence(visual))
+        return Answer(generated.text, visual, selection, generated, stats, selection.evidence(visual), question.strip())
+
+
+class _IndexUsage:
+    """What one selection did with the video's index (for the stats)."""
+
+    def __init__(self, index: VideoIndex | None, notice: str | None) -> None:
+        self.index = index
+        self.reused = self.built = 0
+        self.saved_s = 0.0
+        self.notice = notice
+
+    def drop(self, notice: str) -> None:
+        log.warning(notice)
+        self.index, self.notice = None, notice
+
+    def stats(self) -> dict:
+        if self.index is None:
+            return {"used": False, "notice": self.notice} if self.notice else {"used": False}
+        return {"used": True, "reused_sets": self.reused, "built_sets": self.built, "saved_s": self.saved_s,
+                "bytes": self.index.nbytes, "device": self.index.device}
 
 
 def peak_memory_mb() -> dict:

@@ -166,6 +166,19 @@ struct GenerationOptions {
     uint32_t seed = 0;
 };
 
+// A frame set's question-independent scoring state (Llm::index_set): the prefix and the set's visual tokens come
+// before the question and attention is causal, so their KV cache of layers < layer and their layer-`layer` keys are
+// the same for every question. Llm::score_indexed restores it and decodes only the question's tokens.
+struct SetIndex {
+    std::vector<int> units;      // the set's frame units (empty: not built)
+    int layer = -1;
+    int n_context = 0;           // prefix + the set's visual tokens
+    std::vector<uint8_t> state;  // llama_state_seq_get_data of the context's KV cells
+    std::vector<float> k;        // [n_context][n_kv_heads][head_dim] layer-`layer` keys, RoPE applied
+    double build_s = 0.0;        // what building it took: what each reuse saves
+    size_t bytes() const;
+};
+
 class Llm {
   public:
     explicit Llm(const LlmOptions & opts);  // throws Error
@@ -187,6 +200,12 @@ class Llm {
     // The graph is cut right after layer `layer`'s Q/K (see llm.cpp); the KV cache is cleared before and after.
     std::vector<float> score_set(const VisualTokens & v, const std::vector<int> & units, const Prompt & p, int layer,
                                  Aggregate aggregate);
+
+    // score_set in two halves: index_set runs [prefix + the set's tokens] up to `layer` and keeps its state;
+    // score_indexed runs only the question's tokens against it. Same scores as score_set.
+    SetIndex index_set(const VisualTokens & v, const std::vector<int> & units, const Prompt & p, int layer);
+    std::vector<float> score_indexed(const SetIndex & ix, const VisualTokens & v, const Prompt & p,
+                                     Aggregate aggregate);
 
     // Answer from [prefix + kept tokens (ascending global indices) at their full-video positions + suffix].
     Generation answer(const VisualTokens & v, const std::vector<int> & kept, const Prompt & p,
@@ -236,13 +255,25 @@ struct Selection {
     int budget = 0;         // after rounding and capping
     int n_sets = 0;
     int layer = -1;         // -1 when a ranker scored
+    int index_built = 0, index_reused = 0;  // sets indexed by this call / reused from an earlier question
+    double index_saved_s = 0.0;             // build time of the reused sets: what the index saved
+};
+
+// A video's set indexes for one reference layer and prompt prefix, filled as sets are first scored; select_tokens
+// rebuilds it when the layer, the sets or the prefix differ, so it is never reused for anything else.
+struct VideoIndex {
+    int layer = -1;
+    std::vector<int32_t> prefix;
+    std::vector<SetIndex> sets;  // in frame-set order
+    size_t bytes() const;
 };
 
 // The reference layer of the paper for Qwen2.5-VL (28 layers), or the layer at the same relative depth.
 int reference_layer_for(int num_layers);
 
-// Selection over all frame sets; `ranker` may be null (then the model's reference layer scores).
+// Selection over all frame sets; `ranker` may be null (then the model's reference layer scores). With `index`,
+// reference-layer scoring builds each set's index on first use and reuses it for later questions.
 Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, const Prompt & p,
-                        const SelectOptions & opts);
+                        const SelectOptions & opts, VideoIndex * index = nullptr);
 
 }  // namespace flexselect

@@ -65,6 +65,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -201,6 +202,25 @@ class _Capture:
         return True
 
 
+@dataclass
+class LlamaSetIndex:
+    """A frame set's saved scoring state on llama.cpp (see `LlamaCppBackend.index_set`)."""
+
+    frames: tuple[int, ...]
+    state: np.ndarray  # uint8: llama_state_seq_get_data of the prefix + set's KV cells
+    keys: torch.Tensor  # [H_kv, C, d] layer-L keys of those cells, RoPE applied
+    layer: int
+    build_s: float  # what building it took: what each reuse saves
+    device = "cpu"  # llama.cpp restores it from host memory
+
+    @property
+    def nbytes(self) -> int:
+        return self.state.nbytes + self.keys.numel() * self.keys.element_size()
+
+    def to(self, device) -> "LlamaSetIndex":
+        return self
+
+
 class LlamaCppBackend:
     """A Qwen2.5-VL (or Qwen2-VL) GGUF + its mmproj on llama.cpp. See the module docstring."""
 
@@ -231,6 +251,7 @@ class LlamaCppBackend:
         gguf_path = Path(gguf_path)
         self._check_files(gguf_path, mmproj_path)
         mmproj_path = Path(mmproj_path)
+        self.paths = (gguf_path, mmproj_path)  # an on-disk index records which files it was made with
         from .gguf_info import inspect_gguf
 
         text_info, proj_info = inspect_gguf(gguf_path), inspect_gguf(mmproj_path)
@@ -748,6 +769,103 @@ class LlamaCppBackend:
                                            aggregate)
         self.last_score_stats = {"seconds": time.perf_counter() - t0, "tokens": k.shape[1]}
         return scores
+
+    # -- the index: a set's question-independent scoring state, reused by later questions -----------------------
+    # The prefix and the set's embeddings come before the question and attention is causal: their KV cache of
+    # layers < L (written by the stopped pass as usual) and their layer-L keys are the same for every question.
+    # `index_set` runs only them and saves the sequence's KV state (`llama_state_seq_get_data`); `score_indexed`
+    # restores it (`llama_state_seq_set_data`) and decodes only the question's tokens. The scores are `score`'s.
+    def index_bytes(self, visual: VisualTokens, sets: list[list[int]], prompt: Prompt, layer: int) -> int:
+        """Bytes of the index before building: the saved state holds K and V of every layer (f16 by default) of
+        the context cells, plus the layer-L keys as f32."""
+        n_kv = self._ll.llama_model_n_head_kv(self.model) * self._head_dim()
+        per_token = self.num_layers * 2 * n_kv * 2 + n_kv * 4
+        return sum((len(prompt.prefix_ids) + len(f) * visual.tokens_per_frame) * per_token for f in sets)
+
+    def _head_dim(self) -> int:
+        return self._ll.llama_model_n_embd(self.model) // self._ll.llama_model_n_head(self.model)
+
+    def index_set(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int,
+                  device: str = "cpu") -> LlamaSetIndex:
+        if not 0 <= layer < self.num_layers:
+            raise FlexSelectError(f"reference layer {layer} is out of range: this model has layers "
+                                  f"0..{self.num_layers - 1}")
+        t0 = time.perf_counter()
+        embeds, positions = self.scoring_layout(visual, frames, prompt)
+        self._check_fits(positions.shape[1], "scoring pass of one frame set")
+        p, v = len(prompt.prefix_ids), embeds.shape[0]
+        pos = positions.numpy()
+        cap = self._capture
+        cap.start(layer, self.abort_after_reference)
+        try:
+            self._ll.llama_memory_clear(self.mem, True)
+            cap.want_q = False
+            self._decode(pos[:, :p], tokens=prompt.prefix_ids.numpy())
+            self._decode(pos[:, p : p + v], embeds=embeds)
+            cap.stop()
+            size = self._ll.llama_state_seq_get_size(self.ctx, 0)
+            state = np.empty(size, dtype=np.uint8)
+            written = self._ll.llama_state_seq_get_data(self.ctx, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                                        size, 0)
+        finally:
+            cap.stop()
+            self._ll.llama_memory_clear(self.mem, True)
+        if cap.error:
+            raise FlexSelectError(f"could not read the reference layer's tensors: {cap.error}")
+        if written != size:
+            raise FlexSelectError(f"llama.cpp saved {written} of {size} bytes of a frame set's state")
+        keys = torch.from_numpy(np.concatenate(cap.k)).transpose(0, 1)  # [H_kv, C, d]
+        if keys.shape[1] != p + v:
+            raise FlexSelectError(f"captured keys for {keys.shape[1]} of {p + v} context positions")
+        return LlamaSetIndex(tuple(frames), state, keys, layer, time.perf_counter() - t0)
+
+    def score_indexed(self, entry: LlamaSetIndex, visual: VisualTokens, prompt: Prompt,
+                      aggregate: Aggregate = "max") -> torch.Tensor:
+        t0 = time.perf_counter()
+        frames = list(entry.frames)
+        p, v, n = len(prompt.prefix_ids), len(frames) * visual.tokens_per_frame, entry.keys.shape[1]
+        if p + v != n:
+            raise FlexSelectError("this index was made for another prompt or video")
+        offsets = video_positions(len(frames), visual.grid, visual.time_interval)
+        positions, _ = layout_positions(p, offsets, int(offsets.max()), len(prompt.suffix_ids))
+        self._check_fits(positions.shape[1], "scoring pass of one frame set")
+        cap = self._capture
+        cap.start(entry.layer, self.abort_after_reference)
+        try:
+            self._ll.llama_memory_clear(self.mem, True)
+            read = self._ll.llama_state_seq_set_data(
+                self.ctx, entry.state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), entry.state.size, 0)
+            if read != entry.state.size:
+                raise FlexSelectError(f"llama.cpp could not restore a frame set's state: {self._last_error()}")
+            cap.want_q = True
+            self._decode(positions.numpy()[:, n:], tokens=prompt.suffix_ids.numpy())
+        finally:
+            cap.stop()
+            self._ll.llama_memory_clear(self.mem, True)
+        if cap.error:
+            raise FlexSelectError(f"could not read the reference layer's tensors: {cap.error}")
+        q = torch.from_numpy(np.concatenate(cap.q)).transpose(0, 1)  # [H, T, d]
+        k = torch.from_numpy(np.concatenate(cap.k)).transpose(0, 1)
+        scores = question_attention_scores(q, torch.cat([entry.keys, k], dim=1), slice(p, p + v), aggregate)
+        self.last_score_stats = {"seconds": time.perf_counter() - t0, "tokens": n + k.shape[1], "indexed": True}
+        return scores
+
+    def index_tensors(self, entry: LlamaSetIndex) -> dict[str, torch.Tensor]:
+        return {"state": torch.from_numpy(entry.state), "keys": entry.keys}
+
+    def index_from_tensors(self, frames: tuple[int, ...], layer: int, build_s: float,
+                           tensors: dict[str, torch.Tensor]) -> LlamaSetIndex:
+        if "state" not in tensors or "keys" not in tensors:
+            raise FlexSelectError("the index file lacks a frame set's saved state: it is damaged; rebuild it")
+        return LlamaSetIndex(frames, tensors["state"].numpy(), tensors["keys"].float(), layer, build_s)
+
+    def identity(self) -> dict:
+        """What an on-disk index must match: the family, the model and projector files (size and content hash)."""
+        from ..index import file_identity
+
+        gguf, mmproj = self.paths
+        return {"family": self.family, "runtime": "llama.cpp", "layers": self.num_layers,
+                "gguf": file_identity(gguf), "mmproj": file_identity(mmproj)}
 
     # -- answer pass ---------------------------------------------------------------------------------------------
     def _logits(self) -> torch.Tensor:

@@ -29,6 +29,7 @@ from torch import nn
 from ...errors import FlexSelectError
 from ...selection import Aggregate, question_attention_scores
 from ..base import Generation, GenerationConfig, OnToken, Progress, Prompt, VisualTokens, sample
+from .index import IndexedScoring
 
 CAPTURE_ATTENTION = "flexselect_capture"
 
@@ -206,8 +207,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise FlexSelectError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
 
 
-class HFBackend:
-    """Base of the transformers backends (see module docstring)."""
+class HFBackend(IndexedScoring):
+    """Base of the transformers backends (see module docstring); `IndexedScoring` adds the video index."""
 
     family: str
     model: nn.Module
