@@ -90,6 +90,8 @@ class ModelCache:
         """Drop every model and encoded clip; returns how many models were loaded."""
         with self._lock:
             n = len(self._pipes) + len(self._ranked)
+            for pipe in [*self._pipes.values(), *self._ranked.values()]:
+                pipe.clear_index()  # video indexes hold per-set KV caches: free them with the models
             patchers = list(self._patchers.values())
             self._pipes.clear()
             self._patchers.clear()

@@ -417,6 +417,7 @@ class FlexSelect(io.ComfyNode):
     @classmethod
     def execute(cls, clip, model, question, budget, layer, set_frames, preview, preview_frames,
                 ranker=None) -> io.NodeOutput:
+        from flexselect.evidence import describe
         from flexselect.pipeline import SelectOptions
         from flexselect.show import even_subsample, render_heatmaps, selection_sheet
 
@@ -452,12 +453,16 @@ class FlexSelect(io.ComfyNode):
                                    timestamps=clip.clip.timestamps)[None]
         kept = len(selection.kept)
         timing = {"encode_s": 0.0 if cached else t1 - t0, "select_s": selection.seconds, "encode_cached": cached}
-        info = (f"kept {kept} of {visual.num_tokens} visual tokens ({100 * kept / visual.num_tokens:.1f}%) from "
+        index = selection.index
+        reuse = (f", video index reused for {index['reused_sets']} set(s), {index['saved_s']:.2f} s saved"
+                 if index.get("used") and index.get("reused_sets") else "")
+        info = (f"{describe(selection.evidence(visual), kept, visual.num_tokens)}\n"
+                f"{100 * kept / visual.num_tokens:.1f}% kept from "
                 f"{visual.num_frames} temporal units x {visual.tokens_per_frame} tokens, {len(selection.sets)} frame "
                 f"set(s), selector {selection.selector}"
                 + (f", layer {selection.layer}" if selection.layer is not None else "")
                 + f"; encode {timing['encode_s']:.2f} s{' (cached)' if cached else ''}, "
-                  f"select {selection.seconds:.2f} s")
+                  f"select {selection.seconds:.2f} s{reuse}")
         result = SelectionResult(model_key=model.key, question=question, visual=visual, prompt=prompt,
                                  selection=selection, kept_per_unit=selection.kept_per_frame(visual), timing=timing)
         return io.NodeOutput(result, _to_image(heat), info)

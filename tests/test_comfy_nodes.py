@@ -234,6 +234,19 @@ def test_example_workflow_runs(pack, env):
     assert bool(((heat[..., 0] - heat[..., 1]) > 0.3).any())  # the kept tokens are red
 
 
+def test_a_follow_up_reuses_the_video_index_says_where_and_free_models_drops_it(pack, env):
+    clip = load_clip(pack)[0]
+    model = load_model(pack, env)
+    select(pack, clip, model, "What is red?")
+    follow_up = select(pack, clip, model, "When does it appear?")
+    assert follow_up[2].startswith("kept 12 of 96 tokens")  # the evidence sentence of flexselect.evidence
+    assert "video index reused for 1 set(s)" in follow_up[2]
+    pipe = pack.N.models.get(model)
+    assert pipe.indexes.nbytes > 0
+    pack.N.models.free()
+    assert pipe.indexes.nbytes == 0
+
+
 def test_second_question_reuses_the_encoded_clip(pack, env):
     clip = load_clip(pack)[0]
     model = load_model(pack, env)
