@@ -290,7 +290,7 @@ def run_show(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from .pipeline import FlexSelect, Sampling
+    from .pipeline import FlexSelect
     from .show import selection_sheet, write_animation
     from .video import load_clip
 
