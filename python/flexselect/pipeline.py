@@ -162,6 +162,7 @@ class FlexSelect:
     ) -> tuple[VisualTokens, dict]:
         """Visual tokens of a video (cached) and the seconds spent decoding and encoding."""
         d = self.defaults
+        reads_features = getattr(self.ranker, "reads_vision_features", False)
         if sampling.frames is None and sampling.fps is None:
             sampling = Sampling(fps=d.fps, start=sampling.start, end=sampling.end, max_frames=sampling.max_frames,
                                 max_side=sampling.max_side)
@@ -173,7 +174,9 @@ class FlexSelect:
                 raise FlexSelectError(f"video not found: {path}")
             st = path.stat()
             key = (str(path.resolve()), st.st_mtime_ns, st.st_size, sampling)
-            if key in self._cache:
+            # A ranker of the authors' layout reads the vision tower's features, which a cached entry encoded
+            # for another pipeline (same video cache, see with_ranker) may lack.
+            if key in self._cache and (not reads_features or self._cache[key].vision_features is not None):
                 self._cache.move_to_end(key)
                 return self._cache[key], {"cached": True, "decode_s": 0.0, "encode_s": 0.0}
         t0 = time.perf_counter()
@@ -183,7 +186,8 @@ class FlexSelect:
             on_frame=_stage(progress, "decode"),
         )
         t1 = time.perf_counter()
-        visual = self.backend.encode(clip, _stage(progress, "encode"))
+        encode = self.backend.encode_with_vision_features if reads_features else self.backend.encode
+        visual = encode(clip, _stage(progress, "encode"))
         t2 = time.perf_counter()
         if key is not None:
             self._cache[key] = visual
