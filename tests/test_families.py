@@ -80,22 +80,34 @@ def test_family_is_detected_and_loaded(family, model_dirs, backends):
 
 
 def test_unsupported_model_type_lists_the_supported_families(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
-    with pytest.raises(FlexSelectError, match="internvl.*llava_onevision.*qwen2_5_vl.*qwen2_vl"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mllama"}))
+    supported = "internvl.*llava_onevision.*qwen2_5_vl.*qwen2_vl"
+    with pytest.raises(FlexSelectError, match=supported):
         load_backend(tmp_path)
 
 
-def test_internvl_with_a_qk_normalising_language_model_is_refused(model_dirs):
+def test_internvl_with_a_qk_normalising_language_model_scores_like_eager_attention(model_dirs):
+    """InternVL3.5's Qwen3 language model normalises Q/K per head: the capture sees them after the norms."""
     from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration
 
     from flexselect.backends.hf.internvl import InternVLBackend
     from flexselect.tiny import TINY_QWEN2_TEXT, TINY_SQUARE_VISION
 
-    config = InternVLConfig(text_config={**TINY_QWEN2_TEXT, "model_type": "qwen3", "head_dim": 16, "vocab_size": 600},
-                            vision_config=TINY_SQUARE_VISION, image_token_id=599)
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["internvl"])
-    with pytest.raises(FlexSelectError, match="normalises Q/K"):
-        InternVLBackend(InternVLForConditionalGeneration(config), tokenizer, {})
+    config = InternVLConfig(text_config={**TINY_QWEN2_TEXT, "model_type": "qwen3", "head_dim": 16,
+                                         "vocab_size": len(tokenizer)},
+                            vision_config=TINY_SQUARE_VISION, downsample_ratio=0.5,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    torch.manual_seed(0)
+    backend = InternVLBackend(InternVLForConditionalGeneration(config).eval(), tokenizer, {})
+    assert hasattr(backend.text_model.layers[0].self_attn, "q_norm")
+    visual = backend.encode(fake_clip(n_frames=6))
+    prompt = backend.prompt("What color is the car?")
+    ours = backend.score(visual, [0, 2, 4], prompt, 2, "max")
+    with torch.inference_mode():
+        reference = eager_scores(backend, visual, [0, 2, 4], prompt, 2)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
+    assert torch.equal(top_k(ours, 5), top_k(reference, 5))
 
 
 # -- visual tokens ---------------------------------------------------------------------------------------------------
@@ -197,6 +209,18 @@ def test_scoring_pass_stops_at_the_reference_layer(family, backends):
     assert [c for c in calls if c[0] == "layer"] == [("layer", 0), ("layer", 1)]
     assert ("attn", 2) not in calls and ("mlp", 2) not in calls and ("norm", -1) not in calls
     assert not any(c[1] == 3 for c in calls)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scoring_pass_longer_than_the_context_is_refused_before_it_runs(family, backends, monkeypatch):
+    backend = backends[family]
+    visual = backend.encode(fake_clip(n_frames=6))
+    prompt = backend.prompt("Where is it?")
+    length = backend.scoring_inputs(visual, [0, 1, 2], prompt).embeds.shape[1]
+    monkeypatch.setattr(backend.text_model.config, "max_position_embeddings", length - 1)
+    monkeypatch.setattr(backend.text_model, "forward", lambda *a, **k: pytest.fail("the pass ran"))
+    with pytest.raises(FlexSelectError, match=f"scoring pass of a frame set needs {length} tokens"):
+        backend.score(visual, [0, 1, 2], prompt, layer=2, aggregate="max")
 
 
 # -- answer layouts and positions ------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Layers before the reference layer pass their input through unchanged (zero attention-output and MLP-down weights,
 so only the residual path is left). At the reference layer, queries of text tokens and keys of needle tokens share
 one direction, placed on the lowest rotary frequency so positions barely rotate it. Every other visual token is
-noise. If the pipeline's frame sets, per-set positions, Q/K extraction, budget split and top-k are wired right, the
+noise. If the pipeline's frame sets, per-set positions, Q/K capture, budget split and top-k are wired right, the
 kept tokens are exactly the needle.
 """
 
@@ -14,7 +14,7 @@ import torch
 from flexselect.backends.base import GenerationConfig, VisualTokens
 from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
 from flexselect.pipeline import FlexSelect, SelectOptions
-from flexselect.selection import frame_sets, question_attention_scores
+from flexselect.selection import frame_sets
 
 LAYER = 2
 FRAMES, GRID = 64, (2, 3)  # 384 visual tokens
@@ -88,10 +88,8 @@ def test_original_and_compact_positions_both_answer_over_the_needle(planted, tin
     for mode in ("original", "compact"):
         backend.positions = mode
         inputs = backend.answer_inputs(visual, needle, prompt)
-        hidden, rotary = backend.hidden_at_layer(inputs, LAYER)
-        q, k = backend.question_qk(hidden, rotary, LAYER, len(prompt.suffix_ids))
         start = len(prompt.prefix_ids)
-        mass[mode] = question_attention_scores(q, k, slice(start, start + len(needle)), "mean").sum()
+        mass[mode] = backend.layer_scores(inputs, [LAYER], len(prompt.suffix_ids), "mean")[LAYER].sum()
         gen = backend.generate(visual, needle, prompt, GenerationConfig(max_new_tokens=3))
         assert gen.prompt_tokens == start + len(needle) + len(prompt.suffix_ids)
         mass[mode + "_next"] = inputs.next_position

@@ -2,11 +2,11 @@
 
 For each example (a video, a question, and the tokens that matter: a time range, a frame range or an explicit token
 set R), one forward pass over [prompt prefix + all the example's visual tokens + question] captures every layer's
-input with pre-hooks; at each layer the reference-layer score formula (its input norm, Q/K with that layer's rotary,
-question rows, max over heads and rows) scores every visual token. Recall@K of layer l is the paper's
-|TopK(l) ∩ R| / |R|. K defaults to |R| per example, which makes recall equal precision and puts examples with
-different |R| on one scale (the paper's needle analysis fixed K = 200 against one needle frame of ~200 tokens, i.e.
-about |R|); `--top-k` fixes K instead. The best layer is the one with the highest mean recall over the examples.
+query and key states through the same attention capture as the stopped scoring pass, and the reference-layer score
+formula (question rows, max over heads and rows) scores every visual token at every layer. Recall@K of layer l is
+the paper's |TopK(l) ∩ R| / |R|. K defaults to |R| per example, which makes recall equal precision and puts examples
+with different |R| on one scale (the paper's needle analysis fixed K = 200 against one needle frame of ~200 tokens,
+i.e. about |R|); `--top-k` fixes K instead. The best layer is the one with the highest mean recall over the examples.
 
 An example's frames are scored as one frame set, as the pipeline does for videos of up to 64 frame units.
 `make_scan_examples` writes synthetic examples: a coloured square shown in a few known frames of a textured
@@ -30,17 +30,13 @@ from .defaults import AGGREGATE, SET_FRAMES, family_defaults, reference_layer_fo
 from .errors import FlexSelectError
 from .backends.base import Prompt, VisualTokens
 from .backends.hf.shared import HFBackend
-from .selection import Aggregate, question_attention_scores, top_k
+from .selection import Aggregate, top_k
 from .video import write_video
 
 log = logging.getLogger("flexselect")
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 70, 230), "yellow": (235, 215, 40),
            "magenta": (210, 40, 200), "cyan": (40, 210, 220)}
-
-
-class _LastLayerScored(Exception):
-    """Raised from the last layer's pre-hook: nothing after it is needed."""
 
 
 @dataclass
@@ -69,45 +65,17 @@ class ScanResult:
     examples: list[dict] = field(default_factory=list)  # per example: question, |R|, K, visual tokens
 
 
-def visual_columns(backend: HFBackend, visual: VisualTokens, frames: list[int], prompt: Prompt) -> slice | torch.Tensor:
-    """Sequence positions of the scored tokens: contiguous after the prefix unless the family interleaves text."""
-    if hasattr(backend, "scoring_columns"):
-        return backend.scoring_columns(visual, frames, prompt)
-    start = len(prompt.prefix_ids)
-    return slice(start, start + len(frames) * visual.tokens_per_frame)
-
-
 @torch.inference_mode()
 def layer_scores(
     backend: HFBackend, visual: VisualTokens, frames: list[int], prompt: Prompt, aggregate: Aggregate = "max"
 ) -> torch.Tensor:
-    """Scores [num_layers, tokens of `frames`] of every layer from ONE forward pass (the last layer is never run)."""
+    """Scores [num_layers, tokens of `frames`] of every layer from ONE forward pass (the last layer's attention is
+    never run): the same capture as the stopped scoring pass, asked for every layer."""
     if not isinstance(backend, HFBackend):
         raise FlexSelectError("layer-scan needs a transformers checkpoint (--model), not the llama.cpp backend")
     inputs = backend.scoring_inputs(visual, frames, prompt)
-    columns = visual_columns(backend, visual, frames, prompt)
-    rows = len(prompt.suffix_ids)
-    layers = backend.text_model.layers
-    scores: list[torch.Tensor | None] = [None] * len(layers)
-
-    def scorer(index: int):
-        def score_layer(module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            q, k = backend.question_qk(hidden, kwargs["position_embeddings"], index, rows)
-            scores[index] = question_attention_scores(q, k, slice(0, k.shape[1]), aggregate)[columns].float().cpu()
-            if index == len(layers) - 1:
-                raise _LastLayerScored
-        return score_layer
-
-    handles = [layer.register_forward_pre_hook(scorer(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        backend.text_model(inputs_embeds=inputs.embeds, position_ids=inputs.position_ids, use_cache=False)
-    except _LastLayerScored:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.stack(scores)
+    scores = backend.layer_scores(inputs, range(backend.num_layers), len(prompt.suffix_ids), aggregate)
+    return torch.stack([scores[layer].float().cpu() for layer in range(backend.num_layers)])
 
 
 def recall_at_k(scores: torch.Tensor, relevant: torch.Tensor, k: int | None = None) -> torch.Tensor:
@@ -302,4 +270,6 @@ def run_layer_scan(args: argparse.Namespace) -> int:
     for layer, r in enumerate(result.recall):
         print(f"layer {layer:3d}  recall {r:.3f}{'  <- best' if layer == result.best_layer else ''}")
     print(f"best layer: {result.best_layer} (default {result.default_layer}); wrote {json_path} and {png_path}")
+    print(f"to use it: --layer {result.best_layer}   (e.g. flexselect answer VIDEO QUESTION --model {args.model} "
+          f"--layer {result.best_layer})")
     return 0

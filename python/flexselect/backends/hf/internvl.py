@@ -11,9 +11,9 @@ Layout, as InternVL's video chat writes it: [prefix] "Frame1: " block "\\nFrame2
 (a short video of its own); the answer pass labels only the frames that keep at least one token, again 1..m, so it
 reads exactly like InternVL's chat over a video of those frames. Positions are 1-D and consecutive (0..N-1).
 
-The labels make the visual columns non-contiguous, so `score` maps them explicitly (`scoring_columns`); the Q/K
-extraction and score formula are the shared ones. Checkpoints whose language model normalises Q/K per head (Qwen3,
-InternVL3.5) are refused: the shared Q/K extraction does not apply those norms.
+The labels make the visual columns non-contiguous: the layout records where the blocks' tokens sit
+(`LayoutedInput.visual_columns`) and the shared scoring pass picks those columns. Q/K are captured as the attention
+uses them, so a language model that normalises Q/K per head (Qwen3, InternVL3.5) is scored correctly too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch
 
 from ...defaults import family_defaults
 from ...errors import FlexSelectError
-from ...selection import Aggregate, question_attention_scores
 from ..base import Progress, Prompt, VisualTokens
 from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
 from .llava_onevision import (consecutive_positions, eos_ids, read_preprocessor, square_pixels,
@@ -65,13 +64,6 @@ class InternVLBackend(HFBackend):
     family = "internvl"
 
     def __init__(self, model, tokenizer, preprocessor: dict) -> None:
-        attn = model.model.language_model.layers[0].self_attn
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-            raise FlexSelectError(
-                f"this InternVL's language model ({model.config.text_config.model_type}) normalises Q/K per head, "
-                "which the reference-layer scoring does not reproduce; supported: InternVL with a Qwen2/Llama-style "
-                "language model (InternVL2.5 / InternVL3)"
-            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         size = model.config.vision_config.image_size
@@ -149,10 +141,8 @@ class InternVLBackend(HFBackend):
             self._labels[n] = self.tokenizer(frame_label(n), add_special_tokens=False).input_ids
         return torch.tensor(self._labels[n], dtype=torch.long)
 
-    def _layout(self, visual: VisualTokens, blocks: list[torch.Tensor], prompt: Prompt
-                ) -> tuple[LayoutedInput, torch.Tensor]:
-        """[prefix] label_1 block_1 label_2 block_2 ... [suffix]; blocks hold global token indices. Returns the
-        input and the sequence positions of the blocks' tokens (in block order)."""
+    def _layout(self, visual: VisualTokens, blocks: list[torch.Tensor], prompt: Prompt) -> LayoutedInput:
+        """[prefix] label_1 block_1 label_2 block_2 ... [suffix]; blocks hold global token indices."""
         pieces = [self.embed_ids(prompt.prefix_ids)]
         columns = []
         at = len(prompt.prefix_ids)
@@ -165,29 +155,13 @@ class InternVLBackend(HFBackend):
         pieces.append(self.embed_ids(prompt.suffix_ids))
         embeds = torch.cat(pieces)
         length = embeds.shape[0]
-        return LayoutedInput(embeds[None], consecutive_positions(length, self.device), length), torch.cat(columns)
-
-    def _set_blocks(self, visual: VisualTokens, frames: list[int]) -> list[torch.Tensor]:
-        return list(visual.frame_tokens(frames).view(len(frames), visual.tokens_per_frame))
+        return LayoutedInput(embeds[None], consecutive_positions(length, self.device), length, torch.cat(columns))
 
     def scoring_inputs(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> LayoutedInput:
-        return self._layout(visual, self._set_blocks(visual, frames), prompt)[0]
-
-    def scoring_columns(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> torch.Tensor:
-        """Sequence positions of the set's visual tokens (in `visual.frame_tokens(frames)` order)."""
-        return self._layout(visual, self._set_blocks(visual, frames), prompt)[1]
+        blocks = list(visual.frame_tokens(frames).view(len(frames), visual.tokens_per_frame))
+        return self._layout(visual, blocks, prompt)
 
     def answer_inputs(self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt) -> LayoutedInput:
         kept = kept.cpu()
         counts = torch.unique_consecutive(kept // visual.tokens_per_frame, return_counts=True)[1]
-        return self._layout(visual, list(torch.split(kept, counts.tolist())), prompt)[0]
-
-    @torch.inference_mode()
-    def score(
-        self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, aggregate: Aggregate = "max"
-    ) -> torch.Tensor:
-        inputs, columns = self._layout(visual, self._set_blocks(visual, frames), prompt)
-        hidden, rotary = self.hidden_at_layer(inputs, layer)
-        q, k = self.question_qk(hidden, rotary, layer, len(prompt.suffix_ids))
-        # Scores are per key column, so scoring the whole span and picking the visual columns is exact.
-        return question_attention_scores(q, k, slice(0, k.shape[1]), aggregate)[columns.to(q.device)]
+        return self._layout(visual, list(torch.split(kept, counts.tolist())), prompt)

@@ -141,7 +141,10 @@ class LlavaOnevisionBackend(HFBackend):
     def _layout(self, visual_embeds: torch.Tensor, prompt: Prompt) -> LayoutedInput:
         newline = self.model.model.image_newline.to(visual_embeds.dtype)[None]
         embeds = torch.cat([self.embed_ids(prompt.prefix_ids), visual_embeds, newline, self.embed_ids(prompt.suffix_ids)])
-        return LayoutedInput(embeds[None], consecutive_positions(embeds.shape[0], self.device), embeds.shape[0])
+        start = len(prompt.prefix_ids)
+        columns = torch.arange(start, start + len(visual_embeds))
+        return LayoutedInput(embeds[None], consecutive_positions(embeds.shape[0], self.device), embeds.shape[0],
+                             columns)
 
     def scoring_inputs(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> LayoutedInput:
         return self._layout(visual.embeds[visual.frame_tokens(frames).to(self.device)], prompt)

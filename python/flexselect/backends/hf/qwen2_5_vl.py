@@ -88,7 +88,7 @@ class Qwen25VLBackend(HFBackend):
     def pixels(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 [N, H, W, 3] -> normalised float [N, 3, H', W'] at a size the vision tower takes."""
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-        size = frame_size(x.shape[2], x.shape[3])
+        size = frame_size(x.shape[2], x.shape[3], self.patch * self.merge)
         if size != tuple(x.shape[2:]):
             x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
         return (x / 255.0 - self.mean[:, None, None]) / self.std[:, None, None]
@@ -164,7 +164,9 @@ class Qwen25VLBackend(HFBackend):
     def _layout(self, visual_embeds, offsets, extent, prompt: Prompt) -> LayoutedInput:
         embeds = torch.cat([self.embed_ids(prompt.prefix_ids), visual_embeds, self.embed_ids(prompt.suffix_ids)])
         positions, next_position = layout_positions(len(prompt.prefix_ids), offsets, extent, len(prompt.suffix_ids))
-        return LayoutedInput(embeds[None], positions[:, None, :].to(self.device), next_position)
+        start = len(prompt.prefix_ids)
+        columns = torch.arange(start, start + len(visual_embeds))
+        return LayoutedInput(embeds[None], positions[:, None, :].to(self.device), next_position, columns)
 
     def scoring_inputs(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> LayoutedInput:
         # The set is scored as a short video of its own frames (as in the paper's code).

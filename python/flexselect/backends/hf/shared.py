@@ -1,16 +1,27 @@
 """What all transformers backends share: the scoring pass that stops at the reference layer, and generation.
 
-A family adapter subclasses `HFBackend` and says how frames become visual tokens (`encode`), how a frame set and
-the answer prompt are laid out with their positions (`scoring_inputs`, `answer_inputs`), and where its language
-model sits. Everything here is family-agnostic because decoder layers of the Qwen2/Llama kind all receive the
-rotary (cos, sin) of the sequence as `position_embeddings`: the scoring pass captures exactly what the reference
-layer would have used, so RoPE and M-RoPE need no special cases.
+A family adapter subclasses `HFBackend` and says how frames become visual tokens (`encode`) and how a frame set and
+the answer prompt are laid out with their positions (`scoring_inputs`, `answer_inputs`, each a `LayoutedInput`
+that also says where the visual tokens sit and carries any extra inputs the language model takes, e.g. DeepStack).
+
+The scoring pass captures Q/K through transformers' attention interface: while it runs, the language model's
+attention implementation is `flexselect_capture`, which receives every layer's query and key states exactly as the
+attention would use them (after the input norm, the projections, any per-head Q/K norm and RoPE / M-RoPE). Below
+the reference layer it is plain sdpa; at the reference layer it scores the question rows
+(`selection.question_attention_scores`) and stops the pass by raising, so nothing at or after that layer's attention
+runs. No family rebuilds Q/K by hand, so Qwen3-VL's Q/K norms and DeepStack need no special case.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,9 +30,91 @@ from ...errors import FlexSelectError
 from ...selection import Aggregate, question_attention_scores
 from ..base import Generation, GenerationConfig, Progress, Prompt, VisualTokens, sample
 
+CAPTURE_ATTENTION = "flexselect_capture"
 
-class _ReachedReferenceLayer(Exception):
-    """Raised from a pre-hook on the reference layer so nothing at or after it runs."""
+
+class _CaptureDone(Exception):
+    """Raised from the attention of the last layer to score, so nothing at or after it runs."""
+
+
+@dataclass
+class _Capture:
+    layers: frozenset[int]  # layers whose question-to-key attention is scored
+    n_rows: int  # question rows: the last n_rows query positions
+    aggregate: Aggregate
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, *, flexselect_capture: _Capture | None = None,
+                       **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The attention function of the scoring pass: query [1, H, Nq, d], key [1, H_kv, Nk, d] as the layer uses them."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    capture = flexselect_capture
+    if capture is not None and module.layer_idx in capture.layers:
+        queries = query[0, :, -capture.n_rows :]
+        capture.scores[module.layer_idx] = question_attention_scores(
+            queries, key[0], slice(0, key.shape[2]), capture.aggregate
+        )
+        if len(capture.scores) == len(capture.layers):
+            raise _CaptureDone
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    if CAPTURE_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(CAPTURE_ATTENTION, _capture_attention)
+        AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)  # the masks sdpa gets below the layer
+
+
+@contextmanager
+def _capturing(text_model: nn.Module) -> Iterator[None]:
+    """The language model runs on the capture attention inside the block (its own implementation after)."""
+    _register()
+    config = text_model.config
+    previous = config._attn_implementation
+    config._attn_implementation = CAPTURE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def attention_scores(
+    text_model: nn.Module, layers: Sequence[int], n_rows: int, aggregate: Aggregate = "max", **inputs: Any
+) -> dict[int, torch.Tensor]:
+    """Run `text_model(**inputs)` up to the attention of the deepest of `layers` and return, per layer, the scores
+    of every key position (cached ones included, with `past_key_values`) for the last `n_rows` query positions, as
+    `question_attention_scores` defines them. Nothing after the deepest layer's Q/K projections runs, and a given
+    cache is cropped back to its length on return.
+
+    `inputs` are the language model's own: inputs_embeds, position_ids, optional past_key_values (a cached prefix,
+    e.g. a video index), and family extras such as Qwen3-VL's DeepStack (visual_pos_masks, deepstack_visual_embeds).
+    """
+    n_layers = len(text_model.layers)
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise FlexSelectError(f"reference layer {layer} is out of range: this model has layers 0..{n_layers - 1}")
+    capture = _Capture(frozenset(layers), n_rows, aggregate)
+    cache = inputs.get("past_key_values")
+    cached = cache.get_seq_length() if cache is not None else 0
+    with _capturing(text_model):
+        try:
+            text_model(**inputs, use_cache=False, flexselect_capture=capture)
+        except _CaptureDone:
+            pass
+        finally:
+            if cache is not None:  # the layers that ran appended these tokens: drop them, the prefix stays reusable
+                for cached_layer in cache.layers:
+                    if cached_layer.get_seq_length() > cached:
+                        cached_layer.crop(cached - cached_layer.get_seq_length())
+    if len(capture.scores) != len(capture.layers):  # a model whose attention does not go through the interface
+        raise FlexSelectError(f"{type(text_model).__name__} never reached the capture attention: not supported")
+    return capture.scores
 
 
 @dataclass
@@ -31,14 +124,64 @@ class LayoutedInput:
     embeds: torch.Tensor  # [1, N, hidden]
     position_ids: torch.Tensor  # [1, N] or [3, 1, N] (M-RoPE)
     next_position: int  # position of the first generated token (all dims alike)
+    visual_columns: torch.Tensor  # [V] sequence positions of the visual tokens, in the order they were given
+    extra: dict[str, Any] = field(default_factory=dict)  # further language-model inputs (Qwen3-VL: DeepStack)
+
+    def model_inputs(self) -> dict[str, Any]:
+        return {"inputs_embeds": self.embeds, "position_ids": self.position_ids, **self.extra}
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Standard rotary embedding: x [B, H, N, d]; cos/sin [B, N, d] as the model's rotary module returns them."""
+    """Standard rotary embedding: x [B, H, N, d]; cos/sin [B, N, d] as the model's rotary module returns them.
+    Only the Lite ranker still rebuilds Q/K with it, until it moves to `attention_scores`."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """One clear error for a checkpoint folder with missing or truncated files (an interrupted download), before
+    transformers fails somewhere inside: the weights (every shard its index lists, each as long as its header says)
+    and the tokenizer."""
+    problems = []
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            shards, problems = [], [f"{index.name} is damaged ({e})"]
+    else:
+        shards = ["model.safetensors"]
+    for name in shards:
+        shard = path / name
+        if not shard.is_file():
+            problems.append(f"{name} is missing")
+        elif not _safetensors_complete(shard):
+            problems.append(f"{name} is truncated")
+    if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
+        problems.append("the tokenizer (tokenizer.json) is missing")
+    if problems:
+        raise FlexSelectError(f"the checkpoint {path} is incomplete: {'; '.join(problems)}. Download the whole "
+                              "model folder again (e.g. `hf download <repo> --local-dir <folder>`)")
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """A safetensors file holds an 8-byte header length, the JSON header, then the tensors' bytes it lists."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        (header_len,) = struct.unpack("<Q", head)
+        if 8 + header_len > size:
+            return False
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+    ends = [t["data_offsets"][1] for key, t in header.items() if key != "__metadata__"]
+    return 8 + header_len + max(ends, default=0) <= size
 
 
 def resolve_device(device: str) -> torch.device:
@@ -105,42 +248,19 @@ class HFBackend:
     def answer_inputs(self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt) -> LayoutedInput:
         raise NotImplementedError
 
+    def scoring_columns(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> torch.Tensor:
+        """Sequence positions of the set's visual tokens (in `visual.frame_tokens(frames)` order)."""
+        return self.scoring_inputs(visual, frames, prompt).visual_columns
+
     # -- scoring pass -------------------------------------------------------------------------------------------
-    def hidden_at_layer(self, inputs: LayoutedInput, layer: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Run layers 0..layer-1 and return what enters `layer`: hidden states and its rotary (cos, sin)."""
-        if not 0 <= layer < self.num_layers:
-            raise FlexSelectError(
-                f"reference layer {layer} is out of range: this model has layers 0..{self.num_layers - 1}"
-            )
-        captured: dict[str, object] = {}
-
-        def stop_here(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-            captured["rotary"] = kwargs["position_embeddings"]
-            raise _ReachedReferenceLayer
-
-        handle = self.text_model.layers[layer].register_forward_pre_hook(stop_here, with_kwargs=True)
-        try:
-            self.text_model(inputs_embeds=inputs.embeds, position_ids=inputs.position_ids, use_cache=False)
-        except _ReachedReferenceLayer:
-            pass
-        finally:
-            handle.remove()
-        return captured["hidden"], captured["rotary"]
-
-    def question_qk(self, hidden: torch.Tensor, rotary: tuple, layer: int, n_rows: int):
-        """Queries of the last `n_rows` positions and keys of all positions at `layer`, RoPE applied: only the
-        layer's input norm and Q/K projections run (no attention, no MLP)."""
-        block = self.text_model.layers[layer]
-        attn = block.self_attn
-        head_dim = attn.head_dim
-        x = block.input_layernorm(hidden)
-        cos, sin = rotary
-        q = attn.q_proj(x[:, -n_rows:]).view(1, n_rows, -1, head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, x.shape[1], -1, head_dim).transpose(1, 2)
-        q = rotate(q, cos[:, -n_rows:], sin[:, -n_rows:])
-        k = rotate(k, cos, sin)
-        return q[0], k[0]
+    @torch.inference_mode()
+    def layer_scores(
+        self, inputs: LayoutedInput, layers: Sequence[int], n_rows: int, aggregate: Aggregate = "max"
+    ) -> dict[int, torch.Tensor]:
+        """Scores of the visual tokens of `inputs` at each of `layers` from one pass that stops at the deepest."""
+        scores = attention_scores(self.text_model, layers, n_rows, aggregate, **inputs.model_inputs())
+        columns = inputs.visual_columns.to(self.device)
+        return {layer: s[columns] for layer, s in scores.items()}
 
     @torch.inference_mode()
     def score(
@@ -148,10 +268,7 @@ class HFBackend:
     ) -> torch.Tensor:
         inputs = self.scoring_inputs(visual, frames, prompt)
         self._check_fits(inputs.embeds.shape[1], "scoring pass of a frame set")
-        hidden, rotary = self.hidden_at_layer(inputs, layer)
-        q, k = self.question_qk(hidden, rotary, layer, len(prompt.suffix_ids))
-        start = len(prompt.prefix_ids)
-        return question_attention_scores(q, k, slice(start, start + len(frames) * visual.tokens_per_frame), aggregate)
+        return self.layer_scores(inputs, [layer], len(prompt.suffix_ids), aggregate)[layer]
 
     # -- answer pass --------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -165,9 +282,7 @@ class HFBackend:
         inputs = self.answer_inputs(visual, kept, prompt)
         self._check_fits(inputs.embeds.shape[1] + config.max_new_tokens, "answer (prompt + --max-new-tokens)")
         cache = DynamicCache(config=self.text_model.config)
-        hidden = self.text_model(
-            inputs_embeds=inputs.embeds, position_ids=inputs.position_ids, past_key_values=cache, use_cache=True
-        ).last_hidden_state
+        hidden = self.text_model(**inputs.model_inputs(), past_key_values=cache, use_cache=True).last_hidden_state
         rng = torch.Generator().manual_seed(config.seed)
         token_ids: list[int] = []
         ttft = 0.0
