@@ -51,19 +51,28 @@ OUTPUT = "scores"
 EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB
 
 
-class EmbedsGraph(nn.Module):
-    """A host_embeds ranker behind the C++ runtime's I/O: [visual rows, question ids], 1-D positions."""
+class RankerGraph(nn.Module):
+    """What is traced: the ranker's exportable forward (`LiteRanker.graph_forward`) on RankerInputs."""
 
     def __init__(self, ranker: LiteRanker) -> None:
         super().__init__()
         self.ranker = ranker
+
+    def forward(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
+                position_ids: torch.Tensor, score_columns: torch.Tensor, question_rows: torch.Tensor) -> torch.Tensor:
+        return self.ranker.graph_forward(input_ids, vision_features, visual_rows, position_ids, score_columns,
+                                         question_rows)
+
+
+class EmbedsGraph(RankerGraph):
+    """A host_embeds ranker behind the C++ runtime's I/O: [visual rows, question ids], 1-D positions."""
 
     def forward(self, visual_embeds: torch.Tensor, question_ids: torch.Tensor) -> torch.Tensor:
         n = visual_embeds.shape[0]
         rows = torch.arange(n, device=visual_embeds.device)
         ids = torch.cat([torch.zeros_like(rows), question_ids])
         positions = torch.arange(ids.shape[0], device=visual_embeds.device)
-        return self.ranker(ids, visual_embeds[None], rows, positions[None], rows, positions[n:])
+        return self.ranker.graph_forward(ids, visual_embeds[None], rows, positions[None], rows, positions[n:])
 
 
 def example_inputs(ranker: LiteRanker) -> tuple[tuple[torch.Tensor, ...], dict, tuple[str, ...]]:
@@ -108,7 +117,7 @@ def export_ranker(ranker: LiteRanker, out_dir: str | os.PathLike, opset: int = O
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if target == "cuda" else torch.float32
     ranker = ranker.to(device="cpu", dtype=dtype).eval()
-    module = EmbedsGraph(ranker) if ranker.layout == "host_embeds" else ranker
+    module = (EmbedsGraph(ranker) if ranker.layout == "host_embeds" else RankerGraph(ranker)).eval()
     args, dynamic, names = example_inputs(ranker)
     args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
     param_bytes = sum(p.numel() * p.element_size() for p in ranker.parameters())

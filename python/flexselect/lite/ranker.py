@@ -8,12 +8,14 @@ all keys, max over heads and rows). Qwen-family layouts use M-RoPE positions lik
 others 1-D positions.
 
 Of the scoring layer only the attention's Q/K are needed. They are taken through transformers' attention
-interface (`attention_capture`): the layer's own attention code projects and rotates them (RoPE, M-RoPE with its
-sections, YaRN scaling: whatever the config says), and the captured Q/K replace the attention computation. Only
-the layer's input norm and attention module run; its MLP never does. In an ONNX export, the unused value/output
-projections of that layer are dead nodes and are dropped, so the graph computes exactly what scoring needs.
+interface, the host's own scoring mechanism (`backends.hf.shared.attention_scores`): the layer's own attention code
+projects and rotates them (RoPE, M-RoPE with its sections, YaRN scaling: whatever the config says), the capture
+scores them and stops the pass, so that layer's attention output and MLP never run. An exported graph cannot stop by
+raising, so `graph_forward` (what export/onnx.py traces) captures Q/K through the same interface without raising
+(`attention_capture`) and leaves the layer's remainder unused: the exporter drops it as dead nodes, so the graph
+computes exactly what scoring needs. tests/test_lite*.py check that both give the same scores.
 
-The forward has no Python control flow on tensor values, so it exports to ONNX with every size dynamic.
+`graph_forward` has no Python control flow on tensor values, so it exports to ONNX with every size dynamic.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 
     from ..backends.base import Backend, Prompt, VisualTokens
 
-ATTENTION = "flexselect_lite"  # our attention-interface name: sdpa everywhere, Q/K capture at the scoring layer
+ATTENTION = "flexselect_lite"  # the export's attention-interface name: sdpa, and a Q/K capture at the scoring layer
 
 # Qwen2-0.5B's shape (the authors' ranker for Qwen2.5-VL-7B and LLaVA-Video-7B; InternVL2.5-1B's LM too).
 DEFAULT_CONFIG = {
@@ -142,13 +144,30 @@ class LiteRanker(nn.Module):
         """Whether the video must be encoded with the vision tower's features (`encode_with_vision_features`)."""
         return self.layout != "host_embeds"
 
-    def forward(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
-                position_ids: torch.Tensor, score_columns: torch.Tensor, question_rows: torch.Tensor) -> torch.Tensor:
-        """RankerInputs (see layouts.py) -> scores [S] float32 of the score columns."""
+    def embed(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
+              position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input sequence [1, L, hidden] (token embeddings, projected visual tokens at visual_rows) and the
+        decoder's position ids ([3, 1, L] for M-RoPE, [1, L] otherwise)."""
         weight = self.llm.embed_tokens.weight
         visual = self.projector(vision_features.to(weight.dtype))
         x = self.llm.embed_tokens(input_ids).index_put((visual_rows,), visual.to(weight.dtype))[None]
-        positions = position_ids[:, None, :] if position_ids.shape[0] == 3 else position_ids
+        return x, position_ids[:, None, :] if position_ids.shape[0] == 3 else position_ids
+
+    def forward(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
+                position_ids: torch.Tensor, score_columns: torch.Tensor, question_rows: torch.Tensor) -> torch.Tensor:
+        """RankerInputs (see layouts.py) -> scores [S] float32 of the score columns (question_rows: the last T)."""
+        from ..backends.hf.shared import attention_scores
+
+        x, positions = self.embed(input_ids, vision_features, visual_rows, position_ids)
+        scores = attention_scores(self.llm, [self.scoring_layer], question_rows.shape[0], self.aggregate,
+                                  inputs_embeds=x, position_ids=positions)
+        return scores[self.scoring_layer][score_columns]
+
+    def graph_forward(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
+                      position_ids: torch.Tensor, score_columns: torch.Tensor,
+                      question_rows: torch.Tensor) -> torch.Tensor:
+        """`forward` as an exportable graph: the same scores, without stopping the pass by an exception."""
+        x, positions = self.embed(input_ids, vision_features, visual_rows, position_ids)
         rotary = self.llm.rotary_emb(x, positions)
         for layer in self.llm.layers[: self.scoring_layer]:
             x = layer(x, attention_mask=None, position_ids=positions, position_embeddings=rotary)
