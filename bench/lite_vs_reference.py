@@ -47,7 +47,8 @@ def host_backend(layers: int):
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
     config = Qwen2_5_VLConfig(
         text_config=text,
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+        # never run here (the features are given); its width is what the rankers check against
+        vision_config=dict(depth=1, hidden_size=VIT_WIDTH, intermediate_size=64, num_heads=16,
                            out_hidden_size=HOST["hidden_size"], fullatt_block_indexes=[0]),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
     )
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per arm after a small warm-up (median)")
     ap.add_argument("--cpp", default="build/cpp/tests/flexselect-ranker-bench", help="the C++ timing binary")
     ap.add_argument("--out", help="also write the JSON result here")
+    ap.add_argument("--arms", choices=["all", "reference", "lite"], default="all",
+                    help="run only the reference or only the Lite arms (default all)")
     args = ap.parse_args()
 
     import numpy as np
@@ -84,15 +87,11 @@ def main() -> None:
     import torch
 
     from flexselect.backends.base import VisualTokens
-    from flexselect.lite.host import HostInfo
-    from flexselect.lite.onnx_ranker import OnnxRanker
-    from flexselect.lite.ranker import LiteRanker
-    from flexselect_export.onnx import export_ranker
 
     rows, cols = GRID
     tokens = UNITS * rows * cols
     units = list(range(UNITS))
-    backend = host_backend(3)
+    backend = host_backend(1 if args.arms == "lite" else 3)
     vocab = backend.text_model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     visual = VisualTokens(
@@ -107,6 +106,8 @@ def main() -> None:
                     "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
 
     # reference layer of the 7B-shape host, from passes stopping at layers 1 and 2
+    if args.arms == "lite":
+        return lite_arms(args, result, visual, small, units, prompt, vocab, tokens)
     backend.score(small, [0], prompt, 1)
     t1 = timed(lambda: backend.score(visual, units, prompt, 1), args.repeats)
     t2 = timed(lambda: backend.score(visual, units, prompt, 2), args.repeats)
@@ -115,7 +116,28 @@ def main() -> None:
     result["reference"] = {"layer_1_s": round(t1, 2), "layer_2_s": round(t2, 2), "per_layer_s": round(per_layer, 2),
                            "estimated_layer_20_s": round(reference, 2)}
     del backend
-    backend = host_backend(1)  # the rankers only need its tokenizer and family
+    if args.arms == "reference":
+        return write(result, args.out)
+    lite_arms(args, result, visual, small, units, prompt, vocab, tokens, reference)
+
+
+def write(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
+def lite_arms(args, result: dict, visual, small, units, prompt, vocab: int, tokens: int,
+              reference: float | None = None) -> None:
+    import torch
+
+    from flexselect.lite.host import HostInfo
+    from flexselect.lite.onnx_ranker import OnnxRanker
+    from flexselect.lite.ranker import LiteRanker
+    from flexselect_export.onnx import export_ranker
+
+    backend = host_backend(1)  # the rankers only need its tokenizer, family and vision width
     work = Path(tempfile.mkdtemp(prefix="lite-bench-"))
     arms: dict[str, float] = {}
     scores: dict[str, torch.Tensor] = {}
@@ -141,16 +163,14 @@ def main() -> None:
                                   str(torch.get_num_threads())], capture_output=True, text=True, check=True)
             arms[f"{name}-onnx-cpp"] = statistics.median(json.loads(out.stdout)["score_s"])
     result["seconds"] = {k: round(v, 2) for k, v in arms.items()}
-    result["lite_vs_reference"] = {k: round(reference / v, 1) for k, v in arms.items()}
+    if reference is not None:
+        result["lite_vs_reference"] = {k: round(reference / v, 1) for k, v in arms.items()}
     result["onnx_vs_torch"] = {n: round(arms[f"{n}-torch"] / arms[f"{n}-onnx"], 2) for n in ("lite", "lite-host_embeds")}
     if "lite-host_embeds-onnx-cpp" in arms:
         result["onnx_cpp_vs_torch"] = round(arms["lite-host_embeds-torch"] / arms["lite-host_embeds-onnx-cpp"], 2)
     result["max_abs_diff_torch_onnx"] = {
         n: float((scores[f"{n}-torch"] - scores[f"{n}-onnx"]).abs().max()) for n in ("lite", "lite-host_embeds")}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write(result, args.out)
 
 
 if __name__ == "__main__":
