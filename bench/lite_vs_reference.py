@@ -1,18 +1,19 @@
-"""Selection-stage time: reference-layer FlexSelect vs FlexSelect-Lite (torch) vs Lite (ONNX Runtime), one run.
+"""Cost of scoring one frame set: the reference layer of a 7B-shape host vs FlexSelect-Lite (torch, ONNX, C++).
 
-All three arms score the same visual tokens, the same frame sets and the same question through the pipeline's
-`FlexSelect.select` (only `selector` / the ranker differs), so the time is exactly the selection stage.
+One set of 1760 visual tokens (16 Qwen2.5-VL units of 10 x 11 tokens, the paper's per-unit count) and one question,
+at the real shapes (random weights cost what real ones do):
+- reference: Qwen2.5-VL-7B's LM (hidden 3584, 28 heads of 128, 4 KV heads, MLP 18944), scoring at layer 20. A
+  float32 7B does not fit in this machine's memory, so the host is built with 3 layers and its cost is estimated
+  from measured passes: t(layer 1) + 19 x (t(layer 2) - t(layer 1)) = 20 full layers + the Q/K of layer 20.
+- Lite: the authors' Qwen2.5-VL ranker shape (Qwen2-0.5B: 24 layers, hidden 896, 14 heads of 64, 2 KV heads,
+  MLP 4864; its own patch merger 4 x 1280 -> 896), scoring at its last layer; torch, and ONNX Runtime from Python
+  (the exported graph: opset 23, target cpu).
+- Lite host_embeds: the same decoder over the host's 3584-d post-merger embeddings, the layout the C++ runtime runs:
+  torch, ONNX Runtime from Python, and ONNX Runtime from C++ (`flexselect-ranker-bench`, when built: `cmake --build
+  build --target flexselect-ranker-bench`, with -DFLEXSELECT_BUILD_TESTS=ON).
+Each arm: one warm-up on a small input, then the timed runs (median). The vision tower is shared by all and left out.
 
-Shapes (random weights cost what real ones do): the real pairing is Qwen2.5-VL-7B's LM (28 layers, reference layer
-20, hidden 3584, 28 heads of 128, 4 KV heads, MLP 18944) against a Qwen2-0.5B ranker (24 layers, hidden 896, 14
-heads of 64, 2 KV heads, MLP 4864). Both at full size do not run on a small CPU in minutes, so both are scaled to a
-quarter of their width at their real depth (compute per token scales with width squared, so the ratio between them
-is kept): host hidden 896 (7 heads of 128, 1 KV head, MLP 4736), ranker hidden 224 (14 heads of 16, 2 KV heads, MLP
-1216). `--scale 1` gives the real shapes (a GPU-sized job). Visual tokens are random embeddings of the real count
-per unit (10 x 11 = 110); the vision tower is shared by all arms and left out.
-
-    python bench/lite_vs_reference.py                       # 32 units in 2 sets of 16, ~3.5k visual tokens
-    python bench/lite_vs_reference.py --units 64 --set-frames 32 --scale 2 --repeats 3
+    python bench/lite_vs_reference.py [--repeats 1] [--cpp build/cpp/tests/flexselect-ranker-bench] [--out FILE]
 """
 
 from __future__ import annotations
@@ -20,118 +21,156 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-HOST_FULL = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                 num_key_value_heads=4)
-RANKER_FULL = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                   num_key_value_heads=2)
+HOST = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4)
 REFERENCE_LAYER = 20
+RANKER = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+              num_key_value_heads=2)
+VIT_WIDTH = 1280  # Qwen2.5-VL's ViT; a token's pre-merger features are its 2x2 group: 4 x 1280
+UNITS, GRID = 16, (10, 11)
 QUESTION = "What does the presenter write on the whiteboard after the break?"
 
 
-def scaled(shape: dict, scale: int) -> dict:
-    """Width divided by `scale` at the same depth; heads keep their size on the host, their count on the ranker."""
-    return dict(shape, hidden_size=shape["hidden_size"] // scale, intermediate_size=shape["intermediate_size"] // scale)
-
-
-def host_backend(scale: int):
+def host_backend(layers: int):
     import torch
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from flexselect.demo import demo_model
     from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
+    from flexselect.demo import demo_model
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model())
-    text = scaled(HOST_FULL, scale)
-    heads = text["hidden_size"] // 128  # keep the 7B's head size (and its M-RoPE sections)
-    text.update(num_attention_heads=heads, num_key_value_heads=max(1, heads // 7), vocab_size=len(tokenizer),
+    text = dict(HOST, num_hidden_layers=layers, vocab_size=len(tokenizer),
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
     config = Qwen2_5_VLConfig(
         text_config=text,
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=text["hidden_size"], fullatt_block_indexes=[0]),
+        # never run here (the features are given); its width is what the rankers check against
+        vision_config=dict(depth=1, hidden_size=VIT_WIDTH, intermediate_size=64, num_heads=16,
+                           out_hidden_size=HOST["hidden_size"], fullatt_block_indexes=[0]),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
     )
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    return Qwen25VLBackend(model, tokenizer, {}), text
+    return Qwen25VLBackend(Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer, {})
+
+
+def timed(fn, repeats: int) -> float:
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)
+
+
+def run_arm(ranker, visual, small, units, prompt, repeats: int):
+    """(median seconds, scores) of a ranker on the set, after a warm-up on one unit."""
+    ranker.score(small, [0], prompt)
+    out = {}
+    seconds = timed(lambda: out.__setitem__("scores", ranker.score(visual, units, prompt)), repeats)
+    return seconds, out["scores"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--units", type=int, default=32, help="frame units (Qwen: pairs of frames), default 32")
-    ap.add_argument("--set-frames", type=int, default=16, help="units per frame set (paper: 64), default 16")
-    ap.add_argument("--grid", type=int, nargs=2, default=(10, 11), help="tokens per unit as rows cols")
-    ap.add_argument("--scale", type=int, default=4, help="divide both models' width by this (default 4)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per arm after one warm-up (median)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per arm after a small warm-up (median)")
+    ap.add_argument("--cpp", default="build/cpp/tests/flexselect-ranker-bench", help="the C++ timing binary")
+    ap.add_argument("--out", help="also write the JSON result here")
+    ap.add_argument("--arms", choices=["all", "reference", "lite"], default="all",
+                    help="run only the reference or only the Lite arms (default all)")
     args = ap.parse_args()
 
     import numpy as np
+    import onnxruntime
     import torch
 
-    from flexselect.lite.bundle import save_bundle
-    from flexselect.lite.host import host_info
-    from flexselect.lite.onnx_ranker import OnnxRanker
-    from flexselect.lite.ranker import LiteRanker, qwen2_config
     from flexselect.backends.base import VisualTokens
-    from flexselect.pipeline import FlexSelect, SelectOptions
-    from flexselect_export.onnx import export_ranker
 
-    backend, host_shape = host_backend(args.scale)
-    ranker_shape = scaled(RANKER_FULL, args.scale)
-    torch.manual_seed(1)
-    ranker = LiteRanker(qwen2_config(ranker_shape, host_info(backend).vocab_size), host_info(backend)).eval()
-    work = Path(tempfile.mkdtemp(prefix="lite-bench-"))
-    save_bundle(ranker, work)
-    t0 = time.perf_counter()
-    export_ranker(ranker, work)
-    export_s = time.perf_counter() - t0
-    onnx_ranker = OnnxRanker.load(work / "ranker.onnx")
-    for r in (ranker, onnx_ranker):
-        r.check_compatible(backend)
-
-    rows, cols = args.grid
-    n_tokens = args.units * rows * cols
+    rows, cols = GRID
+    tokens = UNITS * rows * cols
+    units = list(range(UNITS))
+    backend = host_backend(1 if args.arms == "lite" else 3)
+    vocab = backend.text_model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     visual = VisualTokens(
-        embeds=torch.randn(n_tokens, backend.hidden_size, generator=g) * 0.02, num_frames=args.units,
-        grid=(rows, cols), timestamps=np.arange(args.units) * 1.0, time_interval=2.0,
-        frame_size=(rows * 28, cols * 28),
+        embeds=torch.randn(tokens, HOST["hidden_size"], generator=g) * 0.02, num_frames=UNITS, grid=GRID,
+        timestamps=np.arange(UNITS) * 1.0, time_interval=2.0, frame_size=(rows * 28, cols * 28),
+        vision_features=torch.randn(UNITS, rows * cols, 4 * VIT_WIDTH, generator=g),
     )
     prompt = backend.prompt(QUESTION)
-    budget = max(rows * cols, round(0.0625 * n_tokens))  # the paper's 6.25%
-    arms = {"reference": FlexSelect(backend), "lite-torch": FlexSelect(backend, ranker),
-            "lite-onnx": FlexSelect(backend, onnx_ranker)}
-    times: dict[str, float] = {}
-    kept = {}
-    for name, pipe in arms.items():
-        selector = "reference" if name == "reference" else "lite"
-        runs = []
-        for i in range(args.repeats + 1):
-            sel = pipe.select(visual, prompt, options=SelectOptions(budget=budget, layer=REFERENCE_LAYER, set_frames=args.set_frames, selector=selector))
-            if i:  # the first run is a warm-up (allocator, ONNX Runtime's first-run optimisations)
-                runs.append(sel.seconds)
-        times[name] = statistics.median(runs)
-        kept[name] = sel.kept
-    sets = -(-args.units // args.set_frames)
-    result = {
-        "host_lm": {**host_shape, "reference_layer": REFERENCE_LAYER, "scale": f"1/{args.scale} of Qwen2.5-VL-7B"},
-        "ranker": {**ranker_shape, "scoring_layer": ranker.scoring_layer, "scale": f"1/{args.scale} of Qwen2-0.5B"},
-        "visual_tokens": n_tokens, "frame_sets": sets, "tokens_per_set": n_tokens // sets, "kept": int(budget),
-        "threads": torch.get_num_threads(), "onnx_export_s": round(export_s, 1),
-        "select_s": {k: round(v, 3) for k, v in times.items()},
-        "speedup_vs_reference": {k: round(times["reference"] / v, 2) for k, v in times.items() if k != "reference"},
-        "onnx_vs_torch": round(times["lite-torch"] / times["lite-onnx"], 2),
-        "lite_torch_onnx_same_kept": bool(torch.equal(kept["lite-torch"], kept["lite-onnx"])),
-    }
-    print(json.dumps(result, indent=2))
-    print(f"selection stage, {n_tokens} visual tokens in {sets} set(s), median of {args.repeats}: "
-          f"reference {times['reference']:.2f}s | Lite torch {times['lite-torch']:.2f}s "
-          f"({result['speedup_vs_reference']['lite-torch']}x faster) | Lite ONNX {times['lite-onnx']:.2f}s "
-          f"({result['speedup_vs_reference']['lite-onnx']}x faster; {result['onnx_vs_torch']}x vs torch)")
+    small = VisualTokens(**{**visual.__dict__, "num_frames": 1, "embeds": visual.embeds[: rows * cols],
+                            "vision_features": visual.vision_features[:1]})
+    result: dict = {"tokens_per_set": tokens, "threads": torch.get_num_threads(),
+                    "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+
+    # reference layer of the 7B-shape host, from passes stopping at layers 1 and 2
+    if args.arms == "lite":
+        return lite_arms(args, result, visual, small, units, prompt, vocab, tokens)
+    backend.score(small, [0], prompt, 1)
+    t1 = timed(lambda: backend.score(visual, units, prompt, 1), args.repeats)
+    t2 = timed(lambda: backend.score(visual, units, prompt, 2), args.repeats)
+    per_layer = t2 - t1
+    reference = t1 + (REFERENCE_LAYER - 1) * per_layer
+    result["reference"] = {"layer_1_s": round(t1, 2), "layer_2_s": round(t2, 2), "per_layer_s": round(per_layer, 2),
+                           "estimated_layer_20_s": round(reference, 2)}
+    del backend
+    if args.arms == "reference":
+        return write(result, args.out)
+    lite_arms(args, result, visual, small, units, prompt, vocab, tokens, reference)
+
+
+def write(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
+def lite_arms(args, result: dict, visual, small, units, prompt, vocab: int, tokens: int,
+              reference: float | None = None) -> None:
+    import torch
+
+    from flexselect.lite.host import HostInfo
+    from flexselect.lite.onnx_ranker import OnnxRanker
+    from flexselect.lite.ranker import LiteRanker
+    from flexselect_export.onnx import export_ranker
+
+    backend = host_backend(1)  # the rankers only need its tokenizer, family and vision width
+    work = Path(tempfile.mkdtemp(prefix="lite-bench-"))
+    arms: dict[str, float] = {}
+    scores: dict[str, torch.Tensor] = {}
+    for layout, width in (("qwen2_5_vl", 4 * VIT_WIDTH), ("host_embeds", HOST["hidden_size"])):
+        name = "lite" if layout == "qwen2_5_vl" else "lite-host_embeds"
+        reads = "embeds" if layout == "host_embeds" else "vision_features"
+        torch.manual_seed(1)
+        ranker = LiteRanker.for_host(HostInfo("qwen2_5_vl", width, vocab, reads), width, RANKER, layout).eval()
+        ranker.check_compatible(backend)
+        arms[f"{name}-torch"], scores[f"{name}-torch"] = run_arm(ranker, visual, small, units, prompt, args.repeats)
+        t0 = time.perf_counter()
+        path = export_ranker(ranker, work / layout)
+        result[f"{name}-onnx_export_s"] = round(time.perf_counter() - t0, 1)
+        del ranker
+        onnx_ranker = OnnxRanker.load(path)
+        onnx_ranker.check_compatible(backend)
+        arms[f"{name}-onnx"], scores[f"{name}-onnx"] = run_arm(onnx_ranker, visual, small, units, prompt,
+                                                               args.repeats)
+        del onnx_ranker
+        if layout == "host_embeds" and Path(args.cpp).is_file():
+            question = len(backend.tokenizer(QUESTION, add_special_tokens=False).input_ids)
+            out = subprocess.run([args.cpp, str(path), str(tokens), str(width), str(question), str(args.repeats),
+                                  str(torch.get_num_threads())], capture_output=True, text=True, check=True)
+            arms[f"{name}-onnx-cpp"] = statistics.median(json.loads(out.stdout)["score_s"])
+    result["seconds"] = {k: round(v, 2) for k, v in arms.items()}
+    if reference is not None:
+        result["lite_vs_reference"] = {k: round(reference / v, 1) for k, v in arms.items()}
+    result["onnx_vs_torch"] = {n: round(arms[f"{n}-torch"] / arms[f"{n}-onnx"], 2) for n in ("lite", "lite-host_embeds")}
+    if "lite-host_embeds-onnx-cpp" in arms:
+        result["onnx_cpp_vs_torch"] = round(arms["lite-host_embeds-torch"] / arms["lite-host_embeds-onnx-cpp"], 2)
+    result["max_abs_diff_torch_onnx"] = {
+        n: float((scores[f"{n}-torch"] - scores[f"{n}-onnx"]).abs().max()) for n in ("lite", "lite-host_embeds")}
+    write(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,30 @@
 """Export a FlexSelect-Lite ranker bundle to ONNX: `ranker.onnx` (+ `manifest.json`) for ONNX Runtime and the C++ CLI.
 
-    flexselect lite-export BUNDLE_DIR [--out DIR] [--opset 18]
+    flexselect lite-export BUNDLE_DIR [--out DIR] [--target cpu|cuda] [--opset 23|18]
 
-I/O (what `flexselect.lite.onnx_ranker` and the C++ runtime look up): `visual_embeds` float32 [n_visual, D_host],
-`question_ids` int64 [n_question] -> `scores` float32 [n_visual], both token counts dynamic.
+I/O (what `flexselect.lite.onnx_ranker` reads from the manifest):
+- authors' layouts (qwen2_5_vl, llava_onevision, internvl): `RankerInputs` (layouts.py) -> `scores` float32 [S]:
+  `input_ids` int64 [L], `vision_features` float [F, R, D], `visual_rows` int64 [V], `position_ids` int64 [K, L],
+  `score_columns` int64 [S], `question_rows` int64 [T]; every size dynamic.
+- host_embeds layout: the C++ runtime's two inputs, `visual_embeds` float32 [n, D_host] and `question_ids` int64
+  [T] -> `scores` float32 [n] (the wrapper below builds the rest inside the graph).
 
-Exporter: torch.onnx's dynamo exporter (`torch.export` + onnxscript), the default in current torch. The older
-TorchScript exporter is deprecated and works by tracing, where sizes that pass through Python ints (the question
-rows `h[:, -T:]`, the visual columns `slice(0, N)`) can be frozen at the example's values; `torch.export` keeps
-them symbolic, and tests/test_lite.py runs the graph at other sizes against torch. Opset 18: torchlib's native
-opset in torch 2.13 (no version-conversion pass), run by ONNX Runtime >= 1.14, below the `onnxruntime>=1.18` this
-package asks for. There SDPA becomes MatMul + mask + Softmax, and on CPU the Softmax over [heads, N, N] is half the
-run time; `--opset 23` maps it to ONNX's Attention op (with RMSNormalization and RotaryEmbedding), which a recent
-ONNX Runtime runs in one kernel: 2.9 s instead of 3.5 s for one 1760-token set of bench/lite_vs_reference.py's
-quarter-width ranker on 2 CPU cores (ONNX Runtime 1.32), same scores to 2e-10. Not the default, as older runtimes
-cannot load it.
+What the graph computes: the decoder up to the scoring layer and, of that layer, only its input norm and Q/K (the
+ranker's forward never uses the layer's attention output or MLP, so the exporter drops them as dead nodes), then
+the question rows' softmax against all keys.
 
-Writing: everything goes to a temporary folder beside the target and is renamed into place, the weights file
-(if any) before `ranker.onnx`, so a reader never sees a half-written model under the final name. Rankers whose
-weights exceed 1.5 GiB (the 0.5B default in float32 is ~2 GB, over protobuf's 2 GiB limit) keep them in
-`ranker.onnx.data` beside the graph.
+Targets, chosen at export time because one graph does not suit both:
+- `cpu` (default): float32. Opset 23 maps SDPA to ONNX's fused `Attention` op (with `RMSNormalization` and
+  `RotaryEmbedding`), run in one kernel by ONNX Runtime >= 1.23; `--opset 18` keeps the decomposed MatMul +
+  Softmax graph for older runtimes (>= 1.14). ONNX Runtime's full graph optimizations are applied at load time.
+- `cuda`: float16 weights and activations (the scores' softmax stays float32: `question_attention_scores`
+  casts), for the CUDA execution provider (onnxruntime-gpu), where the fused attention kernels take float16.
+
+Exporter: torch.onnx's dynamo exporter (`torch.export` + onnxscript): sizes stay symbolic (the TorchScript
+exporter could freeze Python-int sizes at the example's values), and tests/test_lite.py runs the graph at other
+sizes against torch. Writing: a temporary folder beside the target, renamed into place weights-first, so a reader
+never sees a half-written model; weights over 1.5 GiB (a float32 0.5B ranker is ~2 GB, over protobuf's 2 GiB
+limit) go to `ranker.onnx.data` beside the graph.
 """
 
 from __future__ import annotations
@@ -31,45 +36,109 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from flexselect.errors import FlexSelectError
 from flexselect.lite.bundle import MANIFEST, ONNX, load_torch_ranker, make_manifest, write_atomic
+from flexselect.lite.layouts import INPUTS, RankerInputs
 from flexselect.lite.ranker import LiteRanker
 
-OPSET = 18
-INPUTS = ("visual_embeds", "question_ids")
+OPSET = 23
+OPSETS = (18, 23)
+TARGETS = ("cpu", "cuda")
+EMBEDS_INPUTS = ("visual_embeds", "question_ids")
 OUTPUT = "scores"
 EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB
 
 
-def export_ranker(ranker: LiteRanker, out_dir: str | os.PathLike, opset: int = OPSET,
+class RankerGraph(nn.Module):
+    """What is traced: the ranker's exportable forward (`LiteRanker.graph_forward`) on RankerInputs."""
+
+    def __init__(self, ranker: LiteRanker) -> None:
+        super().__init__()
+        self.ranker = ranker
+
+    def forward(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
+                position_ids: torch.Tensor, score_columns: torch.Tensor, question_rows: torch.Tensor) -> torch.Tensor:
+        return self.ranker.graph_forward(input_ids, vision_features, visual_rows, position_ids, score_columns,
+                                         question_rows)
+
+
+class EmbedsGraph(RankerGraph):
+    """A host_embeds ranker behind the C++ runtime's I/O: [visual rows, question ids], 1-D positions."""
+
+    def forward(self, visual_embeds: torch.Tensor, question_ids: torch.Tensor) -> torch.Tensor:
+        n = visual_embeds.shape[0]
+        rows = torch.arange(n, device=visual_embeds.device)
+        ids = torch.cat([torch.zeros_like(rows), question_ids])
+        positions = torch.arange(ids.shape[0], device=visual_embeds.device)
+        return self.ranker.graph_forward(ids, visual_embeds[None], rows, positions[None], rows, positions[n:])
+
+
+def example_inputs(ranker: LiteRanker) -> tuple[tuple[torch.Tensor, ...], dict, tuple[str, ...]]:
+    """Example inputs (sizes only seed the trace), their dynamic axes and names."""
+    if ranker.layout == "host_embeds":
+        n, t = torch.export.Dim("n_visual", min=2), torch.export.Dim("n_question", min=2)
+        args = (torch.randn(40, ranker.vision_dim), torch.randint(0, ranker.config.vocab_size, (7,)))
+        return args, {"visual_embeds": {0: n}, "question_ids": {0: t}}, EMBEDS_INPUTS
+    # 3 frames of 16 feature rows (LLaVA: a 4x4 patch grid -> 2x2 pooled + a newline per row = 6 tokens a frame)
+    frames, rows = 3, 16
+    llava = ranker.layout == "llava_onevision"
+    features = torch.randn(frames, 4, 4, ranker.vision_dim) if llava else torch.randn(frames, rows, ranker.vision_dim)
+    visual = frames * (6 if llava else rows)
+    prefix, suffix = 5, 7
+    length = prefix + visual + suffix
+    example = RankerInputs(
+        input_ids=torch.randint(0, ranker.config.vocab_size, (length,)),
+        vision_features=features,
+        visual_rows=prefix + torch.arange(visual),
+        position_ids=torch.arange(length)[None].expand(3 if ranker.layout == "qwen2_5_vl" else 1, -1).contiguous(),
+        score_columns=prefix + torch.arange(visual - 1),
+        question_rows=torch.arange(prefix + visual, length),
+    )
+    # Every axis but the feature width (fixed by the projector) may vary; AUTO lets torch.export keep the relations
+    # the graph implies (visual rows = projected tokens) instead of failing on them. tests/test_lite*.py run the
+    # graph at other sizes than these.
+    auto = torch.export.Dim.AUTO
+    dynamic = {name: {axis: auto for axis in range(t.dim() - (name == "vision_features"))}
+               for name, t in zip(INPUTS, example.as_tuple())}
+    dynamic["position_ids"] = {1: auto}
+    return example.as_tuple(), dynamic, INPUTS
+
+
+def export_ranker(ranker: LiteRanker, out_dir: str | os.PathLike, opset: int = OPSET, target: str = "cpu",
                   notes: dict | None = None) -> Path:
-    """Write `out_dir/ranker.onnx` (and `manifest.json`) for a float32 CPU copy of `ranker`; returns the .onnx path."""
+    """Write `out_dir/ranker.onnx` (and `manifest.json`) for `target`; returns the .onnx path."""
+    if opset not in OPSETS:
+        raise FlexSelectError(f"--opset must be one of {OPSETS}, got {opset}")
+    if target not in TARGETS:
+        raise FlexSelectError(f"--target must be one of {TARGETS}, got {target!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ranker = ranker.float().cpu().eval()
-    # Example sizes only seed the trace; both axes stay symbolic (min 2 avoids torch.export's 0/1 specialisation).
-    visual = torch.randn(40, ranker.host.hidden_size)
-    ids = torch.randint(0, ranker.host.vocab_size, (7,))
-    n_visual = torch.export.Dim("n_visual", min=2)
-    n_question = torch.export.Dim("n_question", min=2)
-    param_bytes = sum(p.numel() * 4 for p in ranker.parameters())
+    dtype = torch.float16 if target == "cuda" else torch.float32
+    ranker = ranker.to(device="cpu", dtype=dtype).eval()
+    module = (EmbedsGraph(ranker) if ranker.layout == "host_embeds" else RankerGraph(ranker)).eval()
+    args, dynamic, names = example_inputs(ranker)
+    args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+    param_bytes = sum(p.numel() * p.element_size() for p in ranker.parameters())
     staging = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=out_dir))
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                ranker, (visual, ids), dynamo=True, opset_version=opset, input_names=list(INPUTS),
-                output_names=[OUTPUT], dynamic_shapes={"visual": {0: n_visual}, "question_ids": {0: n_question}},
+                module, args, dynamo=True, opset_version=opset, input_names=list(names), output_names=[OUTPUT],
+                dynamic_shapes=tuple(dynamic[k] for k in names),
                 verbose=False,
             )
         program.save(str(staging / ONNX), external_data=param_bytes > EXTERNAL_DATA_BYTES)
         manifest = make_manifest(ranker, notes)
-        manifest["onnx"] = {"file": ONNX, "opset": opset, "inputs": list(INPUTS), "outputs": [OUTPUT],
-                            "external_data": (staging / (ONNX + ".data")).is_file()}
+        manifest["onnx"] = {"file": ONNX, "opset": opset, "target": target, "inputs": list(names),
+                            "outputs": [OUTPUT], "external_data": (staging / (ONNX + ".data")).is_file()}
         data = staging / (ONNX + ".data")
         if data.is_file():
             os.replace(data, out_dir / data.name)
         os.replace(staging / ONNX, out_dir / ONNX)
+        if ranker.tokenizer is not None:
+            ranker.tokenizer.save_pretrained(out_dir / "tokenizer")
         write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2).encode())
     except FlexSelectError:
         raise
@@ -80,10 +149,11 @@ def export_ranker(ranker: LiteRanker, out_dir: str | os.PathLike, opset: int = O
     return out_dir / ONNX
 
 
-def export_bundle(bundle: str | os.PathLike, out_dir: str | os.PathLike | None = None, opset: int = OPSET) -> Path:
+def export_bundle(bundle: str | os.PathLike, out_dir: str | os.PathLike | None = None, opset: int = OPSET,
+                  target: str = "cpu") -> Path:
     """Export a bundle folder's torch ranker; by default the ONNX file goes into the bundle itself."""
     from flexselect.lite.bundle import read_manifest
 
     bundle = Path(bundle)
     notes = read_manifest(bundle / MANIFEST).get("notes", {})
-    return export_ranker(load_torch_ranker(bundle), out_dir or bundle, opset, notes)
+    return export_ranker(load_torch_ranker(bundle), out_dir or bundle, opset, target, notes)

@@ -1,4 +1,6 @@
-"""FlexSelect-Lite: soft-Spearman loss, teacher data + training on the tiny model, bundle, ONNX export, errors."""
+"""FlexSelect-Lite: soft-Spearman loss, teacher data + training on the tiny model, bundle, ONNX export, errors.
+
+The released checkpoints' import and the per-family layouts are in test_lite_released.py."""
 
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ from scipy.stats import spearmanr
 from flexselect.errors import FlexSelectError
 from flexselect.lite import add_lite_commands, load_ranker
 from flexselect.lite.bundle import MANIFEST, ONNX, WEIGHTS
-from flexselect.lite.host import HostInfo
+from flexselect.lite.host import HostInfo, host_info
+from flexselect.lite.layouts import INPUTS
 from flexselect.lite.loss import hard_rank, soft_rank, spearman_loss
 from flexselect.lite.onnx_ranker import OnnxRanker
-from flexselect.lite.ranker import LiteRanker, qwen2_config
+from flexselect.lite.ranker import LiteRanker, decoder_config
 from flexselect.lite.teacher import TeacherData, build_teacher_data
 from flexselect.lite.train import KEEP_RATIO
 from flexselect.selection import top_k
@@ -36,6 +39,16 @@ def cli(*argv: str) -> int:
     add_lite_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(list(argv))
     return args.run(args)
+
+
+def embeds_scores(ranker: LiteRanker, visual: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A host_embeds ranker on [visual rows, question ids] (what the two-input ONNX graph computes)."""
+    n = visual.shape[0]
+    rows = torch.arange(n)
+    positions = torch.arange(n + len(ids))
+    with torch.no_grad():
+        return ranker(torch.cat([torch.zeros(n, dtype=torch.long), ids]), visual[None], rows, positions[None], rows,
+                      positions[n:])
 
 
 def fake_clip(path: Path):
@@ -69,7 +82,8 @@ def test_soft_spearman_agrees_with_scipy_and_has_finite_gradients():
 # -- teacher data and training on the tiny model -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tiny_backend, tmp_path_factory):
-    """Teacher data from the tiny Qwen2.5-VL's reference layer (80 examples), and a tiny ranker trained on it."""
+    """Teacher data from the tiny Qwen2.5-VL's reference layer (80 examples), and a tiny ranker of the authors'
+    Qwen2.5-VL layout (own patch merger over the ViT features, M-RoPE) trained on it."""
     root = tmp_path_factory.mktemp("lite")
     videos = root / "videos"
     videos.mkdir()
@@ -101,9 +115,13 @@ def test_teacher_shards_are_whole_resumable_and_report_failures(trained, tiny_ba
     assert trained.again.written == 0 and trained.again.skipped_done == 80  # resumed: nothing recomputed
     assert not list(trained.teacher.glob("*.tmp")) and not list(trained.teacher.glob(".*"))
     data = TeacherData(trained.teacher)
-    assert len(data) == 80 and data.host == HostInfo("qwen2_5_vl", 64, tiny_backend.text_model.config.vocab_size)
+    vocab = tiny_backend.text_model.config.vocab_size
+    assert len(data) == 80 and data.host == HostInfo("qwen2_5_vl", 128, vocab, "vision_features")
+    assert data.layout == "qwen2_5_vl"
     ex = data[0]
-    assert ex["visual"].shape == (96, 64) and ex["scores"].shape == (96,) and ex["question_ids"].dtype == torch.long
+    assert ex["vision_features"].shape == (4, 24, 128) and ex["scores"].shape == (96,)
+    assert ex["input_ids"].dtype == torch.long and ex["position_ids"].shape == (3, len(ex["input_ids"]))
+    assert torch.equal(ex["score_columns"], ex["visual_rows"]) and len(ex["visual_rows"]) == 96
 
 
 def test_training_raises_held_out_spearman(trained):
@@ -150,36 +168,77 @@ def test_onnx_export_matches_torch(trained, tiny_backend, tmp_path):
     torch_ranker = load_ranker(bundle, tiny_backend)  # folder with weights -> torch
     onnx_ranker = load_ranker(bundle / ONNX, tiny_backend)
     assert isinstance(torch_ranker, LiteRanker) and isinstance(onnx_ranker, OnnxRanker)
-    assert json.loads((bundle / MANIFEST).read_text())["onnx"]["inputs"] == ["visual_embeds", "question_ids"]
+    onnx_info = json.loads((bundle / MANIFEST).read_text())["onnx"]
+    assert onnx_info["inputs"] == list(INPUTS) and onnx_info["opset"] == 23 and onnx_info["target"] == "cpu"
+    visual = tiny_backend.encode_with_vision_features(fake_clip(Path("v3.mp4")))
+    worst = 0.0
+    for frames, question in [([0, 2, 3], QUESTIONS[1]), ([1], QUESTIONS[2]), ([3, 0, 1, 2], QUESTIONS[3])]:
+        prompt = tiny_backend.prompt(question)
+        a, b = torch_ranker.score(visual, frames, prompt), onnx_ranker.score(visual, frames, prompt)
+        assert a.shape == (len(frames) * 24,)
+        worst = max(worst, float((a - b).abs().max()))
+        k = max(1, round(KEEP_RATIO * len(a) * 2))
+        assert torch.equal(top_k(a, k), top_k(b, k))
+    assert worst < 1e-5, worst
+    assert cli("lite-export", str(bundle), "--opset", "18", "--out", str(tmp_path / "op18")) == 0
+    old_runtime = load_ranker(tmp_path / "op18" / ONNX, tiny_backend)
+    prompt = tiny_backend.prompt(QUESTIONS[0])
+    assert (old_runtime.score(visual, [0, 1], prompt) - torch_ranker.score(visual, [0, 1], prompt)).abs().max() < 1e-5
+
+
+def test_host_embeds_ranker_exports_the_two_input_graph(tiny_backend, tmp_path):
+    """The layout the C++ runtime runs: post-merger embeddings + question ids, two ONNX inputs."""
+    from flexselect_export.onnx import export_ranker
+
+    torch.manual_seed(0)
+    ranker = LiteRanker.for_host(host_info(tiny_backend), 64, TINY_RANKER, layout="host_embeds").eval()
+    assert not ranker.reads_vision_features
+    path = export_ranker(ranker, tmp_path)
+    assert json.loads((tmp_path / MANIFEST).read_text())["onnx"]["inputs"] == ["visual_embeds", "question_ids"]
+    onnx_ranker = load_ranker(path, tiny_backend)
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for n, t in [(2, 2), (24, 3), (96, 11), (333, 40)]:  # visual / question token counts the export never saw
         visual = torch.randn(n, 64, generator=g)
-        ids = torch.randint(0, torch_ranker.host.vocab_size, (t,), generator=g)
-        with torch.no_grad():
-            a = torch_ranker(visual, ids)
-        b = onnx_ranker.run(visual.numpy(), ids.numpy())
+        ids = torch.randint(0, ranker.config.vocab_size, (t,), generator=g)
+        a, b = embeds_scores(ranker, visual, ids), onnx_ranker.run(visual.numpy(), ids.numpy())
         worst = max(worst, float((a - b).abs().max()))
         k = max(1, round(KEEP_RATIO * n * 2))
         assert torch.equal(top_k(a, k), top_k(b, k))
     assert worst < 1e-4, worst
-    # the pipeline's interface: scores of visual.frame_tokens(frames), from either ranker
-    visual = tiny_backend.encode(fake_clip(Path("v3.mp4")))
+    visual = tiny_backend.encode(fake_clip(Path("v3.mp4")))  # no vision features needed for this layout
     prompt = tiny_backend.prompt(QUESTIONS[1])
-    a = torch_ranker.score(visual, [0, 2, 3], prompt)
-    b = onnx_ranker.score(visual, [0, 2, 3], prompt)
+    onnx_ranker.check_compatible(tiny_backend)
+    ranker.check_compatible(tiny_backend)
+    a, b = ranker.score(visual, [0, 2, 3], prompt), onnx_ranker.score(visual, [0, 2, 3], prompt)
     assert a.shape == (72,) and (a - b).abs().max() < 1e-4
 
 
 def test_pipeline_selects_with_a_ranker(trained, tiny_backend):
     from flexselect import pipeline
     ranker = load_ranker(trained.bundle, tiny_backend)
-    visual = tiny_backend.encode(fake_clip(Path("v5.mp4")))
+    visual = tiny_backend.encode_with_vision_features(fake_clip(Path("v5.mp4")))
     prompt = tiny_backend.prompt(QUESTIONS[0])
     sel = pipeline.FlexSelect(tiny_backend, ranker=ranker).select(visual, prompt, options=pipeline.SelectOptions(budget=24, set_frames=2))
     assert sel.selector == "lite" and len(sel.kept) == 24
     set0 = visual.frame_tokens(sel.sets[0])
     assert set(set0[top_k(ranker.score(visual, sel.sets[0], prompt), 12)].tolist()) <= set(sel.kept.tolist())
+
+
+def test_pipeline_encodes_vision_features_for_a_ranker_that_reads_them(trained, tiny_backend, test_video):
+    from flexselect.pipeline import FlexSelect, Sampling
+
+    plain = FlexSelect(tiny_backend)
+    visual, _ = plain.encode(test_video, Sampling(frames=8))
+    assert visual.vision_features is None  # nobody asked for them
+    ranked = plain.with_ranker(trained.bundle)  # shares the video cache
+    again, stats = ranked.encode(test_video, Sampling(frames=8))
+    assert not stats["cached"] and again.vision_features.shape == (4, 24, 128)
+    assert torch.equal(again.embeds, visual.embeds)
+    assert ranked.encode(test_video, Sampling(frames=8))[1]["cached"]
+    plain_visual = tiny_backend.encode(fake_clip(Path("v1.mp4")))
+    with pytest.raises(FlexSelectError, match="encoded without them"):
+        ranked.ranker.score(plain_visual, [0], tiny_backend.prompt(QUESTIONS[0]))
 
 
 def test_bundle_errors_are_clear(trained, tiny_backend, tmp_path):
@@ -193,12 +252,12 @@ def test_bundle_errors_are_clear(trained, tiny_backend, tmp_path):
         (folder / MANIFEST).write_text(json.dumps({**manifest, "host": {**manifest["host"], **change}}))
         return folder
 
-    with pytest.raises(FlexSelectError, match="hidden size 3584.*hidden size 64"):
-        load_ranker(with_host(hidden_size=3584), tiny_backend)
+    with pytest.raises(FlexSelectError, match="vision feature width 5120.*vision feature width 128"):
+        load_ranker(with_host(hidden_size=5120), tiny_backend)
     with pytest.raises(FlexSelectError, match="internvl.*qwen2_5_vl"):
         load_ranker(with_host(family="internvl"), tiny_backend)
-    with pytest.raises(FlexSelectError, match="vocab size 151936"):
-        load_ranker(with_host(vocab_size=151936), tiny_backend)
+    with pytest.raises(FlexSelectError, match="does not fit the ranker its manifest describes"):
+        load_ranker(with_host(vocab_size=10), tiny_backend)  # the manifest lies: the weights do not fit
     with pytest.raises(FlexSelectError, match="not found"):
         load_ranker(tmp_path / "nowhere", tiny_backend)
 
@@ -230,16 +289,17 @@ def test_init_from_a_small_llm_checkpoint(tmp_path):
 
     small = Qwen2ForCausalLM(Qwen2Config(vocab_size=100, **TINY_RANKER, tie_word_embeddings=True))
     small.save_pretrained(tmp_path / "small")
-    host = HostInfo("qwen2_5_vl", 48, 120)  # the host vocabulary is larger: the extra rows stay random
-    ranker = LiteRanker.from_small_llm(tmp_path / "small", host)
-    assert ranker.scoring_layer == 1 and ranker.projector[0].in_features == 48
+    host = HostInfo("qwen2_5_vl", 48, 120, "vision_features")  # the host vocabulary is larger: extra rows random
+    ranker = LiteRanker.from_small_llm(tmp_path / "small", host, 48)
+    assert ranker.scoring_layer == 1 and ranker.layout == "qwen2_5_vl" and ranker.projector.ln_q.weight.shape == (12,)
     assert torch.equal(ranker.llm.layers[1].self_attn.k_proj.weight, small.model.layers[1].self_attn.k_proj.weight)
     table = ranker.llm.embed_tokens.weight
     assert table.shape == (120, 64) and torch.equal(table[:100], small.model.embed_tokens.weight)
-    scores = ranker(torch.randn(30, 48), torch.tensor([5, 110, 7]))
+    embeds = LiteRanker.from_small_llm(tmp_path / "small", HostInfo("qwen2_5_vl", 48, 120), 48, layout="host_embeds")
+    scores = embeds_scores(embeds, torch.randn(30, 48), torch.tensor([5, 110, 7]))
     assert scores.shape == (30,) and torch.isfinite(scores).all()
-    with pytest.raises(FlexSelectError, match="vocabulary"):
-        LiteRanker(qwen2_config(TINY_RANKER, 99), host)
+    with pytest.raises(FlexSelectError, match="out of range"):
+        LiteRanker(decoder_config("host_embeds", TINY_RANKER, 99), host, "host_embeds", 48, scoring_layer=2)
 
 
 def test_large_rankers_export_with_external_weights(trained, tiny_backend, tmp_path, monkeypatch):
@@ -251,10 +311,10 @@ def test_large_rankers_export_with_external_weights(trained, tiny_backend, tmp_p
         "external_data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, ONNX, ONNX + ".data"]  # no staging left
     ranker = load_ranker(path, tiny_backend)
-    visual, ids = torch.randn(50, 64), torch.tensor([3, 9, 27])
-    with torch.no_grad():
-        expected = load_ranker(trained.bundle, tiny_backend)(visual, ids)
-    assert (ranker.run(visual.numpy(), ids.numpy()) - expected).abs().max() < 1e-4
+    visual = tiny_backend.encode_with_vision_features(fake_clip(Path("v7.mp4")))
+    prompt = tiny_backend.prompt(QUESTIONS[2])
+    expected = load_ranker(trained.bundle, tiny_backend).score(visual, [1, 3], prompt)
+    assert (ranker.score(visual, [1, 3], prompt) - expected).abs().max() < 1e-5
 
 
 def test_hand_made_onnx_ranker_without_manifest(tiny_backend, tmp_path):

@@ -1,11 +1,13 @@
 // FlexSelect-Lite ranker through ONNX Runtime's C API. The model's I/O is looked up, not assumed (see the header):
 // one float input (the set's visual tokens), one integer input (the question's token ids), output 0 = scores.
+// Built with FLEXSELECT_ORT_CUDA (an ONNX Runtime GPU release), sessions run on the CUDA execution provider.
 #include "flexselect/flexselect.h"
 
 #ifdef FLEXSELECT_WITH_ONNXRUNTIME
 
 #include <onnxruntime_c_api.h>
 
+#include <cmath>
 #include <cstring>
 
 namespace flexselect {
@@ -40,6 +42,28 @@ void rel_meminfo(OrtMemoryInfo * p) { ort().ReleaseMemoryInfo(p); }
 void rel_value(OrtValue * p) { ort().ReleaseValue(p); }
 void rel_typeinfo(OrtTypeInfo * p) { ort().ReleaseTypeInfo(p); }
 void rel_shape(OrtTensorTypeAndShapeInfo * p) { ort().ReleaseTensorTypeAndShapeInfo(p); }
+#ifdef FLEXSELECT_ORT_CUDA
+void rel_cuda(OrtCUDAProviderOptionsV2 * p) { ort().ReleaseCUDAProviderOptions(p); }
+#endif
+
+// IEEE half from float, round to nearest even: graphs exported for CUDA (lite-export --target cuda) take float16.
+uint16_t to_half(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    x &= 0x7fffffffu;
+    if (x >= 0x7f800000u) return (uint16_t) (sign | 0x7c00u | (x > 0x7f800000u ? 0x200u : 0u));  // inf / nan
+    if (x >= 0x477ff000u) return (uint16_t) (sign | 0x7c00u);                                    // overflow
+    if (x < 0x38800000u) {                                                                       // subnormal
+        const float m = std::ldexp(std::fabs(f), 24);
+        return (uint16_t) (sign | (uint32_t) std::nearbyint(m));
+    }
+    const uint32_t mant = x & 0x7fffffu, exp = (x >> 23) - 112;
+    uint32_t h = (exp << 10) | (mant >> 13);
+    const uint32_t rest = mant & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+    return (uint16_t) (sign | h);
+}
 
 struct IoInfo {
     std::string name;
@@ -83,6 +107,16 @@ Ranker::Ranker(const std::string & path, int n_threads) : impl_(std::make_unique
     Handle<OrtSessionOptions, rel_options> so;
     check(ort().CreateSessionOptions(&so.p), "ranker");
     if (n_threads > 0) check(ort().SetIntraOpNumThreads(so.p, n_threads), "ranker");
+    check(ort().SetSessionGraphOptimizationLevel(so.p, ORT_ENABLE_ALL), "ranker");
+#ifdef FLEXSELECT_ORT_CUDA
+    {
+        Handle<OrtCUDAProviderOptionsV2, rel_cuda> cuda;
+        check(ort().CreateCUDAProviderOptions(&cuda.p), "ranker: CUDA execution provider");
+        check(ort().SessionOptionsAppendExecutionProvider_CUDA_V2(so.p, cuda.p),
+              "ranker: this ONNX Runtime has no CUDA execution provider (built with FLEXSELECT_ORT_CUDA; use an "
+              "ONNX Runtime GPU release)");
+    }
+#endif
     check(ort().CreateSession(m.env.p, path.c_str(), so.p, &m.session.p), "cannot load ranker " + path);
 
     OrtAllocator * alloc = nullptr;
@@ -92,7 +126,13 @@ Ranker::Ranker(const std::string & path, int n_threads) : impl_(std::make_unique
     check(ort().SessionGetOutputCount(m.session.p, &n_out), "ranker");
     for (size_t i = 0; i < n_in; ++i) {
         IoInfo io = describe(m.session.p, i, true, alloc);
-        const bool is_float = io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+        if (io.name == "vision_features") {
+            throw Error("ranker " + path + " reads the vision tower's pre-merger features (the authors' layout), "
+                        "which llama.cpp gives no access to: the C++ runtime runs host_embeds rankers (flexselect "
+                        "lite-teacher --layout host_embeds, lite-train, lite-export)");
+        }
+        const bool is_float = io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+                              io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
         const bool is_int = io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
         if (is_float && m.features.name.empty() && (io.dims.size() == 2 || io.dims.size() == 3)) {
             m.features = io;
@@ -131,8 +171,15 @@ std::vector<float> Ranker::score(const float * embd, int n_visual, int n_embd, c
     std::vector<int64_t> fshape = {n_visual, n_embd};
     if (m.features.dims.size() == 3) fshape.insert(fshape.begin(), 1);
     Handle<OrtValue, rel_value> fv;
-    check(ort().CreateTensorWithDataAsOrtValue(mem.p, const_cast<float *>(embd), sizeof(float) * n_visual * n_embd,
-                                               fshape.data(), fshape.size(), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &fv.p),
+    const size_t n_values = (size_t) n_visual * n_embd;
+    std::vector<uint16_t> half;
+    if (m.features.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+        half.resize(n_values);
+        for (size_t i = 0; i < n_values; ++i) half[i] = to_half(embd[i]);
+    }
+    void * fdata = half.empty() ? (void *) embd : (void *) half.data();
+    check(ort().CreateTensorWithDataAsOrtValue(mem.p, fdata, n_values * (half.empty() ? sizeof(float) : 2),
+                                               fshape.data(), fshape.size(), m.features.type, &fv.p),
           "ranker input");
 
     std::vector<int64_t> ishape = {(int64_t) question.size()};

@@ -184,6 +184,7 @@ class FlexSelect:
         d = self.defaults
         if isinstance(video, VisualTokens):  # already encoded (e.g. loaded with an index)
             return video, {"cached": True, "decode_s": 0.0, "encode_s": 0.0}
+        reads_features = getattr(self.ranker, "reads_vision_features", False)
         sampling = self._resolved(sampling)
         if isinstance(video, Clip):
             key = None
@@ -192,7 +193,9 @@ class FlexSelect:
             if not path.is_file():
                 raise FlexSelectError(f"video not found: {path}")
             key = self._video_key(path, sampling)
-            if key in self._cache:
+            # A ranker of the authors' layout reads the vision tower's features, which a cached entry encoded
+            # for another pipeline (same video cache, see with_ranker) may lack.
+            if key in self._cache and (not reads_features or self._cache[key].vision_features is not None):
                 self._cache.move_to_end(key)
                 return self._cache[key], {"cached": True, "decode_s": 0.0, "encode_s": 0.0}
         t0 = time.perf_counter()
@@ -202,7 +205,8 @@ class FlexSelect:
             on_frame=_stage(progress, "decode"),
         )
         t1 = time.perf_counter()
-        visual = self.backend.encode(clip, _stage(progress, "encode"))
+        encode = self.backend.encode_with_vision_features if reads_features else self.backend.encode
+        visual = encode(clip, _stage(progress, "encode"))
         t2 = time.perf_counter()
         if key is not None:
             self._cache[key] = visual

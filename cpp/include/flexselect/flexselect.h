@@ -218,12 +218,16 @@ class Llm {
 
 // ---- FlexSelect-Lite ranker through ONNX Runtime (ranker.cpp) ----------------------------------------------------
 //
-// Expected ONNX model (input and output names are looked up, not assumed):
-//   one floating-point input  [n_visual, D] or [1, n_visual, D]  the frame set's visual tokens (rows of `embd`,
+// Expected ONNX model (input and output names are looked up, not assumed), e.g. `flexselect lite-export` of a
+// host_embeds ranker:
+//   one float32 or float16 input [n_visual, D] or [1, n_visual, D]  the frame set's visual tokens (rows of `embd`,
 //                                                                   D = the LLM's n_embd_inp; checked at load)
 //   one integer input (int64 or int32) [T] or [1, T]            the question's token ids (Prompt::question)
-//   output 0: floating-point, n_visual elements (any shape)       one score per visual token, higher = keep
-// Built without ONNX Runtime (-DFLEXSELECT_WITH_ONNXRUNTIME=OFF), the constructor throws Error saying so.
+//   output 0: float32, n_visual elements (any shape)            one score per visual token, higher = keep
+// Rankers of the authors' layouts (an input named vision_features) read the vision tower's pre-merger features,
+// which llama.cpp does not expose: refused at load with that reason. Sessions use all of ONNX Runtime's graph
+// optimizations; built with -DFLEXSELECT_ORT_CUDA=ON (against an ONNX Runtime GPU release) they run on the CUDA
+// execution provider. Built without ONNX Runtime (-DFLEXSELECT_WITH_ONNXRUNTIME=OFF), the constructor throws.
 class Ranker {
   public:
     Ranker(const std::string & onnx_path, int n_threads);

@@ -36,6 +36,9 @@ class VisualTokens:
     frame_size: tuple[int, int]  # (height, width) in pixels fed to the vision tower
     source: str = ""
     frames_per_unit: int = 1  # sampled frames merged into one unit (Qwen's temporal patch: 2)
+    # [num_frames, rows, D]: the vision tower's features before the host's projector, for a Lite ranker of the
+    # authors' layout (backends' `encode_with_vision_features`); None when encoded without them
+    vision_features: torch.Tensor | None = None
 
     @property
     def tokens_per_frame(self) -> int:

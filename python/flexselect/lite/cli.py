@@ -1,4 +1,5 @@
-"""The `lite-teacher`, `lite-train` and `lite-export` subcommands, registered on the main CLI's subparsers."""
+"""The `lite-import`, `lite-teacher`, `lite-train` and `lite-export` subcommands, registered on the main CLI's
+subparsers."""
 
 from __future__ import annotations
 
@@ -8,9 +9,20 @@ import sys
 from pathlib import Path
 
 from ..errors import FlexSelectError
+from .layouts import LAYOUTS
 
 
 def add_lite_commands(sub) -> None:
+    p = sub.add_parser(
+        "lite-import", help="FlexSelect-Lite: import one of the authors' released rankers as a ranker bundle",
+        description="Map a released FlexSelect-Lite ranker folder (config.json + *.safetensors, as published for "
+                    "Qwen2.5-VL-7B, LLaVA-Video-7B and InternVL2.5-8B) onto a ranker bundle. Anything else is "
+                    "refused with the layouts expected. (--ranker also takes such a folder directly.)",
+    )
+    p.add_argument("path", help="the released ranker's folder")
+    p.add_argument("-o", "--out", required=True, help="output bundle folder")
+    p.set_defaults(run=run_import)
+
     p = sub.add_parser(
         "lite-teacher", help="FlexSelect-Lite: record the model's reference-layer scores as training data",
         description="Score (video, question) pairs with the model's reference layer and write safetensors shards. "
@@ -27,6 +39,9 @@ def add_lite_commands(sub) -> None:
     p.add_argument("--shard-size", type=int, default=64, help="examples per shard (default 64)")
     p.add_argument("--store-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="dtype of the stored visual embeddings (default bfloat16)")
+    p.add_argument("--layout", choices=list(LAYOUTS),
+                   help="ranker layout the data is for (default: the family's authors' layout, reading the vision "
+                        "tower's features; host_embeds for rankers the C++ runtime can run)")
     p.add_argument("--limit", type=int, help="stop after this many new examples")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -59,9 +74,12 @@ def add_lite_commands(sub) -> None:
 
     p = sub.add_parser("lite-export", help="FlexSelect-Lite: export a ranker bundle to ONNX",
                        description="Write ranker.onnx (+ manifest.json) for ONNX Runtime and the C++ CLI.")
-    p.add_argument("bundle", help="ranker bundle folder (from lite-train)")
+    p.add_argument("bundle", help="ranker bundle folder (from lite-train or lite-import)")
     p.add_argument("--out", help="output folder (default: the bundle folder)")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
+                   help="runtime the graph is for: cpu (float32, default) or cuda (float16, CUDA execution provider)")
+    p.add_argument("--opset", type=int, choices=[18, 23], default=23,
+                   help="23 (default): fused Attention, ONNX Runtime >= 1.23; 18: for older runtimes")
     p.set_defaults(run=run_export)
 
 
@@ -75,7 +93,7 @@ def run_teacher(args: argparse.Namespace) -> int:
     summary = build_teacher_data(
         backend, args.pairs, args.videos, args.out, frames=args.frames, max_side=args.max_side, layer=args.layer,
         aggregate=args.aggregate, shard_size=args.shard_size, store_dtype=getattr(torch, args.store_dtype),
-        limit=args.limit,
+        limit=args.limit, layout=args.layout,
     )
     print(f"lite-teacher: {summary.written} new examples in {summary.shards} shard(s), {summary.skipped_done} "
           f"already done, {len(summary.failed)} failed -> {args.out}", file=sys.stderr)
@@ -106,6 +124,18 @@ def run_train(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from flexselect_export.onnx import export_bundle
 
-    path = export_bundle(args.bundle, args.out, args.opset)
+    path = export_bundle(args.bundle, args.out, args.opset, args.target)
     print(f"lite-export: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from .released import import_to_bundle
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FlexSelectError(f"--out {out} exists and is not a folder")
+    path = import_to_bundle(args.path, out)
+    print(f"lite-import: wrote the ranker bundle {path} (use --ranker {path}; flexselect lite-export for ONNX)",
+          file=sys.stderr)
     return 0

@@ -1,25 +1,21 @@
-"""The FlexSelect-Lite ranker: a small Qwen2-style decoder that scores a frame set's visual tokens for a question.
+"""The FlexSelect-Lite ranker: its own projector over the host's vision features + a small Qwen2-shaped decoder.
 
-Input: the host Video-LLM's visual embeddings of one frame set, [N, D_host] (exactly `VisualTokens.embeds` rows,
-so the host's vision tower runs once and serves both the ranker and the answer pass), and the question's own token
-ids in the host's tokenizer, [T]. Output: one score per visual token, [N], computed with the same formula as the
-reference layer (`selection.question_attention_scores`: question rows only, softmax over all keys, max over heads
-and question rows) at the ranker's scoring layer (its last layer by default).
+The authors' architecture (see layouts.py for the per-family projector and input sequence): the host's vision
+tower runs once; the ranker projects the tower's pre-merger features with its own projector, places them in the
+host's prompt (embedded with its own token table), runs its decoder, and at its last layer scores the visual
+tokens with the reference layer's formula (`selection.question_attention_scores`: the question rows' softmax over
+all keys, max over heads and rows). Qwen-family layouts use M-RoPE positions like the host's scoring pass, the
+others 1-D positions.
 
-Design choices (and where they depart from the paper):
-- Projector: a 2-layer GELU MLP from the host LM's hidden size (3584 for Qwen2.5-VL-7B) to the ranker's hidden size.
-  The paper's rankers take *pre-merger* vision features through a projector of their family (for Qwen2.5-VL its own
-  patch merger 1280 -> 896). We take the host's *post-merger* embeddings instead: they are what every backend here
-  (transformers, llama.cpp, the C++ runtime) already caches per video, so the ranker needs no access to the vision
-  tower's internals and one ONNX interface serves all runtimes. The cost is a projector trained from scratch.
-- Question text: the host's tokenizer ids with the ranker's own embedding table sized to the host vocabulary. For
-  Qwen2.5-VL the natural ranker init (Qwen2-0.5B) shares the Qwen2 tokenizer, so its table's rows already mean the
-  same ids (`from_small_llm` copies the overlap); no second tokenizer ships with the bundle, and the C++ runtime
-  passes the ids it already has. Routing text through the host's 7B embedding table plus the projector would need
-  that 3584 x 152k table at ranking time, which is what the ranker exists to avoid.
-- Sequence: [visual tokens, question tokens], causal, 1-D RoPE positions 0..N+T-1 (the ranker is its own model; the
-  host's M-RoPE layout does not apply). The question rows are the last T rows, as the suffix rows are for the host.
-- The forward has no Python control flow on tensor values, so it exports to ONNX with dynamic N and T.
+Of the scoring layer only the attention's Q/K are needed. They are taken through transformers' attention
+interface, the host's own scoring mechanism (`backends.hf.shared.attention_scores`): the layer's own attention code
+projects and rotates them (RoPE, M-RoPE with its sections, YaRN scaling: whatever the config says), the capture
+scores them and stops the pass, so that layer's attention output and MLP never run. An exported graph cannot stop by
+raising, so `graph_forward` (what export/onnx.py traces) captures Q/K through the same interface without raising
+(`attention_capture`) and leaves the layer's remainder unused: the exporter drops it as dead nodes, so the graph
+computes exactly what scoring needs. tests/test_lite*.py check that both give the same scores.
+
+`graph_forward` has no Python control flow on tensor values, so it exports to ONNX with every size dynamic.
 """
 
 from __future__ import annotations
@@ -32,16 +28,18 @@ import torch
 from torch import nn
 
 from ..errors import FlexSelectError
-from ..backends.hf.shared import rotate
 from ..selection import Aggregate, question_attention_scores
 from .host import HostInfo, check_host, host_tokenizer
+from .layouts import FAMILY_LAYOUT, LAYOUTS, RankerInputs, build_inputs, make_projector
 
 if TYPE_CHECKING:
-    from transformers import Qwen2Config
+    from transformers import PretrainedConfig
 
     from ..backends.base import Backend, Prompt, VisualTokens
 
-# Qwen2-0.5B's shape (the paper's ranker size for Qwen-family hosts).
+ATTENTION = "flexselect_lite"  # the export's attention-interface name: sdpa, and a Q/K capture at the scoring layer
+
+# Qwen2-0.5B's shape (the authors' ranker for Qwen2.5-VL-7B and LLaVA-Video-7B; InternVL2.5-1B's LM too).
 DEFAULT_CONFIG = {
     "hidden_size": 896,
     "intermediate_size": 4864,
@@ -53,81 +51,169 @@ DEFAULT_CONFIG = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
     "tie_word_embeddings": True,
 }
+MROPE_SECTION_PER_128 = (16, 24, 24)  # Qwen2.5-VL's (t, h, w) split of a 128-wide head; scaled for other widths
 
 
-def qwen2_config(overrides: dict | None = None, vocab_size: int = 151936) -> "Qwen2Config":
-    """A Qwen2 config of the default ranker shape, with `overrides` applied (any Qwen2-style field)."""
-    from transformers import Qwen2Config
+def attention_capture(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs):
+    """Attention-interface function: SDPA, except on a module that holds a `flexselect_capture` dict, where the
+    post-RoPE query [1, H, L, d] and key [1, H_kv, L, d] are stored instead and a zero output is returned."""
+    capture = getattr(module, "flexselect_capture", None)
+    if capture is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    capture["query"], capture["key"] = query, key
+    return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, attention_capture)
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Qwen2.5-VL's section split scaled to `head_dim` (64 -> [8, 12, 12], the authors' ranker)."""
+    section = [s * head_dim // 128 for s in MROPE_SECTION_PER_128]
+    if sum(section) * 2 != head_dim:
+        raise FlexSelectError(f"cannot split a {head_dim}-wide head into M-RoPE sections; use a multiple of 16")
+    return section
+
+
+def decoder_config(layout: str, overrides: dict | None, vocab_size: int) -> "PretrainedConfig":
+    """The decoder's transformers config: Qwen2 (1-D RoPE) or Qwen2.5-VL's text model (M-RoPE) for Qwen layouts."""
     fields = {**DEFAULT_CONFIG, **(overrides or {}), "vocab_size": vocab_size}
-    config = Qwen2Config(**fields)
-    config._attn_implementation = "sdpa"  # causal SDPA, no explicit mask: fast on GPU and exportable
+    if layout == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLTextConfig
+
+        rope = dict(fields["rope_parameters"])
+        head_dim = fields.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"]
+        rope.setdefault("mrope_section", mrope_section(head_dim))
+        config = Qwen2_5_VLTextConfig(**{**fields, "rope_parameters": rope})
+    else:
+        from transformers import Qwen2Config
+
+        config = Qwen2Config(**fields)
+    config._attn_implementation = ATTENTION
     return config
 
 
 class LiteRanker(nn.Module):
-    """Projector + Qwen2 decoder stack scoring visual tokens (see module docstring)."""
+    """Projector + decoder scoring a frame set's visual tokens (see module docstring)."""
 
-    def __init__(self, config: "Qwen2Config", host: HostInfo, scoring_layer: int | None = None,
-                 aggregate: Aggregate = "max") -> None:
-        from transformers import Qwen2Model
-
+    def __init__(self, config: "PretrainedConfig", host: HostInfo, layout: str, vision_dim: int,
+                 scoring_layer: int | None = None, aggregate: Aggregate = "max",
+                 special_ids: dict[str, int] | None = None) -> None:
         super().__init__()
+        if layout not in LAYOUTS:
+            raise FlexSelectError(f"unknown ranker layout {layout!r}; known: {', '.join(LAYOUTS)}")
         layers = config.num_hidden_layers
         self.scoring_layer = layers - 1 if scoring_layer is None else scoring_layer
         if not 0 <= self.scoring_layer < layers:
             raise FlexSelectError(f"ranker scoring layer {self.scoring_layer} is out of range 0..{layers - 1}")
         if aggregate not in ("max", "mean"):
             raise FlexSelectError(f"aggregate must be 'max' or 'mean', got {aggregate!r}")
-        if config.vocab_size != host.vocab_size:
-            raise FlexSelectError(f"the ranker's vocabulary ({config.vocab_size}) must be the host's ({host.vocab_size})")
-        self.config = config
-        self.host = host
+        if layout == "internvl" and not {"<img>", "</img>"} <= set(special_ids or {}):
+            raise FlexSelectError("an InternVL ranker needs the ids of its <img> and </img> tokens")
+        _register_attention()
+        self.config, self.host, self.layout, self.vision_dim = config, host, layout, vision_dim
         self.aggregate: Aggregate = aggregate
-        hidden = config.hidden_size
-        self.projector = nn.Sequential(nn.Linear(host.hidden_size, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        self.llm = Qwen2Model(config)
-        self.llm.norm = nn.Identity()  # the final norm is never reached: scoring stops inside the last layer
-        self.tokenize: Callable[[str], list[int]] | None = None  # the host's tokenizer, bound by check_compatible
+        self.special_ids = dict(special_ids or {})
+        self.projector = make_projector(layout, vision_dim, config.hidden_size)
+        self.llm = self._decoder(config)
+        self.llm.norm = nn.Identity()  # never reached: scoring stops inside the scoring layer
+        del self.llm.layers[self.scoring_layer + 1:]  # layers after the scoring one never run
+        # Bound by check_compatible: host ids -> ranker ids, and text -> ranker ids.
+        self.retokenize: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.text_ids: Callable[[str], list[int]] | None = None
+        self.tokenizer = None  # the ranker's own tokenizer, when it differs from the host's (InternVL)
 
-    def forward(self, visual: torch.Tensor, question_ids: torch.Tensor) -> torch.Tensor:
-        """visual [N, D_host] float, question_ids [T] int64 -> scores [N] float32."""
-        weight = self.projector[0].weight
-        v = self.projector(visual.to(weight.dtype))
-        q = self.llm.embed_tokens(question_ids)
-        x = torch.cat([v, q.to(v.dtype)])[None]
-        n_rows = question_ids.shape[0]
-        positions = torch.arange(x.shape[1], device=x.device)[None]
-        cos, sin = self.llm.rotary_emb(x, positions)
+    @staticmethod
+    def _decoder(config: "PretrainedConfig") -> nn.Module:
+        if config.model_type == "qwen2_5_vl_text":
+            from transformers import Qwen2_5_VLTextModel
+
+            return Qwen2_5_VLTextModel(config)
+        from transformers import Qwen2Model
+
+        return Qwen2Model(config)
+
+    @property
+    def reads_vision_features(self) -> bool:
+        """Whether the video must be encoded with the vision tower's features (`encode_with_vision_features`)."""
+        return self.layout != "host_embeds"
+
+    def embed(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
+              position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input sequence [1, L, hidden] (token embeddings, projected visual tokens at visual_rows) and the
+        decoder's position ids ([3, 1, L] for M-RoPE, [1, L] otherwise)."""
+        weight = self.llm.embed_tokens.weight
+        visual = self.projector(vision_features.to(weight.dtype))
+        x = self.llm.embed_tokens(input_ids).index_put((visual_rows,), visual.to(weight.dtype))[None]
+        return x, position_ids[:, None, :] if position_ids.shape[0] == 3 else position_ids
+
+    def forward(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
+                position_ids: torch.Tensor, score_columns: torch.Tensor, question_rows: torch.Tensor) -> torch.Tensor:
+        """RankerInputs (see layouts.py) -> scores [S] float32 of the score columns (question_rows: the last T)."""
+        from ..backends.hf.shared import attention_scores
+
+        x, positions = self.embed(input_ids, vision_features, visual_rows, position_ids)
+        scores = attention_scores(self.llm, [self.scoring_layer], question_rows.shape[0], self.aggregate,
+                                  inputs_embeds=x, position_ids=positions)
+        return scores[self.scoring_layer][score_columns]
+
+    def graph_forward(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
+                      position_ids: torch.Tensor, score_columns: torch.Tensor,
+                      question_rows: torch.Tensor) -> torch.Tensor:
+        """`forward` as an exportable graph: the same scores, without stopping the pass by an exception."""
+        x, positions = self.embed(input_ids, vision_features, visual_rows, position_ids)
+        rotary = self.llm.rotary_emb(x, positions)
         for layer in self.llm.layers[: self.scoring_layer]:
-            x = layer(x, attention_mask=None, position_ids=positions, position_embeddings=(cos, sin))
+            x = layer(x, attention_mask=None, position_ids=positions, position_embeddings=rotary)
         block = self.llm.layers[self.scoring_layer]
-        attn = block.self_attn
-        h = block.input_layernorm(x)
-        head_dim = attn.head_dim
-        queries = attn.q_proj(h[:, -n_rows:]).view(1, n_rows, -1, head_dim).transpose(1, 2)
-        keys = attn.k_proj(h).view(1, h.shape[1], -1, head_dim).transpose(1, 2)
-        queries = rotate(queries, cos[:, -n_rows:], sin[:, -n_rows:])
-        keys = rotate(keys, cos, sin)
-        return question_attention_scores(queries[0], keys[0], slice(0, v.shape[0]), self.aggregate)
+        capture: dict[str, torch.Tensor] = {}
+        block.self_attn.flexselect_capture = capture
+        try:
+            block.self_attn(block.input_layernorm(x), attention_mask=None, position_embeddings=rotary)
+        finally:
+            del block.self_attn.flexselect_capture
+        queries = capture["query"][0].index_select(1, question_rows)
+        return question_attention_scores(queries, capture["key"][0], score_columns, self.aggregate)
 
     # -- the pipeline's Ranker interface -------------------------------------------------------------------------
     def check_compatible(self, backend: "Backend") -> None:
         check_host(self.host, backend)
-        self.tokenize = host_tokenizer(backend)
+        self.retokenize, self.text_ids = ranker_tokenization(self.tokenizer, backend)
+
+    def inputs(self, visual: "VisualTokens", frames: list[int], prompt: "Prompt") -> RankerInputs:
+        """The set as this ranker reads it, checked against its vocabulary and feature width."""
+        if self.retokenize is None:
+            raise FlexSelectError("the ranker is not bound to a model yet: load it with load_ranker(path, backend)")
+        inputs = build_inputs(self.layout, visual, frames, prompt, self.retokenize, self.text_ids, self.special_ids)
+        check_inputs(inputs, self.config.vocab_size, self.vision_dim)
+        return inputs
 
     @torch.inference_mode()
     def score(self, visual: "VisualTokens", frames: list[int], prompt: "Prompt") -> torch.Tensor:
         """Scores of `visual.frame_tokens(frames)` (in that order) for the prompt's question."""
-        device = self.projector[0].weight.device
-        ids = question_ids(self.tokenize, prompt.question, self.host.vocab_size)
-        tokens = visual.frame_tokens(frames).to(visual.embeds.device)
-        return self(visual.embeds[tokens].to(device), ids.to(device)).float().cpu()
+        inputs = self.inputs(visual, frames, prompt).to(self.llm.embed_tokens.weight.device)
+        return self(*inputs.as_tuple()).float().cpu()
 
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
-    def from_small_llm(cls, path: str | Path, host: HostInfo,
-                       scoring_layer: int | None = None, aggregate: Aggregate = "max") -> "LiteRanker":
+    def for_host(cls, host: HostInfo, vision_dim: int, overrides: dict | None = None, layout: str | None = None,
+                 scoring_layer: int | None = None, aggregate: Aggregate = "max",
+                 special_ids: dict[str, int] | None = None) -> "LiteRanker":
+        """A randomly initialised ranker of the host family's layout (the default) and the given decoder shape."""
+        layout = layout or default_layout(host.family)
+        return cls(decoder_config(layout, overrides, host.vocab_size), host, layout, vision_dim, scoring_layer,
+                   aggregate, special_ids)
+
+    @classmethod
+    def from_small_llm(cls, path: str | Path, host: HostInfo, vision_dim: int, layout: str | None = None,
+                       scoring_layer: int | None = None, aggregate: Aggregate = "max",
+                       special_ids: dict[str, int] | None = None) -> "LiteRanker":
         """Initialise the decoder from a local Qwen2-style checkpoint folder (config.json + *.safetensors).
 
         The embedding table is resized to the host vocabulary; rows of ids both vocabularies have are copied (the
@@ -142,14 +228,7 @@ class LiteRanker(nn.Module):
         raw = json.loads(config_file.read_text())
         if raw.get("model_type") != "qwen2":
             raise FlexSelectError(f"{folder}: model type {raw.get('model_type')!r} is not a Qwen2-style decoder")
-        keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_theta",
-                "head_dim")
-        overrides = {k: raw[k] for k in keys if k in raw}
-        if "rope_theta" in overrides and "rope_parameters" not in overrides:
-            overrides["rope_parameters"] = {"rope_type": "default", "rope_theta": overrides.pop("rope_theta")}
-        overrides.pop("rope_theta", None)
-        ranker = cls(qwen2_config(overrides, host.vocab_size), host, scoring_layer, aggregate)
+        ranker = cls.for_host(host, vision_dim, decoder_fields(raw), layout, scoring_layer, aggregate, special_ids)
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise FlexSelectError(f"{folder} has no *.safetensors weights")
@@ -172,16 +251,57 @@ class LiteRanker(nn.Module):
         return ranker
 
 
-def question_ids(tokenize: Callable[[str], list[int]] | None, question: str, vocab: int) -> torch.Tensor:
-    """The question's own ids in the host's tokenizer, checked against the ranker's embedding table."""
-    if tokenize is None:
-        raise FlexSelectError("the ranker is not bound to a model yet: load it with load_ranker(path, backend)")
-    ids = torch.tensor(tokenize(question), dtype=torch.long)
-    if ids.numel() == 0:
-        raise FlexSelectError("the ranker needs a non-empty question")
-    if int(ids.max()) >= vocab:
+DECODER_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "head_dim", "rope_parameters")
+
+
+def decoder_fields(raw: dict) -> dict:
+    """The decoder-shape fields of a Qwen2-style config.json; old-style rope_theta / rope_scaling become
+    rope_parameters (the checkpoint's rope, e.g. the authors' YaRN, is kept as written)."""
+    fields = {k: raw[k] for k in DECODER_FIELDS if k in raw}
+    if "rope_parameters" not in fields:
+        rope = dict(raw.get("rope_scaling") or {})
+        rope.pop("type", None) if "rope_type" in rope else rope.update(rope_type=rope.pop("type", "default"))
+        rope["rope_type"] = "default" if rope["rope_type"] == "mrope" else rope["rope_type"]
+        rope["rope_theta"] = raw.get("rope_theta", DEFAULT_CONFIG["rope_parameters"]["rope_theta"])
+        fields["rope_parameters"] = rope
+    return fields
+
+
+def default_layout(family: str) -> str:
+    """The authors' layout for families they released or that share one; others train on the host's embeddings."""
+    return FAMILY_LAYOUT.get(family, "host_embeds")
+
+
+def ranker_tokenization(tokenizer, backend: "Backend"):
+    """(host ids -> ranker ids, text -> ranker ids): the host's own ids, or re-tokenized through text when the
+    ranker has its own tokenizer (the authors' InternVL ranker: InternLM2 ids -> Qwen2 ids)."""
+    host_text_ids = host_tokenizer(backend)
+    if tokenizer is None:
+        return (lambda ids: ids.long()), host_text_ids
+    host_tok = getattr(backend, "tokenizer", None)
+    if host_tok is None:
+        raise FlexSelectError("this ranker re-tokenizes the prompt with its own tokenizer, which needs a "
+                              "transformers backend")
+
+    def text_ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+    def retokenize(ids: torch.Tensor) -> torch.Tensor:
+        text = host_tok.decode(ids.tolist(), spaces_between_special_tokens=False)
+        return torch.tensor(text_ids(text), dtype=torch.long)
+
+    return retokenize, text_ids
+
+
+def check_inputs(inputs: RankerInputs, vocab: int, vision_dim: int) -> None:
+    if inputs.input_ids.numel() and int(inputs.input_ids.max()) >= vocab:
         raise FlexSelectError(
-            f"the question has token id {int(ids.max())} but the ranker's vocabulary has {vocab} entries: "
+            f"the prompt has token id {int(inputs.input_ids.max())} but the ranker's vocabulary has {vocab} entries: "
             "the ranker was trained for another tokenizer"
         )
-    return ids
+    if inputs.vision_features.shape[-1] != vision_dim:
+        raise FlexSelectError(
+            f"the ranker reads {vision_dim}-wide vision features but this model's are "
+            f"{inputs.vision_features.shape[-1]}-wide: the ranker was made for another model"
+        )

@@ -2,12 +2,15 @@
 
 For each (video, question) pair of a JSONL file (`{"video": "rel/path.mp4", "question": "..."}` per line), the
 video is sampled (64 frames by default, the paper's training setting), encoded once, and scored as ONE frame set
-by the backend's reference layer (`Backend.score`). Each example stores
-    <key>.visual        [N, D_host]  the visual embeddings the ranker will read (bfloat16 by default: half the disk)
-    <key>.question_ids  [T] int64    the question's own ids in the host's tokenizer (what the ranker reads)
-    <key>.scores        [N] float32  the teacher scores
+by the backend's reference layer (`Backend.score`). Each example stores what the ranker will read for that set,
+built by the layout's own `build_inputs` (layouts.py) with the host's tokenizer, and the teacher's scores:
+    <key>.input_ids, <key>.vision_features (bfloat16 by default: half the disk), <key>.visual_rows,
+    <key>.position_ids, <key>.score_columns      the RankerInputs of the set
+    <key>.scores  [S] float32                     the teacher scores, in score_columns order
 in safetensors shards `shard-00000.safetensors`, ...; the shard's metadata lists its examples. `teacher.json`
-records the host and the teacher settings, so data from different models or layers is never mixed.
+records the host, the layout and the teacher settings, so data from different models or layers is never mixed.
+The layout is the host family's authors' layout by default (vision features before the host's projector, so
+the video is encoded with `encode_with_vision_features`), or `host_embeds` for rankers the C++ runtime can run.
 
 Resumable: an example whose key (hash of video path and question) is in any shard is skipped. Shards are written
 to a temporary name and renamed, so an interrupted run leaves only whole shards; at most one shard's worth of
@@ -31,11 +34,13 @@ from ..errors import FlexSelectError
 from ..selection import frame_sets
 from .bundle import write_atomic
 from .host import HostInfo, host_info, host_tokenizer
+from .layouts import INPUTS, build_inputs
+from .ranker import default_layout
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
 
-FORMAT = "flexselect-lite-teacher/1"
+FORMAT = "flexselect-lite-teacher/2"
 SETTINGS = "teacher.json"
 TRAIN_FRAMES = 64  # sampled frames per example (the paper's "at most 64 frames, one set")
 
@@ -123,6 +128,7 @@ def build_teacher_data(
     limit: int | None = None,
     loader: Callable[[Path], Any] | None = None,
     show_progress: bool = True,
+    layout: str | None = None,
 ) -> TeacherSummary:
     """Score every pending pair with the backend's reference layer and write shards (see module docstring).
 
@@ -142,9 +148,13 @@ def build_teacher_data(
     out, videos = Path(out_dir), Path(video_dir)
     out.mkdir(parents=True, exist_ok=True)
     layer = resolve_reference_layer(backend, layer)
-    host = host_info(backend)
-    check_settings(out, {"format": FORMAT, "host": host.to_dict(), "layer": layer, "aggregate": aggregate,
-                         "frames": frames, "set_frames": SET_FRAMES})
+    layout = layout or default_layout(backend.family)
+    reads = "embeds" if layout == "host_embeds" else "vision_features"
+    host = host_info(backend, reads)
+    special = special_token_ids(backend) if layout == "internvl" else {}
+    check_settings(out, {"format": FORMAT, "host": host.to_dict(), "layout": layout, "special_ids": special,
+                         "layer": layer, "aggregate": aggregate, "frames": frames, "set_frames": SET_FRAMES})
+    encode = backend.encode if reads == "embeds" else backend.encode_with_vision_features
     done = {ex["key"] for shard in shard_files(out) for ex in shard_examples(shard)}
     pairs = read_pairs(Path(pairs_file))
     pending = [p for p in pairs if p["key"] not in done]
@@ -173,19 +183,19 @@ def build_teacher_data(
                 path = videos / pair["video"]
                 if not path.is_file():
                     raise FlexSelectError(f"video not found: {path}")
-                visual = backend.encode(loader(path))
+                visual = encode(loader(path))
                 units = frame_sets(visual.num_frames, SET_FRAMES)[0]  # one set, as the paper trained
                 prompt = backend.prompt(pair["question"])
                 scores = backend.score(visual, units, prompt, layer, aggregate)
-                ids = torch.tensor(tokenize(pair["question"]), dtype=torch.long)
+                inputs = build_inputs(layout, visual, units, prompt, lambda ids: ids.long(), tokenize, special)
             except FlexSelectError as e:
                 summary.failed.append((pair["video"], str(e)))
                 bar.write(f"lite-teacher: skipped {pair['video']}: {e}")
                 continue
             key = pair["key"]
-            rows = visual.embeds[visual.frame_tokens(units).to(visual.embeds.device)]
-            tensors[f"{key}.visual"] = rows.to(store_dtype).cpu().contiguous()
-            tensors[f"{key}.question_ids"] = ids
+            for name, tensor in zip(INPUTS, inputs.as_tuple()):
+                tensor = tensor.to(store_dtype) if tensor.is_floating_point() else tensor
+                tensors[f"{key}.{name}"] = tensor.cpu().clone()  # a layout may share one tensor between fields
             tensors[f"{key}.scores"] = scores.float().cpu().contiguous()
             examples.append({**pair, "units": len(units), "tokens_per_frame": visual.tokens_per_frame})
             summary.written += 1
@@ -206,7 +216,12 @@ class TeacherData:
         if not settings_file.is_file():
             raise FlexSelectError(f"{self.folder} has no {SETTINGS}: make teacher data with flexselect lite-teacher")
         self.settings = json.loads(settings_file.read_text())
+        if self.settings.get("format") != FORMAT:
+            raise FlexSelectError(f"{self.folder} holds teacher data of format {self.settings.get('format')!r}; this "
+                                  f"flexselect trains on {FORMAT!r}: run flexselect lite-teacher into a new folder")
         self.host = HostInfo(**self.settings["host"])
+        self.layout: str = self.settings["layout"]
+        self.special_ids: dict[str, int] = self.settings.get("special_ids") or {}
         self.index: list[tuple[Path, dict]] = [(s, ex) for s in shard_files(self.folder) for ex in shard_examples(s)]
         if not self.index:
             raise FlexSelectError(f"{self.folder} has no teacher shards yet: run flexselect lite-teacher")
@@ -220,4 +235,10 @@ class TeacherData:
         shard, ex = self.index[i]
         key = ex["key"]
         with safe_open(str(shard), "pt") as f:
-            return {name: f.get_tensor(f"{key}.{name}") for name in ("visual", "question_ids", "scores")}
+            return {name: f.get_tensor(f"{key}.{name}") for name in (*INPUTS, "scores")}
+
+
+def special_token_ids(backend: "Backend") -> dict[str, int]:
+    """The host's own ids of InternVL's frame delimiters (a trained InternVL ranker shares the host's tokenizer)."""
+    ids = backend.tokenizer.convert_tokens_to_ids(["<img>", "</img>"])
+    return {"<img>": ids[0], "</img>": ids[1]}

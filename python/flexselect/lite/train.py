@@ -29,9 +29,9 @@ from ..errors import FlexSelectError
 from ..backends.hf.shared import resolve_device
 from ..selection import top_k
 from .bundle import MANIFEST, load_torch_ranker, save_bundle
-from .host import HostInfo
+from .layouts import INPUTS
 from .loss import DEFAULT_TAU, spearman, spearman_loss
-from .ranker import LiteRanker, qwen2_config
+from .ranker import LiteRanker
 from .teacher import TeacherData, example_key
 
 KEEP_RATIO = 0.0625  # the paper's kept share (e.g. 7040 of ~112k tokens for Qwen2.5-VL-7B)
@@ -118,7 +118,7 @@ def evaluate(ranker: LiteRanker, data: TeacherData, indices: list[int], device: 
     for i in indices:
         ex = data[i]
         with autocast():
-            s = ranker(ex["visual"].to(device), ex["question_ids"].to(device)).float().cpu()
+            s = ranker(*ranker_args(ex, device)).float().cpu()
         rhos.append(spearman(s, ex["scores"]))
         recalls.append(recall_at_k(s, ex["scores"], keep_ratio))
     ranker.train(was_training)
@@ -136,10 +136,18 @@ def lr_lambda(total: int, warmup: float):
     return factor
 
 
-def new_ranker(cfg: TrainConfig, host: HostInfo, aggregate: str) -> LiteRanker:
+def ranker_args(example: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """A teacher example's stored RankerInputs, in the ranker's argument order."""
+    return [example[name].to(device) for name in INPUTS]
+
+
+def new_ranker(cfg: TrainConfig, data: TeacherData) -> LiteRanker:
+    """A ranker of the teacher data's layout, reading the features it stored (width = host.hidden_size)."""
+    kwargs = {"layout": data.layout, "scoring_layer": cfg.scoring_layer,
+              "aggregate": data.settings.get("aggregate", "max"), "special_ids": data.special_ids or None}
     if cfg.init is not None:
-        return LiteRanker.from_small_llm(cfg.init, host, cfg.scoring_layer, aggregate)
-    return LiteRanker(qwen2_config(cfg.ranker_config, host.vocab_size), host, cfg.scoring_layer, aggregate)
+        return LiteRanker.from_small_llm(cfg.init, data.host, data.host.hidden_size, **kwargs)
+    return LiteRanker.for_host(data.host, data.host.hidden_size, cfg.ranker_config, **kwargs)
 
 
 def save_checkpoint(folder: Path, ranker: LiteRanker, state: dict) -> None:
@@ -193,7 +201,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                                   f"{data.host}: use another --out folder")
         state = torch.load(ckpt / TRAINER_STATE, weights_only=True)
     else:
-        ranker, state = new_ranker(cfg, data.host, data.settings.get("aggregate", "max")), None
+        ranker, state = new_ranker(cfg, data), None
     ranker = ranker.to(device).train()
 
     steps_per_epoch = math.ceil(len(train_idx) / cfg.grad_accum)
@@ -229,7 +237,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         for pos in range(offset, len(order)):
             ex = data[train_idx[order[pos]]]
             with autocast():
-                scores = ranker(ex["visual"].to(device), ex["question_ids"].to(device))
+                scores = ranker(*ranker_args(ex, device))
             group = min(cfg.grad_accum, len(order) - (pos // cfg.grad_accum) * cfg.grad_accum)
             loss = spearman_loss(scores.float(), ex["scores"].to(device), cfg.tau) / group
             loss.backward()

@@ -18,6 +18,7 @@ uses them, so a language model that normalises Q/K per head (Qwen3, InternVL3.5)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,6 +100,24 @@ class InternVLBackend(HFBackend):
             return blocks.reshape(-1, blocks.shape[-1])
 
         return encode_square_frames(self, clip, features, progress, FramedVisualTokens)
+
+    # -- vision features for a Lite ranker (it reads the tower before the host's projector; the tower runs once) -
+    @property
+    def vision_feature_dim(self) -> int:
+        """Width of the features the host's projector reads (pixel-shuffled InternViT patches)."""
+        vision = self.model.config.vision_config
+        return vision.hidden_size * int(1 / self.model.config.downsample_ratio) ** 2
+
+    def encode_with_vision_features(self, clip: Clip, progress: Progress | None = None) -> FramedVisualTokens:
+        """`encode`, also keeping the input of the host's projector: [frames, grid tokens, vision_feature_dim]."""
+        chunks: list[torch.Tensor] = []
+        handle = self.model.model.multi_modal_projector.register_forward_pre_hook(
+            lambda module, args: chunks.append(args[0].reshape(-1, *args[0].shape[-2:])))
+        try:
+            visual = self.encode(clip, progress)
+        finally:
+            handle.remove()
+        return dataclasses.replace(visual, vision_features=torch.cat(chunks))
 
     def prompt(self, question: str) -> Prompt:
         return template_prompt(self.tokenizer, self.family, question)

@@ -16,6 +16,7 @@ simply sit at consecutive positions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,6 +67,24 @@ class LlavaOnevisionBackend(HFBackend):
             return out.pooler_output[0, :-1]  # the trailing newline is added once, by the layout
 
         return encode_square_frames(self, clip, features, progress)
+
+    # -- vision features for a Lite ranker (it reads the tower before the host's projector; the tower runs once) -
+    @property
+    def vision_feature_dim(self) -> int:
+        """Width of the features the host's projector reads (the selected SigLIP layer's patches)."""
+        layer = self.model.config.vision_feature_layer
+        return self.model.config.vision_config.hidden_size * (1 if isinstance(layer, int) else len(layer))
+
+    def encode_with_vision_features(self, clip: Clip, progress: Progress | None = None) -> VisualTokens:
+        """`encode`, also keeping the input of the host's projector per frame: [frames, patches, vision_feature_dim]."""
+        chunks: list[torch.Tensor] = []
+        handle = self.model.model.multi_modal_projector.register_forward_pre_hook(
+            lambda module, args: chunks.append(args[0].reshape(-1, *args[0].shape[-2:])))
+        try:
+            visual = self.encode(clip, progress)
+        finally:
+            handle.remove()
+        return dataclasses.replace(visual, vision_features=torch.cat(chunks))
 
     def prompt(self, question: str) -> Prompt:
         return template_prompt(self.tokenizer, self.family, question)

@@ -7,6 +7,7 @@ with the M-RoPE layout of `flexselect.mrope` (the one the models were trained wi
 from __future__ import annotations
 
 import logging
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -124,6 +125,38 @@ class Qwen25VLBackend(HFBackend):
             source=clip.source,
             frames_per_unit=self.temporal_patch,
         )
+
+    # -- vision features for a Lite ranker (it reads the ViT before the host's merger; the ViT runs once) --------
+    @property
+    def vision_feature_dim(self) -> int:
+        """Width of one visual token's pre-merger features: its merge group of ViT patches, concatenated."""
+        return self.model.config.vision_config.hidden_size * self.merge * self.merge
+
+    def encode_with_vision_features(self, clip: Clip, progress: Progress | None = None) -> VisualTokens:
+        """`encode`, also keeping what the merger reads: the ViT's last hidden states, one merge group per visual
+        token, in token order (the tower works in window order; that permutation is undone here)."""
+        tower = self.model.model.visual
+        unit = self.merge * self.merge
+        chunks: list[torch.Tensor] = []
+
+        def keep(module, args, kwargs, output) -> None:
+            hidden = output.last_hidden_state.view(-1, unit * output.last_hidden_state.shape[-1])
+            if hasattr(module, "window_size"):  # Qwen2.5-VL's windowed tower (Qwen2-VL's keeps token order)
+                from transformers.vision_utils import get_vision_window_index
+
+                window_index, _ = get_vision_window_index(
+                    kwargs["grid_thw"], spatial_merge_size=module.spatial_merge_size, window_size=module.window_size,
+                    patch_size=module.patch_size)
+                hidden = hidden[torch.argsort(window_index)]
+            chunks.append(hidden)
+
+        handle = tower.register_forward_hook(keep, with_kwargs=True)
+        try:
+            visual = self.encode(clip, progress)
+        finally:
+            handle.remove()
+        features = torch.cat(chunks).view(visual.num_frames, visual.tokens_per_frame, -1)
+        return dataclasses.replace(visual, vision_features=features)
 
     # -- prompt and layouts -------------------------------------------------------------------------------------
     def prompt(self, question: str) -> Prompt:

@@ -136,15 +136,6 @@ class LayoutedInput:
         return {"inputs_embeds": self.embeds, "position_ids": self.position_ids, **self.extra}
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Standard rotary embedding: x [B, H, N, d]; cos/sin [B, N, d] as the model's rotary module returns them.
-    Only the Lite ranker still rebuilds Q/K with it, until it moves to `attention_scores`."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 def check_checkpoint_files(path: Path) -> None:
     """One clear error for a checkpoint folder with missing or truncated files (an interrupted download), before
     transformers fails somewhere inside: the weights (every shard its index lists, each as long as its header says)
