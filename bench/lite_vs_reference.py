@@ -108,14 +108,15 @@ def main() -> None:
     # reference layer of the 7B-shape host, from passes stopping at layers 1 and 2
     if args.arms == "lite":
         return lite_arms(args, result, visual, small, units, prompt, vocab, tokens)
-    backend.score(small, [0], prompt, 1)
-    t1 = timed(lambda: backend.score(visual, units, prompt, 1), args.repeats)
-    t2 = timed(lambda: backend.score(visual, units, prompt, 2), args.repeats)
+    score = backend.score  # the host is freed below, before the Lite arms
+    score(small, [0], prompt, 1)
+    t1 = timed(lambda: score(visual, units, prompt, 1), args.repeats)
+    t2 = timed(lambda: score(visual, units, prompt, 2), args.repeats)
     per_layer = t2 - t1
     reference = t1 + (REFERENCE_LAYER - 1) * per_layer
     result["reference"] = {"layer_1_s": round(t1, 2), "layer_2_s": round(t2, 2), "per_layer_s": round(per_layer, 2),
                            "estimated_layer_20_s": round(reference, 2)}
-    del backend
+    del backend, score
     if args.arms == "reference":
         return write(result, args.out)
     lite_arms(args, result, visual, small, units, prompt, vocab, tokens, reference)

@@ -18,8 +18,8 @@ def _use_bundled_library() -> None:
 
 _use_bundled_library()
 
-from . import comfy_compat
-from .nodes import FlexSelectExtension
+from . import comfy_compat  # noqa: E402  (after the library's path is set up)
+from .nodes import FlexSelectExtension  # noqa: E402
 
 comfy_compat.register_model_folders()
 

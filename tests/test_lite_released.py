@@ -139,7 +139,9 @@ def reference_scores(folder: Path, family: str, ranker: LiteRanker, visual, fram
         model = Qwen2_5_VLTextModel(cfg)
         merger = Qwen2_5_VLPatchMerger(dim=64, context_dim=ranker.vision_dim // 4, spatial_merge_size=2)
         merger.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("merger_")})
-        project = lambda f: merger(f.reshape(-1, ranker.vision_dim // 4))
+        def project(f):
+            return merger(f.reshape(-1, ranker.vision_dim // 4))
+
         prefix = ""
     else:
         model = Qwen2Model(Qwen2Config(**fields))

@@ -85,8 +85,9 @@ def multi_question(cli: str, fx: Path, single: dict) -> None:
     check(len(out) == 3 and out[1]["kept_token_indices"] == follow.get("kept_token_indices")
           and not out[1]["stats"]["index"]["used"], "--no-index: same results, no index")
     rt = run_questions(cli, fx, questions[:2])
-    check(rt.returncode == 0 and len(rt.stdout.decode().splitlines()) == 2 and b"index: reused" in rt.stderr,
-          "text mode: one answer per line, the index reuse on stderr")
+    # a random model's answer may hold newlines or bytes that are not UTF-8: count the per-answer stderr reports
+    check(rt.returncode == 0 and rt.stderr.count(b"evidence: ") == 2 and b"index: reused" in rt.stderr,
+          "text mode: two answers, each with its evidence, the index reuse on stderr")
 
 
 def sanitizer_clean(r: subprocess.CompletedProcess) -> bool:

@@ -1,6 +1,7 @@
 """Qwen2.5-VL / Qwen2-VL GGUFs on llama.cpp (llama-cpp-python 0.3.36's low-level API): the `Backend` protocol.
 
-What each step does, and how it matches the transformers backend (`hf/qwen2_5_vl.py`, positions from `flexselect.mrope`):
+What each step does, and how it matches the transformers backend (`hf/qwen2_5_vl.py`, positions from
+`flexselect.mrope`):
 
 * **encode**: frames are resized to the transformers backend's frame size (`frame_size`: each side rounded to a
   multiple of 28, bicubic with antialias, then rounded to uint8 because mtmd takes RGB bytes) and handed to mtmd

@@ -79,7 +79,7 @@ class Media:
     def list_videos(self) -> list[dict]:
         """Videos in the media folders (recursively, links that stay inside included), as names requests can use."""
         found = []
-        for i, root in enumerate(self.roots):
+        for root in self.roots:
             for path in sorted(root.rglob("*")):
                 if path.suffix.lower() not in VIDEO_SUFFIXES or not path.is_file():
                     continue
