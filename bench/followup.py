@@ -27,8 +27,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-QUESTIONS = ("What does the presenter write on the whiteboard after the break?",
-             "How many people are in the room when the lights go out?")
+QUESTIONS = (
+    "What does the presenter write on the whiteboard after the break?",
+    "How many people are in the room when the lights go out?",
+)
 
 
 _BACKEND = []
@@ -51,8 +53,14 @@ def measure(frames: int, grid: tuple[int, int], budget: int, layer: int) -> dict
     units = frames // 2
     n_tokens = units * grid[0] * grid[1]
     torch.manual_seed(0)
-    visual = VisualTokens(embeds=torch.randn(n_tokens, backend.hidden_size) * 0.02, num_frames=units, grid=grid,
-                          timestamps=np.arange(units) * 1.0, time_interval=2.0, frame_size=(grid[0] * 28, grid[1] * 28))
+    visual = VisualTokens(
+        embeds=torch.randn(n_tokens, backend.hidden_size) * 0.02,
+        num_frames=units,
+        grid=grid,
+        timestamps=np.arange(units) * 1.0,
+        time_interval=2.0,
+        frame_size=(grid[0] * 28, grid[1] * 28),
+    )
     one = GenerationConfig(max_new_tokens=1)
     first_prompt, follow_prompt = (backend.prompt(q) for q in QUESTIONS)
     options = SelectOptions(budget=min(budget, n_tokens), layer=layer)
@@ -71,11 +79,20 @@ def measure(frames: int, grid: tuple[int, int], budget: int, layer: int) -> dict
     backend.generate(visual, sel_follow.kept, follow_prompt, one)
     answer_only = time.perf_counter() - t0
     index = pipe.index(visual, options=options)  # built by the first question: returned as it is
-    return {"frames": frames, "visual_tokens": n_tokens, "kept": len(sel_follow.kept), "sets": len(sel_follow.sets),
-            "baseline_s": baseline, "first_s": first, "follow_up_s": follow, "answer_only_s": answer_only,
-            "index_bytes": sel_first.index["bytes"],
-            "index_build_s": index.build_s,
-            "follow_up_select_s": sel_follow.seconds, "reused_sets": sel_follow.index["reused_sets"]}
+    return {
+        "frames": frames,
+        "visual_tokens": n_tokens,
+        "kept": len(sel_follow.kept),
+        "sets": len(sel_follow.sets),
+        "baseline_s": baseline,
+        "first_s": first,
+        "follow_up_s": follow,
+        "answer_only_s": answer_only,
+        "index_bytes": sel_first.index["bytes"],
+        "index_build_s": index.build_s,
+        "follow_up_select_s": sel_follow.seconds,
+        "reused_sets": sel_follow.index["reused_sets"],
+    }
 
 
 def cpp_part(args) -> dict | None:
@@ -91,12 +108,39 @@ def cpp_part(args) -> dict | None:
     root = Path(args.cache)
     root.mkdir(parents=True, exist_ok=True)
     _, gguf, mmproj = build_model(root, 8, 512, 8, "f16")
-    video = write_test_video(root / f"followup-{args.cpp_frames}.mp4", num_frames=args.cpp_frames, fps=2.0, width=336,
-                             height=224, needle_frames=(args.cpp_frames // 3,))
+    video = write_test_video(
+        root / f"followup-{args.cpp_frames}.mp4",
+        num_frames=args.cpp_frames,
+        fps=2.0,
+        width=336,
+        height=224,
+        needle_frames=(args.cpp_frames // 3,),
+    )
     tokens = args.cpp_frames // 2 * 96
-    base = [str(cli), "-m", str(gguf), "--mmproj", str(mmproj), "--video", str(video), "--frames",
-            str(args.cpp_frames), "--set-frames", "8", "--budget", str(tokens // 4), "--max-new-tokens", "1",
-            "-c", str(tokens + 512), "-ngl", "0", "-t", str(os.cpu_count()), "--json"]
+    base = [
+        str(cli),
+        "-m",
+        str(gguf),
+        "--mmproj",
+        str(mmproj),
+        "--video",
+        str(video),
+        "--frames",
+        str(args.cpp_frames),
+        "--set-frames",
+        "8",
+        "--budget",
+        str(tokens // 4),
+        "--max-new-tokens",
+        "1",
+        "-c",
+        str(tokens + 512),
+        "-ngl",
+        "0",
+        "-t",
+        str(os.cpu_count()),
+        "--json",
+    ]
 
     def run(*questions: str) -> tuple[list[dict], float]:
         t0 = time.perf_counter()
@@ -109,14 +153,22 @@ def cpp_part(args) -> dict | None:
     (single_2,), wall_2 = run(QUESTIONS[1])
     multi, wall_multi = run(*QUESTIONS)
     s2, m2 = single_2["stats"]["seconds"], multi[1]["stats"]["seconds"]
-    return {"frames": args.cpp_frames, "visual_tokens": tokens, "sets": multi[1]["stats"]["frame_sets"],
-            "single_q2_select_s": s2["select"], "multi_q2_select_s": m2["select"],
-            "single_q2_ttft_s": s2["select"] + s2["ttft_answer"], "multi_q2_ttft_s": m2["select"] + m2["ttft_answer"],
-            "answer_only_s": m2["ttft_answer"], "index": multi[1]["stats"]["index"],
-            "wall_two_single_runs_s": wall_1 + wall_2, "wall_one_multi_run_s": wall_multi,
-            "same_results": multi[0]["kept_token_indices"] == single_1["kept_token_indices"]
-            and multi[1]["kept_token_indices"] == single_2["kept_token_indices"]
-            and multi[1]["answer_token_ids"] == single_2["answer_token_ids"]}
+    return {
+        "frames": args.cpp_frames,
+        "visual_tokens": tokens,
+        "sets": multi[1]["stats"]["frame_sets"],
+        "single_q2_select_s": s2["select"],
+        "multi_q2_select_s": m2["select"],
+        "single_q2_ttft_s": s2["select"] + s2["ttft_answer"],
+        "multi_q2_ttft_s": m2["select"] + m2["ttft_answer"],
+        "answer_only_s": m2["ttft_answer"],
+        "index": multi[1]["stats"]["index"],
+        "wall_two_single_runs_s": wall_1 + wall_2,
+        "wall_one_multi_run_s": wall_multi,
+        "same_results": multi[0]["kept_token_indices"] == single_1["kept_token_indices"]
+        and multi[1]["kept_token_indices"] == single_2["kept_token_indices"]
+        and multi[1]["answer_token_ids"] == single_2["answer_token_ids"],
+    }
 
 
 def main() -> None:
@@ -134,10 +186,12 @@ def main() -> None:
     for frames in args.frames:
         rows.append(measure(frames, tuple(args.grid), args.budget, args.layer))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    lines = [f"transformers, random 0.5B-LM Qwen2.5-VL (24 layers x 896), float32, CPU ({os.cpu_count()} cores, "
-             f"shared), grid {args.grid[0]}x{args.grid[1]}, budget {args.budget}, layer {args.layer}",
-             f"{'frames':>6} {'tokens':>7} {'sets':>4} {'baseline':>9} {'first':>8} {'follow-up':>9} "
-             f"{'answer':>8} {'fu/answer':>9} {'base/fu':>8} {'index':>10} {'built in':>8} {'reused':>6}"]
+    lines = [
+        f"transformers, random 0.5B-LM Qwen2.5-VL (24 layers x 896), float32, CPU ({os.cpu_count()} cores, "
+        f"shared), grid {args.grid[0]}x{args.grid[1]}, budget {args.budget}, layer {args.layer}",
+        f"{'frames':>6} {'tokens':>7} {'sets':>4} {'baseline':>9} {'first':>8} {'follow-up':>9} "
+        f"{'answer':>8} {'fu/answer':>9} {'base/fu':>8} {'index':>10} {'built in':>8} {'reused':>6}",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['frames']:>6} did not run: {r['error']}")
@@ -146,18 +200,22 @@ def main() -> None:
             f"{r['frames']:>6} {r['visual_tokens']:>7} {r['sets']:>4} {r['baseline_s']:>8.2f}s {r['first_s']:>7.2f}s "
             f"{r['follow_up_s']:>8.2f}s {r['answer_only_s']:>7.2f}s {r['follow_up_s'] / r['answer_only_s']:>8.2f}x "
             f"{r['baseline_s'] / r['follow_up_s']:>7.2f}x {r['index_bytes'] / 2**20:>7.0f}MiB "
-            f"{r['index_build_s']:>7.2f}s {r['reused_sets']:>6}")
+            f"{r['index_build_s']:>7.2f}s {r['reused_sets']:>6}"
+        )
     cpp = cpp_part(args)
     if cpp:
-        lines += ["", f"C++ CLI, random 8-layer x 512 GGUF (f16), {cpp['frames']} frames -> {cpp['visual_tokens']} "
-                  f"tokens in {cpp['sets']} sets, 25% kept, one thread per core",
-                  f"second question: select {cpp['single_q2_select_s']:.2f}s alone vs {cpp['multi_q2_select_s']:.2f}s "
-                  f"as a follow-up; to first token {cpp['single_q2_ttft_s']:.2f}s vs {cpp['multi_q2_ttft_s']:.2f}s "
-                  f"(answer pass alone {cpp['answer_only_s']:.2f}s: follow-up / answer-only "
-                  f"{cpp['multi_q2_ttft_s'] / cpp['answer_only_s']:.2f}x)",
-                  f"index {cpp['index']['bytes'] / 2**20:.1f} MiB; wall: two single runs "
-                  f"{cpp['wall_two_single_runs_s']:.2f}s, one run with both {cpp['wall_one_multi_run_s']:.2f}s; "
-                  f"same kept tokens and answers: {cpp['same_results']}"]
+        lines += [
+            "",
+            f"C++ CLI, random 8-layer x 512 GGUF (f16), {cpp['frames']} frames -> {cpp['visual_tokens']} "
+            f"tokens in {cpp['sets']} sets, 25% kept, one thread per core",
+            f"second question: select {cpp['single_q2_select_s']:.2f}s alone vs {cpp['multi_q2_select_s']:.2f}s "
+            f"as a follow-up; to first token {cpp['single_q2_ttft_s']:.2f}s vs {cpp['multi_q2_ttft_s']:.2f}s "
+            f"(answer pass alone {cpp['answer_only_s']:.2f}s: follow-up / answer-only "
+            f"{cpp['multi_q2_ttft_s'] / cpp['answer_only_s']:.2f}x)",
+            f"index {cpp['index']['bytes'] / 2**20:.1f} MiB; wall: two single runs "
+            f"{cpp['wall_two_single_runs_s']:.2f}s, one run with both {cpp['wall_one_multi_run_s']:.2f}s; "
+            f"same kept tokens and answers: {cpp['same_results']}",
+        ]
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "followup.txt").write_text("\n".join(lines) + "\n")

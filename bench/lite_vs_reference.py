@@ -19,6 +19,7 @@ Each arm: one warm-up on a small input, then the timed runs (median). The vision
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -28,8 +29,9 @@ from pathlib import Path
 
 HOST = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4)
 REFERENCE_LAYER = 20
-RANKER = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-              num_key_value_heads=2)
+RANKER = dict(
+    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2
+)
 VIT_WIDTH = 1280  # Qwen2.5-VL's ViT; a token's pre-merger features are its 2x2 group: 4 x 1280
 UNITS, GRID = 16, (10, 11)
 QUESTION = "What does the presenter write on the whiteboard after the break?"
@@ -43,13 +45,23 @@ def host_backend(layers: int):
     from flexselect.demo import demo_model
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model())
-    text = dict(HOST, num_hidden_layers=layers, vocab_size=len(tokenizer),
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+    text = dict(
+        HOST,
+        num_hidden_layers=layers,
+        vocab_size=len(tokenizer),
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    )
     config = Qwen2_5_VLConfig(
         text_config=text,
         # never run here (the features are given); its width is what the rankers check against
-        vision_config=dict(depth=1, hidden_size=VIT_WIDTH, intermediate_size=64, num_heads=16,
-                           out_hidden_size=HOST["hidden_size"], fullatt_block_indexes=[0]),
+        vision_config=dict(
+            depth=1,
+            hidden_size=VIT_WIDTH,
+            intermediate_size=64,
+            num_heads=16,
+            out_hidden_size=HOST["hidden_size"],
+            fullatt_block_indexes=[0],
+        ),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
     )
     torch.manual_seed(0)
@@ -78,8 +90,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per arm after a small warm-up (median)")
     ap.add_argument("--cpp", default="build/cpp/tests/flexselect-ranker-bench", help="the C++ timing binary")
     ap.add_argument("--out", help="also write the JSON result here")
-    ap.add_argument("--arms", choices=["all", "reference", "lite"], default="all",
-                    help="run only the reference or only the Lite arms (default all)")
+    ap.add_argument(
+        "--arms",
+        choices=["all", "reference", "lite"],
+        default="all",
+        help="run only the reference or only the Lite arms (default all)",
+    )
     args = ap.parse_args()
 
     import numpy as np
@@ -95,28 +111,45 @@ def main() -> None:
     vocab = backend.text_model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     visual = VisualTokens(
-        embeds=torch.randn(tokens, HOST["hidden_size"], generator=g) * 0.02, num_frames=UNITS, grid=GRID,
-        timestamps=np.arange(UNITS) * 1.0, time_interval=2.0, frame_size=(rows * 28, cols * 28),
+        embeds=torch.randn(tokens, HOST["hidden_size"], generator=g) * 0.02,
+        num_frames=UNITS,
+        grid=GRID,
+        timestamps=np.arange(UNITS) * 1.0,
+        time_interval=2.0,
+        frame_size=(rows * 28, cols * 28),
         vision_features=torch.randn(UNITS, rows * cols, 4 * VIT_WIDTH, generator=g),
     )
     prompt = backend.prompt(QUESTION)
-    small = VisualTokens(**{**visual.__dict__, "num_frames": 1, "embeds": visual.embeds[: rows * cols],
-                            "vision_features": visual.vision_features[:1]})
-    result: dict = {"tokens_per_set": tokens, "threads": torch.get_num_threads(),
-                    "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+    small = VisualTokens(
+        **{
+            **visual.__dict__,
+            "num_frames": 1,
+            "embeds": visual.embeds[: rows * cols],
+            "vision_features": visual.vision_features[:1],
+        }
+    )
+    result: dict = {
+        "tokens_per_set": tokens,
+        "threads": torch.get_num_threads(),
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+    }
 
     # reference layer of the 7B-shape host, from passes stopping at layers 1 and 2
     if args.arms == "lite":
         return lite_arms(args, result, visual, small, units, prompt, vocab, tokens)
-    score = backend.score  # the host is freed below, before the Lite arms
-    score(small, [0], prompt, 1)
-    t1 = timed(lambda: score(visual, units, prompt, 1), args.repeats)
-    t2 = timed(lambda: score(visual, units, prompt, 2), args.repeats)
+    backend.score(small, [0], prompt, 1)
+    t1 = timed(functools.partial(backend.score, visual, units, prompt, 1), args.repeats)
+    t2 = timed(functools.partial(backend.score, visual, units, prompt, 2), args.repeats)
     per_layer = t2 - t1
     reference = t1 + (REFERENCE_LAYER - 1) * per_layer
-    result["reference"] = {"layer_1_s": round(t1, 2), "layer_2_s": round(t2, 2), "per_layer_s": round(per_layer, 2),
-                           "estimated_layer_20_s": round(reference, 2)}
-    del backend, score
+    result["reference"] = {
+        "layer_1_s": round(t1, 2),
+        "layer_2_s": round(t2, 2),
+        "per_layer_s": round(per_layer, 2),
+        "estimated_layer_20_s": round(reference, 2),
+    }
+    del backend
     if args.arms == "reference":
         return write(result, args.out)
     lite_arms(args, result, visual, small, units, prompt, vocab, tokens, reference)
@@ -129,8 +162,9 @@ def write(result: dict, out: str | None) -> None:
         Path(out).write_text(text + "\n")
 
 
-def lite_arms(args, result: dict, visual, small, units, prompt, vocab: int, tokens: int,
-              reference: float | None = None) -> None:
+def lite_arms(
+    args, result: dict, visual, small, units, prompt, vocab: int, tokens: int, reference: float | None = None
+) -> None:
     import torch
 
     from flexselect.lite.host import HostInfo
@@ -155,22 +189,36 @@ def lite_arms(args, result: dict, visual, small, units, prompt, vocab: int, toke
         del ranker
         onnx_ranker = OnnxRanker.load(path)
         onnx_ranker.check_compatible(backend)
-        arms[f"{name}-onnx"], scores[f"{name}-onnx"] = run_arm(onnx_ranker, visual, small, units, prompt,
-                                                               args.repeats)
+        arms[f"{name}-onnx"], scores[f"{name}-onnx"] = run_arm(onnx_ranker, visual, small, units, prompt, args.repeats)
         del onnx_ranker
         if layout == "host_embeds" and Path(args.cpp).is_file():
             question = len(backend.tokenizer(QUESTION, add_special_tokens=False).input_ids)
-            out = subprocess.run([args.cpp, str(path), str(tokens), str(width), str(question), str(args.repeats),
-                                  str(torch.get_num_threads())], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    args.cpp,
+                    str(path),
+                    str(tokens),
+                    str(width),
+                    str(question),
+                    str(args.repeats),
+                    str(torch.get_num_threads()),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             arms[f"{name}-onnx-cpp"] = statistics.median(json.loads(out.stdout)["score_s"])
     result["seconds"] = {k: round(v, 2) for k, v in arms.items()}
     if reference is not None:
         result["lite_vs_reference"] = {k: round(reference / v, 1) for k, v in arms.items()}
-    result["onnx_vs_torch"] = {n: round(arms[f"{n}-torch"] / arms[f"{n}-onnx"], 2) for n in ("lite", "lite-host_embeds")}
+    result["onnx_vs_torch"] = {
+        n: round(arms[f"{n}-torch"] / arms[f"{n}-onnx"], 2) for n in ("lite", "lite-host_embeds")
+    }
     if "lite-host_embeds-onnx-cpp" in arms:
         result["onnx_cpp_vs_torch"] = round(arms["lite-host_embeds-torch"] / arms["lite-host_embeds-onnx-cpp"], 2)
     result["max_abs_diff_torch_onnx"] = {
-        n: float((scores[f"{n}-torch"] - scores[f"{n}-onnx"]).abs().max()) for n in ("lite", "lite-host_embeds")}
+        n: float((scores[f"{n}-torch"] - scores[f"{n}-onnx"]).abs().max()) for n in ("lite", "lite-host_embeds")
+    }
     write(result, args.out)
 
 

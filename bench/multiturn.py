@@ -29,8 +29,9 @@ def measure(pipe, video: str, sampling, options) -> list[float]:
 
     changed = []
     for first, follow in CONVERSATIONS:
-        earlier = pipe.answer(video, first, sampling=sampling, options=options,
-                              generation=GenerationConfig(max_new_tokens=8))
+        earlier = pipe.answer(
+            video, first, sampling=sampling, options=options, generation=GenerationConfig(max_new_tokens=8)
+        )
         visual = earlier.visual
         alone = pipe.select(visual, pipe.backend.prompt(follow), options)
         with_history = pipe.select(visual, pipe.backend.prompt(conversation([(first, earlier.text)], follow)), options)
@@ -46,15 +47,19 @@ def main() -> None:
 
     model, video = demo.demo_assets()
     setups = {
-        "demo red-finder (layer 3 arranged)": (model, SelectOptions(budget=demo.DEMO_BUDGET * 4,
-                                                                    set_frames=demo.DEMO_SET_FRAMES,
-                                                                    layer=demo.DEMO_LAYER)),
-        "random tiny Qwen2.5-VL (layer 2)": (build_tiny_qwen2_5_vl(demo.cache_dir() / "bench-tiny-qwen2_5_vl"),
-                                             SelectOptions(budget=demo.DEMO_BUDGET * 4,
-                                                           set_frames=demo.DEMO_SET_FRAMES, layer=2)),
+        "demo red-finder (layer 3 arranged)": (
+            model,
+            SelectOptions(budget=demo.DEMO_BUDGET * 4, set_frames=demo.DEMO_SET_FRAMES, layer=demo.DEMO_LAYER),
+        ),
+        "random tiny Qwen2.5-VL (layer 2)": (
+            build_tiny_qwen2_5_vl(demo.cache_dir() / "bench-tiny-qwen2_5_vl"),
+            SelectOptions(budget=demo.DEMO_BUDGET * 4, set_frames=demo.DEMO_SET_FRAMES, layer=2),
+        ),
     }
-    lines = ["share of the follow-up's kept tokens that change when the earlier turn is scored too "
-             f"({demo.DEMO_FRAMES} frames of the demo video)"]
+    lines = [
+        "share of the follow-up's kept tokens that change when the earlier turn is scored too "
+        f"({demo.DEMO_FRAMES} frames of the demo video)"
+    ]
     for name, (path, options) in setups.items():
         pipe = FlexSelect.load(path, device="cpu", dtype="float32")
         changed = measure(pipe, str(video), Sampling(frames=demo.DEMO_FRAMES), options)

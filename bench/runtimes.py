@@ -55,8 +55,14 @@ def main() -> int:
     root = Path(args.cache)
     root.mkdir(parents=True, exist_ok=True)
     model_dir, gguf, mmproj = build_model(root, args.layers, args.hidden, args.heads, args.outtype)
-    video = write_test_video(root / f"runtimes-{args.frames}.mp4", num_frames=args.frames, fps=2.0, width=336,
-                             height=224, needle_frames=(args.frames // 3,))
+    video = write_test_video(
+        root / f"runtimes-{args.frames}.mp4",
+        num_frames=args.frames,
+        fps=2.0,
+        width=336,
+        height=224,
+        needle_frames=(args.frames // 3,),
+    )
     tokens = args.frames // 2 * 96  # 224x336 -> 8x12 merged tokens per frame pair
     budgets = {"full": tokens, "flexselect": int(tokens * args.keep)}
     n_ctx = str(tokens + 512)
@@ -64,8 +70,23 @@ def main() -> int:
     common = ["--frames", str(args.frames), "--set-frames", str(args.set_frames), "--max-new-tokens", "8", "--json"]
     flex = [sys.executable, "-m", "flexselect.cli", "answer", str(video), question]
     commands = {
-        "C++ CLI": [args.cli, "-m", str(gguf), "--mmproj", str(mmproj), "--video", str(video), "-p", question,
-                    "-c", n_ctx, "-ngl", "0", "-t", str(os.cpu_count())],  # Python's llama.cpp threads
+        "C++ CLI": [
+            args.cli,
+            "-m",
+            str(gguf),
+            "--mmproj",
+            str(mmproj),
+            "--video",
+            str(video),
+            "-p",
+            question,
+            "-c",
+            n_ctx,
+            "-ngl",
+            "0",
+            "-t",
+            str(os.cpu_count()),
+        ],  # Python's llama.cpp threads
         "Python llama.cpp": flex + ["--gguf", str(gguf), "--mmproj", str(mmproj), "--n-ctx", n_ctx, "-ngl", "0"],
         "Python transformers": flex + ["--model", str(model_dir), "--device", "cpu", "--dtype", "float32"],
     }
@@ -78,9 +99,11 @@ def main() -> int:
             print(f"{runtime:20s} {mode:10s} total {best['stats']['seconds']['total']:.2f} s", file=sys.stderr)
 
     runtimes = list(commands)
-    print(f"random Qwen2.5-VL, LM {args.layers} layers x {args.hidden} (GGUF {args.outtype}; transformers float32), "
-          f"CPU, {os.cpu_count()} threads; {args.frames} frames 224x336 -> {tokens} visual tokens; FlexSelect keeps "
-          f"{budgets['flexselect']} from sets of {args.set_frames} pairs")
+    print(
+        f"random Qwen2.5-VL, LM {args.layers} layers x {args.hidden} (GGUF {args.outtype}; transformers float32), "
+        f"CPU, {os.cpu_count()} threads; {args.frames} frames 224x336 -> {tokens} visual tokens; FlexSelect keeps "
+        f"{budgets['flexselect']} from sets of {args.set_frames} pairs"
+    )
     for mode in budgets:
         print(f"\n{mode}: seconds per stage (best of {args.repeats}) and ratio to the C++ CLI")
         print(f"{'stage':16s}" + "".join(f"{r:>22s}" for r in runtimes))
@@ -99,15 +122,20 @@ def main() -> int:
     answers = {r: results[r]["flexselect"]["answer_token_ids"] for r in runtimes}
     for r in runtimes[1:]:
         overlap = len(kept[r] & kept[runtimes[0]]) / max(1, len(kept[runtimes[0]]))
-        print(f"kept-token overlap {r} vs C++: {overlap:.3f}; same greedy answer tokens: "
-              f"{answers[r] == answers[runtimes[0]]}")
+        print(
+            f"kept-token overlap {r} vs C++: {overlap:.3f}; same greedy answer tokens: "
+            f"{answers[r] == answers[runtimes[0]]}"
+        )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    table = {"config": vars(args) | {"visual_tokens": tokens, "budgets": budgets},
-             "seconds": {r: {m: results[r][m]["stats"]["seconds"] for m in budgets} for r in runtimes},
-             "kept_overlap_vs_cpp": {r: len(kept[r] & kept[runtimes[0]]) / max(1, len(kept[runtimes[0]]))
-                                     for r in runtimes[1:]}}
+    table = {
+        "config": vars(args) | {"visual_tokens": tokens, "budgets": budgets},
+        "seconds": {r: {m: results[r][m]["stats"]["seconds"] for m in budgets} for r in runtimes},
+        "kept_overlap_vs_cpp": {
+            r: len(kept[r] & kept[runtimes[0]]) / max(1, len(kept[runtimes[0]])) for r in runtimes[1:]
+        },
+    }
     out.write_text(json.dumps(table, indent=1, default=str))
     print(f"\nwritten: {out}")
     return 0

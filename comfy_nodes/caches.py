@@ -40,8 +40,9 @@ class ModelCache:
             if pipe is None:
                 pipe = self._load(handle)
                 self._pipes[handle.key] = pipe
-                self._patchers[handle.key] = compat.model_patcher(getattr(pipe.backend, "model", None),
-                                                                  getattr(pipe.backend, "device", None))
+                self._patchers[handle.key] = compat.model_patcher(
+                    getattr(pipe.backend, "model", None), getattr(pipe.backend, "device", None)
+                )
             compat.load_models([self._patchers[handle.key]])
             return pipe
 

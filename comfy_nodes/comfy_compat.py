@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import os
 
-import folder_paths
-import torch
-
 import comfy.model_management as mm
 import comfy.utils
+import folder_paths
+import torch
 
 LLM_FOLDER = "LLM"  # what other Video-LLM packs use: models/LLM/<checkpoint folder or .gguf>
 RANKER_FOLDER = "flexselect"  # models/flexselect/<lite ranker>
@@ -72,8 +71,9 @@ def model_patcher(module, device):
         return None
     import comfy.model_patcher
 
-    return comfy.model_patcher.ModelPatcher(_Managed(module), load_device=torch.device(device),
-                                            offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        _Managed(module), load_device=torch.device(device), offload_device=mm.unet_offload_device()
+    )
 
 
 def load_models(patchers) -> None:

@@ -29,8 +29,10 @@ class ClipValue:
     def __repr__(self) -> str:
         n, h, w = self.clip.frames.shape[:3]
         ts = self.clip.timestamps
-        return (f"<FlexSelect clip: {n} frames {w}x{h}, {float(ts[0]):.2f}-{float(ts[-1]):.2f} s of "
-                f"{os.path.basename(str(self.clip.source))}>")
+        return (
+            f"<FlexSelect clip: {n} frames {w}x{h}, {float(ts[0]):.2f}-{float(ts[-1]):.2f} s of "
+            f"{os.path.basename(str(self.clip.source))}>"
+        )
 
     __str__ = __repr__
 
@@ -79,7 +81,9 @@ class SelectionResult:
         return self.selection.kept
 
     def __repr__(self) -> str:
-        return (f"<FlexSelect selection: {len(self.selection.kept)} of {self.visual.num_tokens} tokens for "
-                f"{self.question[:60]!r}>")
+        return (
+            f"<FlexSelect selection: {len(self.selection.kept)} of {self.visual.num_tokens} tokens for "
+            f"{self.question[:60]!r}>"
+        )
 
     __str__ = __repr__

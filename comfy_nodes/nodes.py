@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from comfy_api.latest import ComfyExtension, io, ui
+
 from flexselect.errors import FlexSelectError
 
 from . import comfy_compat as compat
@@ -145,8 +146,9 @@ def resolve_model_file(folder_kind: str, name: str) -> Path:
         path = _inside(folder, name)
         if path is not None and path.exists():
             return path
-    raise FlexSelectError(f"{name!r} was not found in the {folder_kind} model folders "
-                          f"({', '.join(where) or 'none registered'})")
+    raise FlexSelectError(
+        f"{name!r} was not found in the {folder_kind} model folders ({', '.join(where) or 'none registered'})"
+    )
 
 
 def _fingerprint(path: Path) -> str:
@@ -167,37 +169,87 @@ class FlexSelectLoadVideo(io.ComfyNode):
             node_id="FlexSelectLoadVideo",
             display_name="Load Video (FlexSelect)",
             category=CATEGORY,
-            description=("Samples frames from a video while decoding it, resized on the fly, so hour-long videos fit "
-                         "in memory. The memory the clip needs is estimated first; a request over the limit is "
-                         "refused with the numbers. Takes a file, a core VIDEO, or an IMAGE batch with its frame "
-                         "rate."),
+            description=(
+                "Samples frames from a video while decoding it, resized on the fly, so hour-long videos fit "
+                "in memory. The memory the clip needs is estimated first; a request over the limit is "
+                "refused with the numbers. Takes a file, a core VIDEO, or an IMAGE batch with its frame "
+                "rate."
+            ),
             inputs=[
-                io.Combo.Input("file", options=[*compat.video_files(), NO_FILE], upload=io.UploadType.video,
-                               tooltip="A video in ComfyUI's input folder (unused when video or images is "
-                                       "connected)."),
-                io.Int.Input("frames", default=16, min=1, max=8192,
-                             tooltip="Frames to sample evenly over [start, end]. With fps > 0: the most frames to "
-                                     "take."),
-                io.Float.Input("fps", default=0.0, min=0.0, max=120.0, step=0.1,
-                               tooltip="Sample at this rate (at most `frames`). 0 = `frames` evenly."),
+                io.Combo.Input(
+                    "file",
+                    options=[*compat.video_files(), NO_FILE],
+                    upload=io.UploadType.video,
+                    tooltip="A video in ComfyUI's input folder (unused when video or images is connected).",
+                ),
+                io.Int.Input(
+                    "frames",
+                    default=16,
+                    min=1,
+                    max=8192,
+                    tooltip="Frames to sample evenly over [start, end]. With fps > 0: the most frames to take.",
+                ),
+                io.Float.Input(
+                    "fps",
+                    default=0.0,
+                    min=0.0,
+                    max=120.0,
+                    step=0.1,
+                    tooltip="Sample at this rate (at most `frames`). 0 = `frames` evenly.",
+                ),
                 io.Float.Input("start", default=0.0, min=0.0, max=1e7, step=0.1, tooltip="Start time in seconds."),
-                io.Float.Input("end", default=0.0, min=0.0, max=1e7, step=0.1,
-                               tooltip="End time in seconds; 0 = the end of the video."),
-                io.Int.Input("max_side", default=336, min=28, max=4096, step=4,
-                             tooltip="Frames are resized while decoding so the longer side is at most this."),
-                io.Float.Input("memory_limit_gb", default=0.0, min=0.0, max=4096.0, step=0.5,
-                               tooltip="Refuse clips that need more. 0 = half of the RAM available now."),
-                io.Int.Input("preview_frames", default=8, min=1, max=1024,
-                             tooltip="How many of the sampled frames go to the preview IMAGE output."),
-                io.Video.Input("video", optional=True,
-                               tooltip="A core VIDEO (e.g. from core Load Video): its file is read with the same "
-                                       "streaming sampler; its frames are never all decoded."),
-                io.Image.Input("images", optional=True,
-                               tooltip="Frames already in memory (e.g. VideoHelperSuite's Load Video); set "
-                                       "frame_rate."),
-                io.Float.Input("frame_rate", default=24.0, min=0.01, max=1000.0, step=0.01, optional=True,
-                               tooltip="Frame rate of the images input (VideoHelperSuite's video_info, core Get Video "
-                                       "Components' fps)."),
+                io.Float.Input(
+                    "end",
+                    default=0.0,
+                    min=0.0,
+                    max=1e7,
+                    step=0.1,
+                    tooltip="End time in seconds; 0 = the end of the video.",
+                ),
+                io.Int.Input(
+                    "max_side",
+                    default=336,
+                    min=28,
+                    max=4096,
+                    step=4,
+                    tooltip="Frames are resized while decoding so the longer side is at most this.",
+                ),
+                io.Float.Input(
+                    "memory_limit_gb",
+                    default=0.0,
+                    min=0.0,
+                    max=4096.0,
+                    step=0.5,
+                    tooltip="Refuse clips that need more. 0 = half of the RAM available now.",
+                ),
+                io.Int.Input(
+                    "preview_frames",
+                    default=8,
+                    min=1,
+                    max=1024,
+                    tooltip="How many of the sampled frames go to the preview IMAGE output.",
+                ),
+                io.Video.Input(
+                    "video",
+                    optional=True,
+                    tooltip="A core VIDEO (e.g. from core Load Video): its file is read with the same "
+                    "streaming sampler; its frames are never all decoded.",
+                ),
+                io.Image.Input(
+                    "images",
+                    optional=True,
+                    tooltip="Frames already in memory (e.g. VideoHelperSuite's Load Video); set frame_rate.",
+                ),
+                io.Float.Input(
+                    "frame_rate",
+                    default=24.0,
+                    min=0.01,
+                    max=1000.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip="Frame rate of the images input (VideoHelperSuite's video_info, core Get Video "
+                    "Components' fps).",
+                ),
             ],
             outputs=[
                 _output(ClipType, "clip", tooltip="The sampled frames (uint8) with their timestamps, for FlexSelect."),
@@ -228,8 +280,20 @@ class FlexSelectLoadVideo(io.ComfyNode):
         return f"{st.st_mtime_ns}:{st.st_size}"  # a re-uploaded file of the same name is sampled again
 
     @classmethod
-    def execute(cls, file, frames, fps, start, end, max_side, memory_limit_gb, preview_frames, video=None,
-                images=None, frame_rate=24.0) -> io.NodeOutput:
+    def execute(
+        cls,
+        file,
+        frames,
+        fps,
+        start,
+        end,
+        max_side,
+        memory_limit_gb,
+        preview_frames,
+        video=None,
+        images=None,
+        frame_rate=24.0,
+    ) -> io.NodeOutput:
         from flexselect.show import even_subsample
 
         video_input.check_range(start, end)
@@ -259,9 +323,11 @@ class FlexSelectLoadVideo(io.ComfyNode):
         preview = _to_image(clip.frames[even_subsample(n, preview_frames)])
         h, w = clip.frames.shape[1:3]
         ts = clip.timestamps
-        info = (f"{n} frames {w}x{h} from {os.path.basename(str(clip.source)) or 'video'}, "
-                f"{float(ts[0]):.2f}-{float(ts[-1]):.2f} s at {clip.sample_fps:.3g} fps, "
-                f"{video_input.gib(clip.frames.nbytes)} in memory")
+        info = (
+            f"{n} frames {w}x{h} from {os.path.basename(str(clip.source)) or 'video'}, "
+            f"{float(ts[0]):.2f}-{float(ts[-1]):.2f} s at {clip.sample_fps:.3g} fps, "
+            f"{video_input.gib(clip.frames.nbytes)} in memory"
+        )
         return io.NodeOutput(ClipValue(clip), preview, info)
 
 
@@ -277,17 +343,21 @@ class FlexSelectLoadModel(io.ComfyNode):
             node_id="FlexSelectLoadModel",
             display_name="Load Video-LLM (FlexSelect)",
             category=CATEGORY,
-            description=("Picks a Video-LLM from models/LLM (a transformers checkpoint folder such as "
-                         "Qwen2.5-VL-7B-Instruct, or a .gguf with its mmproj). Loaded on first use, cached, handed to "
-                         "ComfyUI's model management, never downloaded."),
+            description=(
+                "Picks a Video-LLM from models/LLM (a transformers checkpoint folder such as "
+                "Qwen2.5-VL-7B-Instruct, or a .gguf with its mmproj). Loaded on first use, cached, handed to "
+                "ComfyUI's model management, never downloaded."
+            ),
             inputs=[
-                io.Combo.Input("checkpoint", options=model_choices(),
-                               tooltip="Checkpoint folder or .gguf in models/LLM."),
+                io.Combo.Input(
+                    "checkpoint", options=model_choices(), tooltip="Checkpoint folder or .gguf in models/LLM."
+                ),
                 io.Combo.Input("mmproj", options=mmproj_choices(), tooltip="GGUF only: the vision projector file."),
                 io.Combo.Input("device", options=["auto", "cuda", "cpu", "mps"], default="auto"),
                 io.Combo.Input("dtype", options=["auto", "bfloat16", "float16", "float32"], default="auto"),
-                io.Int.Input("context", default=32768, min=2048, max=1048576, step=1024,
-                             tooltip="GGUF only: context length."),
+                io.Int.Input(
+                    "context", default=32768, min=2048, max=1048576, step=1024, tooltip="GGUF only: context length."
+                ),
             ],
             outputs=[_output(ModelType, "model")],
         )
@@ -312,13 +382,19 @@ class FlexSelectLoadModel(io.ComfyNode):
             if mmproj == AUTO_MMPROJ:
                 near = sorted(p for p in path.parent.glob("*.gguf") if _is_mmproj(p.name))
                 if len(near) != 1:
-                    raise FlexSelectError(f"pick the mmproj for {path.name}: found {len(near)} mmproj*.gguf files "
-                                          f"beside it ({', '.join(p.name for p in near) or 'none'})")
+                    raise FlexSelectError(
+                        f"pick the mmproj for {path.name}: found {len(near)} mmproj*.gguf files "
+                        f"beside it ({', '.join(p.name for p in near) or 'none'})"
+                    )
                 mm = near[0]
             else:
                 mm = resolve_model_file(compat.LLM_FOLDER, mmproj)
-            args = (("gguf", str(path)), ("mmproj", str(mm)), ("n_ctx", context),
-                    ("n_gpu_layers", 0 if device == "cpu" else -1))
+            args = (
+                ("gguf", str(path)),
+                ("mmproj", str(mm)),
+                ("n_ctx", context),
+                ("n_gpu_layers", 0 if device == "cpu" else -1),
+            )
         return io.NodeOutput(ModelHandle(key=(*args, _fingerprint(path)), label=checkpoint, load_args=args))
 
 
@@ -331,10 +407,13 @@ class FlexSelectLoadRanker(io.ComfyNode):
             node_id="FlexSelectLoadRanker",
             display_name="Load Lite Ranker (FlexSelect)",
             category=CATEGORY,
-            description=("A FlexSelect-Lite ranker from models/flexselect (a bundle folder from `flexselect "
-                         "lite-train`, or a .onnx file); connect it to FlexSelect's optional ranker input."),
-            inputs=[io.Combo.Input("ranker_name", options=ranker_choices(),
-                                   tooltip="Lite ranker in models/flexselect.")],
+            description=(
+                "A FlexSelect-Lite ranker from models/flexselect (a bundle folder from `flexselect "
+                "lite-train`, or a .onnx file); connect it to FlexSelect's optional ranker input."
+            ),
+            inputs=[
+                io.Combo.Input("ranker_name", options=ranker_choices(), tooltip="Lite ranker in models/flexselect.")
+            ],
             outputs=[_output(RankerType, "ranker")],
         )
 
@@ -355,10 +434,14 @@ class FlexSelectFreeModels(io.ComfyNode):
             node_id="FlexSelectFreeModels",
             display_name="Free Models (FlexSelect)",
             category=CATEGORY,
-            description=("Frees the models FlexSelect loaded (they reload on next use). Connect anything to run it "
-                         "after."),
-            inputs=[io.String.Input("after", optional=True, force_input=True,
-                                    tooltip="Run after this (e.g. an answer); passed through.")],
+            description=(
+                "Frees the models FlexSelect loaded (they reload on next use). Connect anything to run it after."
+            ),
+            inputs=[
+                io.String.Input(
+                    "after", optional=True, force_input=True, tooltip="Run after this (e.g. an answer); passed through."
+                )
+            ],
             outputs=[_output(io.String, "passthrough")],
             is_output_node=True,
             not_idempotent=True,  # it acts on the model cache, not on its inputs: it runs every time
@@ -383,23 +466,40 @@ class FlexSelect(io.ComfyNode):
             node_id="FlexSelect",
             display_name="FlexSelect",
             category=CATEGORY,
-            description=("Encodes the clip's frames once (cached), scores every visual token against the question in "
-                         "frame sets, keeps the top `budget`. The heatmap shows the kept tokens in red."),
+            description=(
+                "Encodes the clip's frames once (cached), scores every visual token against the question in "
+                "frame sets, keeps the top `budget`. The heatmap shows the kept tokens in red."
+            ),
             inputs=[
                 ClipType.Input("clip"),
                 ModelType.Input("model"),
                 io.String.Input("question", multiline=True, default="What happens in the video?"),
-                io.Int.Input("budget", default=0, min=0, max=1 << 24,
-                             tooltip="Visual tokens to keep (rounded up to whole temporal units). 0 = the model's "
-                                     "default."),
-                io.Int.Input("layer", default=-1, min=-1, max=1024,
-                             tooltip="Reference layer that scores tokens (0-based). -1 = the model's default."),
-                io.Int.Input("set_frames", default=0, min=0, max=8192,
-                             tooltip="Temporal units per frame set scored together. 0 = the default (64)."),
+                io.Int.Input(
+                    "budget",
+                    default=0,
+                    min=0,
+                    max=1 << 24,
+                    tooltip="Visual tokens to keep (rounded up to whole temporal units). 0 = the model's default.",
+                ),
+                io.Int.Input(
+                    "layer",
+                    default=-1,
+                    min=-1,
+                    max=1024,
+                    tooltip="Reference layer that scores tokens (0-based). -1 = the model's default.",
+                ),
+                io.Int.Input(
+                    "set_frames",
+                    default=0,
+                    min=0,
+                    max=8192,
+                    tooltip="Temporal units per frame set scored together. 0 = the default (64).",
+                ),
                 io.Combo.Input("preview", options=["contact sheet", "frames"], default="contact sheet"),
                 io.Int.Input("preview_frames", default=8, min=1, max=1024),
-                RankerType.Input("ranker", optional=True,
-                                 tooltip="Score with a Lite ranker instead of the reference layer."),
+                RankerType.Input(
+                    "ranker", optional=True, tooltip="Score with a Lite ranker instead of the reference layer."
+                ),
             ],
             outputs=[
                 _output(SelectionType, "selection", tooltip="Kept tokens, scores, per-unit counts; for Answer."),
@@ -415,8 +515,9 @@ class FlexSelect(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, clip, model, question, budget, layer, set_frames, preview, preview_frames,
-                ranker=None) -> io.NodeOutput:
+    def execute(
+        cls, clip, model, question, budget, layer, set_frames, preview, preview_frames, ranker=None
+    ) -> io.NodeOutput:
         from flexselect.evidence import describe
         from flexselect.pipeline import SelectOptions
         from flexselect.show import even_subsample, render_heatmaps, selection_sheet
@@ -440,8 +541,9 @@ class FlexSelect(io.ComfyNode):
                     "sample more frames in Load Video"
                 )
             prompt = pipe.backend.prompt(question)
-            options = SelectOptions(budget=budget or None, layer=None if layer < 0 else layer,
-                                    set_frames=set_frames or None)
+            options = SelectOptions(
+                budget=budget or None, layer=None if layer < 0 else layer, set_frames=set_frames or None
+            )
             selection = pipe.select(visual, prompt, options, progress=progress)
         except FlexSelectError as e:
             raise for_nodes(e) from None
@@ -449,22 +551,35 @@ class FlexSelect(io.ComfyNode):
         if preview == "frames":
             heat = render_heatmaps(frames, visual, selection, frames=even_subsample(len(frames), preview_frames))
         else:
-            heat = selection_sheet(frames, visual, selection, max_frames=preview_frames,
-                                   timestamps=clip.clip.timestamps)[None]
+            heat = selection_sheet(
+                frames, visual, selection, max_frames=preview_frames, timestamps=clip.clip.timestamps
+            )[None]
         kept = len(selection.kept)
         timing = {"encode_s": 0.0 if cached else t1 - t0, "select_s": selection.seconds, "encode_cached": cached}
         index = selection.index
-        reuse = (f", video index reused for {index['reused_sets']} set(s), {index['saved_s']:.2f} s saved"
-                 if index.get("used") and index.get("reused_sets") else "")
-        info = (f"{describe(selection.evidence(visual), kept, visual.num_tokens)}\n"
-                f"{100 * kept / visual.num_tokens:.1f}% kept from "
-                f"{visual.num_frames} temporal units x {visual.tokens_per_frame} tokens, {len(selection.sets)} frame "
-                f"set(s), selector {selection.selector}"
-                + (f", layer {selection.layer}" if selection.layer is not None else "")
-                + f"; encode {timing['encode_s']:.2f} s{' (cached)' if cached else ''}, "
-                  f"select {selection.seconds:.2f} s{reuse}")
-        result = SelectionResult(model_key=model.key, question=question, visual=visual, prompt=prompt,
-                                 selection=selection, kept_per_unit=selection.kept_per_frame(visual), timing=timing)
+        reuse = (
+            f", video index reused for {index['reused_sets']} set(s), {index['saved_s']:.2f} s saved"
+            if index.get("used") and index.get("reused_sets")
+            else ""
+        )
+        info = (
+            f"{describe(selection.evidence(visual), kept, visual.num_tokens)}\n"
+            f"{100 * kept / visual.num_tokens:.1f}% kept from "
+            f"{visual.num_frames} temporal units x {visual.tokens_per_frame} tokens, {len(selection.sets)} frame "
+            f"set(s), selector {selection.selector}"
+            + (f", layer {selection.layer}" if selection.layer is not None else "")
+            + f"; encode {timing['encode_s']:.2f} s{' (cached)' if cached else ''}, "
+            f"select {selection.seconds:.2f} s{reuse}"
+        )
+        result = SelectionResult(
+            model_key=model.key,
+            question=question,
+            visual=visual,
+            prompt=prompt,
+            selection=selection,
+            kept_per_unit=selection.kept_per_frame(visual),
+            timing=timing,
+        )
         return io.NodeOutput(result, _to_image(heat), info)
 
 
@@ -485,11 +600,18 @@ class FlexSelectAnswer(io.ComfyNode):
                 SelectionType.Input("selection"),
                 ModelType.Input("model", tooltip="The same Load Video-LLM node as FlexSelect's."),
                 io.Int.Input("max_new_tokens", default=128, min=1, max=8192),
-                io.Float.Input("temperature", default=0.0, min=0.0, max=2.0, step=0.05,
-                               tooltip="0 = greedy (deterministic)."),
+                io.Float.Input(
+                    "temperature", default=0.0, min=0.0, max=2.0, step=0.05, tooltip="0 = greedy (deterministic)."
+                ),
                 io.Float.Input("top_p", default=1.0, min=0.01, max=1.0, step=0.01),
-                io.Int.Input("seed", default=0, min=0, max=2**32 - 1, control_after_generate=True,
-                             tooltip="Sampling seed (used when temperature > 0)."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**32 - 1,
+                    control_after_generate=True,
+                    tooltip="Sampling seed (used when temperature > 0).",
+                ),
             ],
             outputs=[_output(io.String, "answer")],
             is_output_node=True,
@@ -500,22 +622,35 @@ class FlexSelectAnswer(io.ComfyNode):
         from flexselect.backends.base import GenerationConfig
 
         if selection.model_key != model.key:
-            raise FlexSelectError(f"this selection was made with another model than {model.label}: connect the same "
-                                  "Load Video-LLM node to FlexSelect and Answer")
+            raise FlexSelectError(
+                f"this selection was made with another model than {model.label}: connect the same "
+                "Load Video-LLM node to FlexSelect and Answer"
+            )
         compat.throw_if_interrupted()
         pipe = models.get(model)
         config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         progress = _StageBars()  # one step per generated token; Cancel stops the answer between tokens
         try:
-            generation = pipe.backend.generate(selection.visual, selection.kept, selection.prompt, config,
-                                               lambda done, total: progress("answer", done, total))
+            generation = pipe.backend.generate(
+                selection.visual,
+                selection.kept,
+                selection.prompt,
+                config,
+                lambda done, total: progress("answer", done, total),
+            )
         except FlexSelectError as e:
             raise for_nodes(e) from None
         return io.NodeOutput(generation.text, ui=ui.PreviewText(generation.text))
 
 
-NODES: list[type[io.ComfyNode]] = [FlexSelectLoadVideo, FlexSelectLoadModel, FlexSelectLoadRanker, FlexSelect,
-                                   FlexSelectAnswer, FlexSelectFreeModels]
+NODES: list[type[io.ComfyNode]] = [
+    FlexSelectLoadVideo,
+    FlexSelectLoadModel,
+    FlexSelectLoadRanker,
+    FlexSelect,
+    FlexSelectAnswer,
+    FlexSelectFreeModels,
+]
 
 
 class FlexSelectExtension(ComfyExtension):

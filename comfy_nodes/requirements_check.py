@@ -9,7 +9,7 @@ from flexselect.errors import FlexSelectError
 
 MIN_VERSION = (5, 23)  # the release the library is tested with (tests pin it); 6.x may change the internals used
 MAX_MAJOR = 5
-FIX = "install a 5.x release of 5.23 or newer with ComfyUI's Python: python -m pip install \"transformers>=5.23,<6\""
+FIX = 'install a 5.x release of 5.23 or newer with ComfyUI\'s Python: python -m pip install "transformers>=5.23,<6"'
 
 
 def check_transformers() -> None:
@@ -24,5 +24,6 @@ def check_transformers() -> None:
     except ValueError:
         raise FlexSelectError(f"cannot read the transformers version {version!r}; {FIX}") from None
     if (major, minor) < MIN_VERSION or major > MAX_MAJOR:
-        raise FlexSelectError(f"FlexSelect's token scoring needs transformers 5.23 to 5.x; this ComfyUI has {version}: "
-                              f"{FIX}")
+        raise FlexSelectError(
+            f"FlexSelect's token scoring needs transformers 5.23 to 5.x; this ComfyUI has {version}: {FIX}"
+        )

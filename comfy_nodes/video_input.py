@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from comfy_api.latest import InputImpl
+
 from flexselect import video as fv
 from flexselect.errors import FlexSelectError
 
@@ -94,9 +95,16 @@ def clip_from_file(path: str, s: Sampling, on_frame: Callable[[int, int], None])
     need = fv.estimate_clip_bytes(info, n, s.max_side)
     need += min(s.preview_frames, n) * need // max(n, 1) * 4  # the float32 preview batch
     check_memory(need, n, info.width, info.height, s)
-    return fv.load_clip(path, num_frames=None if s.fps > 0 else s.frames, fps=s.fps if s.fps > 0 else None,
-                        start=s.start if s.start > 0 else None, end=s.end if s.end > 0 else None,
-                        max_frames=s.frames, max_side=s.max_side, on_frame=on_frame)
+    return fv.load_clip(
+        path,
+        num_frames=None if s.fps > 0 else s.frames,
+        fps=s.fps if s.fps > 0 else None,
+        start=s.start if s.start > 0 else None,
+        end=s.end if s.end > 0 else None,
+        max_frames=s.frames,
+        max_side=s.max_side,
+        on_frame=on_frame,
+    )
 
 
 def clip_from_video(video, s: Sampling, on_frame: Callable[[int, int], None]) -> fv.Clip:
@@ -149,6 +157,7 @@ def clip_from_images(images, frame_rate: float, s: Sampling, source: str = "IMAG
     if (h, w) != tuple(x.shape[2:]):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    info = fv.VideoInfo(path=source, num_frames=total, fps=frame_rate, duration=total / frame_rate,
-                        width=int(w), height=int(h))
+    info = fv.VideoInfo(
+        path=source, num_frames=total, fps=frame_rate, duration=total / frame_rate, width=int(w), height=int(h)
+    )
     return fv.Clip(frames=u8, timestamps=times[picked].astype(np.float64), source=source, info=info)

@@ -22,10 +22,14 @@ _REPLACEMENTS = [
     (re.compile(r"use --device cpu"), "pick device 'cpu'"),
     (re.compile(r"pass --ranker PATH"), "connect a Load Lite Ranker (FlexSelect) node"),
     (re.compile(r"pass --mmproj \S+"), "pick its mmproj file"),
-    (re.compile(r"the language model GGUF as --gguf and this file as --mmproj"),
-     "the language model GGUF as model and this file as mmproj"),
-    (re.compile(r"; pass the folder of a local checkpoint, e\.g\. --model \S+"),
-     "; pick a checkpoint folder in models/LLM"),
+    (
+        re.compile(r"the language model GGUF as --gguf and this file as --mmproj"),
+        "the language model GGUF as model and this file as mmproj",
+    ),
+    (
+        re.compile(r"; pass the folder of a local checkpoint, e\.g\. --model \S+"),
+        "; pick a checkpoint folder in models/LLM",
+    ),
     (re.compile(r"\((\d+) frames x (\d+)\)"), r"(\1 temporal units x \2 tokens)"),
     (re.compile(r"--(?:model|gguf)\b"), "model"),
     (re.compile(r"--mmproj\b"), "mmproj"),

@@ -89,13 +89,21 @@ def _text_config(config: dict) -> dict:
     return config.get("text_config") or config  # transformers >= 4.5x nests it; older checkpoints are flat
 
 
-def _run_converter(llama_dir: Path, model_dir: Path, model_type: str, outfile: Path, outtype: str,
-                   mmproj: bool) -> None:
+def _run_converter(
+    llama_dir: Path, model_dir: Path, model_type: str, outfile: Path, outtype: str, mmproj: bool
+) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(llama_dir / "gguf-py"), str(llama_dir)])
     env.pop("PYTHONHOME", None)
-    cmd = [sys.executable, str(llama_dir / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(outfile),
-           "--outtype", outtype]
+    cmd = [
+        sys.executable,
+        str(llama_dir / "convert_hf_to_gguf.py"),
+        str(model_dir),
+        "--outfile",
+        str(outfile),
+        "--outtype",
+        outtype,
+    ]
     if model_type in QWEN3:
         cmd[1:2] = [str(Path(__file__).with_name("convert_qwen3.py")), str(llama_dir)]
     if mmproj:
@@ -128,14 +136,20 @@ def _check_text(info: dict, config: dict) -> None:
     n_layers = text_config.get("num_hidden_layers")
     arch = SUPPORTED[model_type][1]
     if info["architecture"] != arch:
-        raise FlexSelectError(f"the converted language model has architecture {info['architecture']!r}, "
-                              f"expected {arch!r}")
+        raise FlexSelectError(
+            f"the converted language model has architecture {info['architecture']!r}, expected {arch!r}"
+        )
     if info["block_count"] != n_layers:
-        raise FlexSelectError(f"the converted language model has {info['block_count']} layers, the checkpoint "
-                              f"{n_layers}")
+        raise FlexSelectError(
+            f"the converted language model has {info['block_count']} layers, the checkpoint {n_layers}"
+        )
     names = set(info["tensors"])
-    missing = [f"blk.{i}.{t}.weight" for i in range(n_layers) for t in _block_tensors(model_type, text_config, i)
-               if f"blk.{i}.{t}.weight" not in names]
+    missing = [
+        f"blk.{i}.{t}.weight"
+        for i in range(n_layers)
+        for t in _block_tensors(model_type, text_config, i)
+        if f"blk.{i}.{t}.weight" not in names
+    ]
     if "token_embd.weight" not in names:
         missing.insert(0, "token_embd.weight")
     if missing:
@@ -151,18 +165,25 @@ def _check_mmproj(info: dict, config: dict, embedding_length: int) -> None:
         raise FlexSelectError(f"the converted projector has type {info['projector_type']!r}, expected {expected!r}")
     depth = vision.get("depth")
     if depth is not None and info["block_count"] != depth:
-        raise FlexSelectError(f"the converted projector has {info['block_count']} vision blocks, the checkpoint {depth}")
+        raise FlexSelectError(
+            f"the converted projector has {info['block_count']} vision blocks, the checkpoint {depth}"
+        )
     if info["projection_dim"] != embedding_length:
-        raise FlexSelectError(f"the projector outputs {info['projection_dim']}-wide embeddings but the language model "
-                              f"takes {embedding_length}")
+        raise FlexSelectError(
+            f"the projector outputs {info['projection_dim']}-wide embeddings but the language model "
+            f"takes {embedding_length}"
+        )
     levels = len(vision.get("deepstack_visual_indexes", []))
     if info.get("deepstack_layers", 0) != levels:
-        raise FlexSelectError(f"the converted projector has {info.get('deepstack_layers', 0)} DeepStack levels, the "
-                              f"checkpoint {levels}")
+        raise FlexSelectError(
+            f"the converted projector has {info.get('deepstack_layers', 0)} DeepStack levels, the checkpoint {levels}"
+        )
 
 
 def export_gguf(
-    model_dir: str | os.PathLike, out_dir: str | os.PathLike, outtype: str = "f16",
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    outtype: str = "f16",
     llama_dir: str | os.PathLike | None = None,
 ) -> tuple[Path, Path]:
     """Convert `model_dir` into OUT_DIR/model.gguf and OUT_DIR/mmproj.gguf; returns their paths.

@@ -30,8 +30,19 @@ def llama_cpp_source(dest: Path | None = None) -> Path:
     if (tree / "CMakeLists.txt").is_file():
         return tree
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "-d", tmp, f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            tmp,
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+        ]
         if subprocess.run(cmd).returncode != 0:
             raise RuntimeError(f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist with pip")
         (archive,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")

@@ -58,10 +58,18 @@ class RankerGraph(nn.Module):
         super().__init__()
         self.ranker = ranker
 
-    def forward(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
-                position_ids: torch.Tensor, score_columns: torch.Tensor, question_rows: torch.Tensor) -> torch.Tensor:
-        return self.ranker.graph_forward(input_ids, vision_features, visual_rows, position_ids, score_columns,
-                                         question_rows)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        vision_features: torch.Tensor,
+        visual_rows: torch.Tensor,
+        position_ids: torch.Tensor,
+        score_columns: torch.Tensor,
+        question_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.ranker.graph_forward(
+            input_ids, vision_features, visual_rows, position_ids, score_columns, question_rows
+        )
 
 
 class EmbedsGraph(RankerGraph):
@@ -100,14 +108,17 @@ def example_inputs(ranker: LiteRanker) -> tuple[tuple[torch.Tensor, ...], dict, 
     # the graph implies (visual rows = projected tokens) instead of failing on them. tests/test_lite*.py run the
     # graph at other sizes than these.
     auto = torch.export.Dim.AUTO
-    dynamic = {name: {axis: auto for axis in range(t.dim() - (name == "vision_features"))}
-               for name, t in zip(INPUTS, example.as_tuple())}
+    dynamic = {
+        name: {axis: auto for axis in range(t.dim() - (name == "vision_features"))}
+        for name, t in zip(INPUTS, example.as_tuple())
+    }
     dynamic["position_ids"] = {1: auto}
     return example.as_tuple(), dynamic, INPUTS
 
 
-def export_ranker(ranker: LiteRanker, out_dir: str | os.PathLike, opset: int = OPSET, target: str = "cpu",
-                  notes: dict | None = None) -> Path:
+def export_ranker(
+    ranker: LiteRanker, out_dir: str | os.PathLike, opset: int = OPSET, target: str = "cpu", notes: dict | None = None
+) -> Path:
     """Write `out_dir/ranker.onnx` (and `manifest.json`) for `target`; returns the .onnx path."""
     if opset not in OPSETS:
         raise FlexSelectError(f"--opset must be one of {OPSETS}, got {opset}")
@@ -125,14 +136,25 @@ def export_ranker(ranker: LiteRanker, out_dir: str | os.PathLike, opset: int = O
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                module, args, dynamo=True, opset_version=opset, input_names=list(names), output_names=[OUTPUT],
+                module,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(names),
+                output_names=[OUTPUT],
                 dynamic_shapes=tuple(dynamic[k] for k in names),
                 verbose=False,
             )
         program.save(str(staging / ONNX), external_data=param_bytes > EXTERNAL_DATA_BYTES)
         manifest = make_manifest(ranker, notes)
-        manifest["onnx"] = {"file": ONNX, "opset": opset, "target": target, "inputs": list(names),
-                            "outputs": [OUTPUT], "external_data": (staging / (ONNX + ".data")).is_file()}
+        manifest["onnx"] = {
+            "file": ONNX,
+            "opset": opset,
+            "target": target,
+            "inputs": list(names),
+            "outputs": [OUTPUT],
+            "external_data": (staging / (ONNX + ".data")).is_file(),
+        }
         data = staging / (ONNX + ".data")
         if data.is_file():
             os.replace(data, out_dir / data.name)
@@ -149,8 +171,9 @@ def export_ranker(ranker: LiteRanker, out_dir: str | os.PathLike, opset: int = O
     return out_dir / ONNX
 
 
-def export_bundle(bundle: str | os.PathLike, out_dir: str | os.PathLike | None = None, opset: int = OPSET,
-                  target: str = "cpu") -> Path:
+def export_bundle(
+    bundle: str | os.PathLike, out_dir: str | os.PathLike | None = None, opset: int = OPSET, target: str = "cpu"
+) -> Path:
     """Export a bundle folder's torch ranker; by default the ONNX file goes into the bundle itself."""
     from flexselect.lite.bundle import read_manifest
 

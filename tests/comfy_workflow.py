@@ -23,22 +23,60 @@ VIDEO_PREVIEW = "video-preview"  # a widget the frontend adds below a video uplo
 
 # node id -> (class_type, title, inputs); a link is [source node id, output slot]
 EXAMPLE: dict[str, tuple[str, str, dict]] = {
-    "1": ("FlexSelectLoadVideo", "Load Video (FlexSelect)", {
-        "file": "flexselect_example.mp4", "frames": 16, "fps": 0.0, "start": 0.0, "end": 0.0, "max_side": 336,
-        "memory_limit_gb": 0.0, "preview_frames": 8, "frame_rate": 24.0}),
-    "2": ("FlexSelectLoadModel", "Load Video-LLM (FlexSelect)", {
-        "checkpoint": "Qwen2.5-VL-7B-Instruct", "mmproj": "auto (mmproj*.gguf beside the model)", "device": "auto",
-        "dtype": "auto", "context": 32768}),
-    "3": ("FlexSelect", "FlexSelect", {
-        "clip": ["1", 0], "model": ["2", 0], "question": "What happens in this video, and when?", "budget": 256,
-        "layer": -1, "set_frames": 0, "preview": "contact sheet", "preview_frames": 8}),
-    "4": ("FlexSelectAnswer", "Answer (FlexSelect)", {
-        "selection": ["3", 0], "model": ["2", 0], "max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0,
-        "seed": 0}),
+    "1": (
+        "FlexSelectLoadVideo",
+        "Load Video (FlexSelect)",
+        {
+            "file": "flexselect_example.mp4",
+            "frames": 16,
+            "fps": 0.0,
+            "start": 0.0,
+            "end": 0.0,
+            "max_side": 336,
+            "memory_limit_gb": 0.0,
+            "preview_frames": 8,
+            "frame_rate": 24.0,
+        },
+    ),
+    "2": (
+        "FlexSelectLoadModel",
+        "Load Video-LLM (FlexSelect)",
+        {
+            "checkpoint": "Qwen2.5-VL-7B-Instruct",
+            "mmproj": "auto (mmproj*.gguf beside the model)",
+            "device": "auto",
+            "dtype": "auto",
+            "context": 32768,
+        },
+    ),
+    "3": (
+        "FlexSelect",
+        "FlexSelect",
+        {
+            "clip": ["1", 0],
+            "model": ["2", 0],
+            "question": "What happens in this video, and when?",
+            "budget": 256,
+            "layer": -1,
+            "set_frames": 0,
+            "preview": "contact sheet",
+            "preview_frames": 8,
+        },
+    ),
+    "4": (
+        "FlexSelectAnswer",
+        "Answer (FlexSelect)",
+        {"selection": ["3", 0], "model": ["2", 0], "max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": 0},
+    ),
     "5": ("PreviewImage", "Kept tokens", {"images": ["3", 1]}),
 }
-LAYOUT = {"1": ([40, 60], [330, 620]), "2": ([40, 740], [330, 200]), "3": ([420, 60], [360, 360]),
-          "4": ([830, 60], [360, 300]), "5": ([830, 420], [420, 360])}
+LAYOUT = {
+    "1": ([40, 60], [330, 620]),
+    "2": ([40, 740], [330, 200]),
+    "3": ([420, 60], [360, 360]),
+    "4": ([830, 60], [360, 300]),
+    "5": ([830, 420], [420, 360]),
+}
 
 
 def _kind(spec: list) -> str:
@@ -51,8 +89,11 @@ def _options(spec: list) -> dict:
 
 def _ordered_inputs(info: dict) -> list[tuple[str, list]]:
     inputs = info["input"]
-    return [(name, inputs[section][name]) for section in ("required", "optional")
-            for name in info.get("input_order", {}).get(section, inputs.get(section, {}))]
+    return [
+        (name, inputs[section][name])
+        for section in ("required", "optional")
+        for name in info.get("input_order", {}).get(section, inputs.get(section, {}))
+    ]
 
 
 def _is_widget(spec: list) -> bool:
@@ -107,16 +148,39 @@ def ui_workflow(object_info: dict) -> dict:
             if link is not None:
                 link[4], link[5] = len(inputs), _kind(spec)
             inputs.append({"name": name, "type": _kind(spec), "link": link[0] if link else None})
-        outputs = [{"name": out_name, "type": out_type, "links": out_links.get((node_id, slot)) or None}
-                   for slot, (out_name, out_type) in enumerate(zip(info["output_name"], info["output"]))]
+        outputs = [
+            {"name": out_name, "type": out_type, "links": out_links.get((node_id, slot)) or None}
+            for slot, (out_name, out_type) in enumerate(zip(info["output_name"], info["output"]))
+        ]
         pos, size = LAYOUT[node_id]
-        nodes.append({"id": int(node_id), "type": kind, "title": title, "pos": pos, "size": size, "flags": {},
-                      "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
-                      "properties": {"Node name for S&R": kind},
-                      "widgets_values": _widget_values(info, values)})
-    return {"id": "0b6f9c1e-5d2a-4c1e-9f3e-f1e25e1ec7a0", "revision": 0, "last_node_id": len(nodes),
-            "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
+        nodes.append(
+            {
+                "id": int(node_id),
+                "type": kind,
+                "title": title,
+                "pos": pos,
+                "size": size,
+                "flags": {},
+                "order": order,
+                "mode": 0,
+                "inputs": inputs,
+                "outputs": outputs,
+                "properties": {"Node name for S&R": kind},
+                "widgets_values": _widget_values(info, values),
+            }
+        )
+    return {
+        "id": "0b6f9c1e-5d2a-4c1e-9f3e-f1e25e1ec7a0",
+        "revision": 0,
+        "last_node_id": len(nodes),
+        "last_link_id": len(links),
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
+        "version": 0.4,
+    }
 
 
 def prompt_from_ui(ui: dict, object_info: dict) -> dict:
@@ -143,6 +207,9 @@ def prompt_from_ui(ui: dict, object_info: dict) -> dict:
             if slot.get("link") is not None:
                 _, src, src_slot, *_ = links[slot["link"]]
                 inputs[slot["name"]] = [str(src), src_slot]
-        prompt[str(node["id"])] = {"class_type": node["type"], "_meta": {"title": node.get("title", node["type"])},
-                                   "inputs": inputs}
+        prompt[str(node["id"])] = {
+            "class_type": node["type"],
+            "_meta": {"title": node.get("title", node["type"])},
+            "inputs": inputs,
+        }
     return prompt

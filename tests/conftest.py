@@ -23,8 +23,14 @@ def tiny_backend(tiny_model_dir):
 def test_video(tmp_path_factory):
     from flexselect.video import write_test_video
 
-    return write_test_video(tmp_path_factory.mktemp("videos") / "clip.mp4", num_frames=48, fps=8.0,
-                            width=168, height=112, needle_frames=(20, 21))
+    return write_test_video(
+        tmp_path_factory.mktemp("videos") / "clip.mp4",
+        num_frames=48,
+        fps=8.0,
+        width=168,
+        height=112,
+        needle_frames=(20, 21),
+    )
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -14,18 +14,36 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import comfy_workflow as W
 import numpy as np
 import pytest
 import tomllib
 import torch
+
+import comfy_workflow as W
 from comfy_env import comfy_or_skip, import_comfyui
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE_IDS = {"LoadVideo", "GetVideoComponents", "CreateVideo", "SaveVideo", "LoadImage", "PreviewImage", "SaveImage",
-            "CheckpointLoaderSimple", "KSampler", "VAEDecode", "CLIPTextEncode", "UpscaleModelLoader", "TextGenerate"}
-PREVIEW_IMAGE_INFO = {"input": {"required": {"images": ["IMAGE", {}]}}, "input_order": {"required": ["images"]},
-                      "output": [], "output_name": []}
+CORE_IDS = {
+    "LoadVideo",
+    "GetVideoComponents",
+    "CreateVideo",
+    "SaveVideo",
+    "LoadImage",
+    "PreviewImage",
+    "SaveImage",
+    "CheckpointLoaderSimple",
+    "KSampler",
+    "VAEDecode",
+    "CLIPTextEncode",
+    "UpscaleModelLoader",
+    "TextGenerate",
+}
+PREVIEW_IMAGE_INFO = {
+    "input": {"required": {"images": ["IMAGE", {}]}},
+    "input_order": {"required": ["images"]},
+    "output": [],
+    "output_name": [],
+}
 VIDEO_NAME = "needle.mp4"
 FRAMES = 16
 
@@ -40,15 +58,23 @@ def pack(tmp_path_factory):
     comfy_or_skip(lambda: import_comfyui(tmp_path_factory.mktemp("stubs")))
     sys.path.insert(0, str(ROOT))
     import comfy.model_management as mm
-    import folder_paths
-
     import comfy_nodes
+    import folder_paths
     from comfy_nodes import caches, links, video_input, wording
     from comfy_nodes import comfy_compat as compat
     from comfy_nodes import nodes as N
 
-    return SimpleNamespace(N=N, compat=compat, caches=caches, links=links, video_input=video_input, wording=wording,
-                           mm=mm, folder_paths=folder_paths, entry=comfy_nodes.comfy_entrypoint)
+    return SimpleNamespace(
+        N=N,
+        compat=compat,
+        caches=caches,
+        links=links,
+        video_input=video_input,
+        wording=wording,
+        mm=mm,
+        folder_paths=folder_paths,
+        entry=comfy_nodes.comfy_entrypoint,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +89,16 @@ def env(pack, tmp_path_factory, tiny_model_dir):
     fp.set_input_directory(str(root / "input"))
     fp.add_model_folder_path(pack.compat.LLM_FOLDER, str(Path(tiny_model_dir).parent))
     fp.add_model_folder_path(pack.compat.RANKER_FOLDER, str(root / "rankers"))
-    write_test_video(root / "input" / VIDEO_NAME, num_frames=48, fps=8.0, width=168, height=112,
-                     needle_frames=(20, 21))
+    write_test_video(root / "input" / VIDEO_NAME, num_frames=48, fps=8.0, width=168, height=112, needle_frames=(20, 21))
     yield SimpleNamespace(root=root, input=root / "input", model_name=Path(tiny_model_dir).name)
     pack.caches.models.free()
     fp.set_input_directory(saved_input)
 
 
 def object_info(pack) -> dict:
-    return {cls.define_schema().node_id: cls.GET_NODE_INFO_V1() for cls in pack.N.NODES} | \
-        {"PreviewImage": PREVIEW_IMAGE_INFO}
+    return {cls.define_schema().node_id: cls.GET_NODE_INFO_V1() for cls in pack.N.NODES} | {
+        "PreviewImage": PREVIEW_IMAGE_INFO
+    }
 
 
 def example(pack, env, **overrides) -> dict:
@@ -93,15 +119,22 @@ def run_workflow(pack, wf: dict) -> dict:
     outputs, ui = {}, {}
     pending = dict(wf)
     while pending:
-        ready = [k for k, node in pending.items()
-                 if all(not isinstance(v, list) or v[0] in outputs for v in node["inputs"].values())]
+        ready = [
+            k
+            for k, node in pending.items()
+            if all(not isinstance(v, list) or v[0] in outputs for v in node["inputs"].values())
+        ]
         assert ready, f"cycle or dangling link among {list(pending)}"
         for node_id in sorted(ready, key=int):
             node = pending.pop(node_id)
-            known = {i.id for i in classes[node["class_type"]].define_schema().inputs} if node["class_type"] in classes \
-                else set(node["inputs"])  # ComfyUI passes a node only its own inputs ("video-preview" is not one)
-            args = {k: (outputs[v[0]][v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()
-                    if k in known}
+            known = (
+                {i.id for i in classes[node["class_type"]].define_schema().inputs}
+                if node["class_type"] in classes
+                else set(node["inputs"])
+            )  # ComfyUI passes a node only its own inputs ("video-preview" is not one)
+            args = {
+                k: (outputs[v[0]][v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items() if k in known
+            }
             if node["class_type"] == "PreviewImage":  # core node: only check what it would be given
                 images = args["images"]
                 assert images.dtype == torch.float32 and images.ndim == 4 and images.shape[-1] == 3
@@ -112,8 +145,9 @@ def run_workflow(pack, wf: dict) -> dict:
             validate = cls.__dict__.get("validate_inputs")
             if validate is not None:
                 names = inspect.signature(cls.validate_inputs).parameters
-                verdict = cls.validate_inputs(**{k: (None if isinstance(v, list) else v)
-                                                 for k, v in node["inputs"].items() if k in names})
+                verdict = cls.validate_inputs(
+                    **{k: (None if isinstance(v, list) else v) for k, v in node["inputs"].items() if k in names}
+                )
                 assert verdict is True, verdict
             with torch.inference_mode():  # ComfyUI runs nodes in inference mode
                 out = cls.execute(**args)
@@ -124,8 +158,7 @@ def run_workflow(pack, wf: dict) -> dict:
     return {"outputs": outputs, "ui": ui}
 
 
-def load_clip(pack, file=VIDEO_NAME, frames=8, fps=0.0, start=0.0, end=0.0, max_side=112, limit=0.0, preview=2,
-              **kw):
+def load_clip(pack, file=VIDEO_NAME, frames=8, fps=0.0, start=0.0, end=0.0, max_side=112, limit=0.0, preview=2, **kw):
     return pack.N.FlexSelectLoadVideo.execute(file, frames, fps, start, end, max_side, limit, preview, **kw)
 
 
@@ -133,10 +166,21 @@ def load_model(pack, env, dtype="float32"):
     return pack.N.FlexSelectLoadModel.execute(env.model_name, pack.N.AUTO_MMPROJ, "cpu", dtype, 32768)[0]
 
 
-def select(pack, clip, model, question="What is red?", budget=8, layer=-1, set_frames=0, preview="contact sheet",
-           preview_frames=4, ranker=None):
-    return pack.N.FlexSelect.execute(clip, model, question, budget, layer, set_frames, preview, preview_frames,
-                                     ranker=ranker)
+def select(
+    pack,
+    clip,
+    model,
+    question="What is red?",
+    budget=8,
+    layer=-1,
+    set_frames=0,
+    preview="contact sheet",
+    preview_frames=4,
+    ranker=None,
+):
+    return pack.N.FlexSelect.execute(
+        clip, model, question, budget, layer, set_frames, preview, preview_frames, ranker=ranker
+    )
 
 
 # -- contract ---------------------------------------------------------------------------------------------------------
@@ -280,8 +324,7 @@ def test_in_memory_video_and_image_batch(pack, env):
     before = images.clone()
     video = InputImpl.VideoFromComponents(Types.VideoComponents(images=images, audio=None, frame_rate=Fraction(10)))
     from_video, preview, _ = load_clip(pack, pack.N.NO_FILE, 8, 2.0, 1.0, 3.0, 45, 0.0, 3, video=video)
-    from_images, _, info = load_clip(pack, pack.N.NO_FILE, 8, 2.0, 1.0, 3.0, 45, 0.0, 3, images=images,
-                                     frame_rate=10.0)
+    from_images, _, info = load_clip(pack, pack.N.NO_FILE, 8, 2.0, 1.0, 3.0, 45, 0.0, 3, images=images, frame_rate=10.0)
     for clip in (from_video.clip, from_images.clip):
         assert clip.frames.shape == (5, 30, 44, 3) and clip.frames.dtype == np.uint8  # 2 s at 2 fps (+1), even sides
         assert clip.timestamps[0] >= 1.0 and clip.timestamps[-1] <= 3.0 and clip.sample_fps == pytest.approx(2.0)
@@ -316,6 +359,7 @@ def test_cancel_stops_decoding_at_the_next_frame(pack, env, monkeypatch):
         def spy(i, n):
             decoded.append(i)
             on_frame(i, n)
+
         return real_load_clip(*args, on_frame=spy, **kwargs)
 
     monkeypatch.setattr(fv, "load_clip", counting_load_clip)
@@ -370,9 +414,12 @@ def test_huge_request_is_refused_before_decoding(pack, env, monkeypatch):
     info = fv.VideoInfo(path="4k.mp4", num_frames=216000, fps=60.0, duration=3600.0, width=3840, height=2160)
     monkeypatch.setattr(fv, "probe", lambda path: info)
     monkeypatch.setattr(pack.compat, "available_ram_bytes", lambda: 16 * 2**30)
-    with pytest.raises(FlexSelectError, match=r"refusing to load 8192 frames of 3840x2160 .* needs about "
-                                              r"\d+\.\d\d GiB, over the limit of 8\.00 GiB \(50% of the 16\.00 GiB "
-                                              r"of RAM available now"):
+    with pytest.raises(
+        FlexSelectError,
+        match=r"refusing to load 8192 frames of 3840x2160 .* needs about "
+        r"\d+\.\d\d GiB, over the limit of 8\.00 GiB \(50% of the 16\.00 GiB "
+        r"of RAM available now",
+    ):
         load_clip(pack, frames=8192, max_side=4096, preview=16)
     # The same video sampled sensibly (2 fps over a minute, 448 px) is accepted up to the decoder.
     with pytest.raises(AssertionError, match="load_clip was called"):
@@ -384,7 +431,8 @@ def test_validation_refuses_missing_and_corrupt_videos_and_empty_questions(pack,
     (env.input / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
     assert N.FlexSelectLoadVideo.validate_inputs(VIDEO_NAME) is True
     assert "video not found in ComfyUI's input folder: missing.mp4" in N.FlexSelectLoadVideo.validate_inputs(
-        "missing.mp4")
+        "missing.mp4"
+    )
     corrupt = N.FlexSelectLoadVideo.validate_inputs("corrupt.mp4")
     assert corrupt.startswith("corrupt.mp4: ") and "is it a complete video file?" in corrupt, corrupt
     # A connected video or images input (None at validation time) replaces the file: its widget is not probed.
@@ -413,8 +461,10 @@ def test_run_errors_are_worded_for_the_node(pack, env):
     model = load_model(pack, env)
     with pytest.raises(FlexSelectError) as too_big:
         select(pack, clip, model, "What?", budget=10_000)
-    assert str(too_big.value) == ("the budget of 10000 tokens is larger than the clip's 24 visual tokens (2 temporal "
-                                  "units x 12 tokens): lower budget, or sample more frames in Load Video")
+    assert str(too_big.value) == (
+        "the budget of 10000 tokens is larger than the clip's 24 visual tokens (2 temporal "
+        "units x 12 tokens): lower budget, or sample more frames in Load Video"
+    )
     with pytest.raises(FlexSelectError, match="reference layer 99 is out of range"):
         select(pack, clip, model, "What?", layer=99)
     selection = select(pack, clip, model, "What?")[0]
@@ -424,20 +474,38 @@ def test_run_errors_are_worded_for_the_node(pack, env):
 
 
 WORDING_CASES = [  # (the library's CLI wording, what the node says instead)
-    (("the budget of 900 tokens is larger than the video's 96 visual tokens (8 frames x 12); use a smaller "
-      "--budget or sample more frames"),
-     "(8 temporal units x 12 tokens); use a smaller `budget` or sample more frames"),
-    (("the answer (prompt + --max-new-tokens) needs 9000 tokens but this model takes at most 8192: use a smaller "
-      "--budget, fewer --frames or a smaller --set-frames"),
-     ("(prompt + `max_new_tokens`) needs 9000 tokens but this model takes at most 8192: use a smaller `budget`, "
-      "fewer `frames` or a smaller `set_frames`")),
-    ("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu",
-     "device 'cuda' was picked but torch sees no CUDA GPU; pick device 'cpu'"),
-    ("selector 'lite' needs a ranker: pass --ranker PATH",
-     "needs a ranker: connect a Load Lite Ranker (FlexSelect) node"),
-    (("/m is not a transformers model folder (no config.json); pass the folder of a local checkpoint, e.g. "
-      "--model /models/Qwen2.5-VL-7B-Instruct"),
-     "(no config.json); pick a checkpoint folder in models/LLM"),
+    (
+        (
+            "the budget of 900 tokens is larger than the video's 96 visual tokens (8 frames x 12); use a smaller "
+            "--budget or sample more frames"
+        ),
+        "(8 temporal units x 12 tokens); use a smaller `budget` or sample more frames",
+    ),
+    (
+        (
+            "the answer (prompt + --max-new-tokens) needs 9000 tokens but this model takes at most 8192: use a smaller "
+            "--budget, fewer --frames or a smaller --set-frames"
+        ),
+        (
+            "(prompt + `max_new_tokens`) needs 9000 tokens but this model takes at most 8192: use a smaller `budget`, "
+            "fewer `frames` or a smaller `set_frames`"
+        ),
+    ),
+    (
+        "--device cuda was asked for but torch sees no CUDA GPU; use --device cpu",
+        "device 'cuda' was picked but torch sees no CUDA GPU; pick device 'cpu'",
+    ),
+    (
+        "selector 'lite' needs a ranker: pass --ranker PATH",
+        "needs a ranker: connect a Load Lite Ranker (FlexSelect) node",
+    ),
+    (
+        (
+            "/m is not a transformers model folder (no config.json); pass the folder of a local checkpoint, e.g. "
+            "--model /models/Qwen2.5-VL-7B-Instruct"
+        ),
+        "(no config.json); pick a checkpoint folder in models/LLM",
+    ),
     ("x.gguf needs its vision projector: pass --mmproj mmproj.gguf\n", "needs its vision projector: pick its mmproj"),
 ]
 
@@ -456,8 +524,16 @@ def test_ranker_dropdown_and_path(pack, env, tiny_backend):
 
     folder = env.root / "rankers"
     host = host_info(tiny_backend)
-    config = qwen2_config({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                           "num_attention_heads": 4, "num_key_value_heads": 2}, vocab_size=host.vocab_size)
+    config = qwen2_config(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        vocab_size=host.vocab_size,
+    )
     torch.manual_seed(0)
     save_bundle(LiteRanker(config, host), folder / "tiny-ranker")
     (folder / "exported.onnx").write_bytes(b"")  # a bare ONNX ranker is listed (load_ranker takes .onnx files)
@@ -501,9 +577,15 @@ def test_inputs_are_never_mutated(pack, env):
     model_before = copy.deepcopy(model)
     with torch.inference_mode():
         selection = select(pack, clip, model, preview="frames")[0]
-    sel_before = (selection.kept.clone(), selection.selection.scores.clone(), selection.visual.embeds.clone(),
-                  selection.prompt.prefix_ids.clone(), selection.prompt.suffix_ids.clone(),
-                  selection.kept_per_unit.copy(), selection.question)
+    sel_before = (
+        selection.kept.clone(),
+        selection.selection.scores.clone(),
+        selection.visual.embeds.clone(),
+        selection.prompt.prefix_ids.clone(),
+        selection.prompt.suffix_ids.clone(),
+        selection.kept_per_unit.copy(),
+        selection.question,
+    )
     with torch.inference_mode():
         out = pack.N.FlexSelectAnswer.execute(selection, model, 4, 0.7, 0.9, 3)
     assert isinstance(out.args[0], str)
@@ -543,9 +625,9 @@ def test_pack_requirements_are_the_library_dependencies_without_torch():
 
 def test_transformers_is_checked_at_model_load(pack, monkeypatch):
     import transformers
-    from flexselect.errors import FlexSelectError
-
     from comfy_nodes.requirements_check import check_transformers
+
+    from flexselect.errors import FlexSelectError
 
     check_transformers()  # the installed one
     for version in ("4.57.1", "6.0.0"):

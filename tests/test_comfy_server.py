@@ -23,8 +23,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import comfy_workflow as W
 import pytest
+
+import comfy_workflow as W
 from comfy_env import (
     comfy_or_skip,
     comfyui_source,
@@ -40,8 +41,14 @@ PACK_DIR = "flexselect"  # the folder name a ComfyUI-Manager clone of the reposi
 VIDEO = "flexselect_example.mp4"  # the name the shipped workflow uses (the README tells users to put theirs there)
 LONG_VIDEO = "long.mp4"
 MODEL = "Qwen2.5-VL-7B-Instruct"  # the shipped workflow's model: here the tiny random checkpoint stands in for it
-OUR_IDS = ["FlexSelectLoadVideo", "FlexSelectLoadModel", "FlexSelectLoadRanker", "FlexSelect", "FlexSelectAnswer",
-           "FlexSelectFreeModels"]
+OUR_IDS = [
+    "FlexSelectLoadVideo",
+    "FlexSelectLoadModel",
+    "FlexSelectLoadRanker",
+    "FlexSelect",
+    "FlexSelectAnswer",
+    "FlexSelectFreeModels",
+]
 
 
 def install_pack(custom_nodes: Path, python: Path) -> Path:
@@ -59,13 +66,22 @@ def install_pack(custom_nodes: Path, python: Path) -> Path:
 
 def write_tiny_ranker(folder: Path, tiny_backend) -> None:
     import torch
+
     from flexselect.lite.bundle import save_bundle
     from flexselect.lite.host import host_info
     from flexselect.lite.ranker import LiteRanker, qwen2_config
 
     host = host_info(tiny_backend)
-    config = qwen2_config({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                           "num_attention_heads": 4, "num_key_value_heads": 2}, vocab_size=host.vocab_size)
+    config = qwen2_config(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        vocab_size=host.vocab_size,
+    )
     torch.manual_seed(0)
     save_bundle(LiteRanker(config, host), folder / "tiny-ranker")
     for decoy in ("weights.pt", "model.bin", "other.safetensors"):  # what load_ranker refuses: never offered
@@ -84,8 +100,9 @@ class Server:
 
     def request(self, method: str, path: str, body=None, timeout: float = 30):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw = r.read()
@@ -134,8 +151,9 @@ def errors_of(entry: dict) -> list[dict]:
 
 
 def succeeded(entry: dict) -> None:
-    assert entry["status"]["status_str"] == "success", [(e["exception_message"], e["traceback"][-3:])
-                                                        for e in errors_of(entry)]
+    assert entry["status"]["status_str"] == "success", [
+        (e["exception_message"], e["traceback"][-3:]) for e in errors_of(entry)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +187,28 @@ def server(tmp_path_factory, tiny_model_dir, tiny_backend):
     server_env.update(PYTHONPATH=str(stubs), PYTHONUNBUFFERED="1")
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base,
-             "--user-directory", base / "user", "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
-             "--log-stdout"],
-            cwd=tree, stdout=out, stderr=subprocess.STDOUT, env=server_env, start_new_session=True,
+            [
+                python,
+                "main.py",
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--base-directory",
+                base,
+                "--user-directory",
+                base / "user",
+                "--database-url",
+                "sqlite:///:memory:",
+                "--disable-auto-launch",
+                "--log-stdout",
+            ],
+            cwd=tree,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=server_env,
+            start_new_session=True,
         )
     srv = Server(f"http://127.0.0.1:{port}", proc, log, python)
     try:
@@ -188,8 +224,11 @@ def server(tmp_path_factory, tiny_model_dir, tiny_backend):
             if time.monotonic() > deadline:
                 raise AssertionError(f"ComfyUI did not answer within 180 s:\n{srv.log_text()[-4000:]}")
             time.sleep(0.5)
-        print(f"\nComfyUI e2e: environment + pack install {setup_s:.1f} s, server start "
-              f"{time.monotonic() - t0 - setup_s:.1f} s", file=sys.stderr)
+        print(
+            f"\nComfyUI e2e: environment + pack install {setup_s:.1f} s, server start "
+            f"{time.monotonic() - t0 - setup_s:.1f} s",
+            file=sys.stderr,
+        )
         _, srv.info = srv.request("GET", "/object_info")
         yield srv
     finally:
@@ -212,8 +251,10 @@ def shipped_prompt(server, **overrides) -> dict:
 
 def small(server, **overrides) -> dict:
     """The shipped workflow at a tiny size (8 frames at 112 px: 4 temporal units x 12 tokens), for other paths."""
-    prompt = shipped_prompt(server, **{"1": {"frames": 8, "max_side": 112}, "3": {"budget": 12, "set_frames": 2},
-                                       "4": {"max_new_tokens": 4}})
+    prompt = shipped_prompt(
+        server,
+        **{"1": {"frames": 8, "max_side": 112}, "3": {"budget": 12, "set_frames": 2}, "4": {"max_new_tokens": 4}},
+    )
     for node_id, inputs in overrides.items():
         prompt[node_id]["inputs"].update(inputs)
     return prompt
@@ -256,8 +297,9 @@ def test_shipped_ui_workflow_runs(server):
     answer = entry["outputs"]["4"]["text"]
     assert isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], str)
     assert entry["outputs"]["5"]["images"], "the heatmap preview was not saved"
-    print(f"\nComfyUI e2e: the shipped workflow {time.monotonic() - t0:.1f} s, answer {answer[0][:60]!r}",
-          file=sys.stderr)
+    print(
+        f"\nComfyUI e2e: the shipped workflow {time.monotonic() - t0:.1f} s, answer {answer[0][:60]!r}", file=sys.stderr
+    )
 
 
 def test_ranker_path(server):
@@ -271,8 +313,10 @@ def test_ranker_path(server):
 
 
 def test_core_video_and_image_batch_inputs(server):
-    core = {"7": {"class_type": "LoadVideo", "inputs": {"file": VIDEO}},
-            "8": {"class_type": "GetVideoComponents", "inputs": {"video": ["7", 0]}}}
+    core = {
+        "7": {"class_type": "LoadVideo", "inputs": {"file": VIDEO}},
+        "8": {"class_type": "GetVideoComponents", "inputs": {"video": ["7", 0]}},
+    }
     as_video = small(server, **{"1": {"video": ["7", 0]}})
     as_images = small(server, **{"1": {"images": ["8", 0], "frame_rate": ["8", 2]}})
     texts = []
@@ -286,10 +330,12 @@ def test_core_video_and_image_batch_inputs(server):
 
 
 def test_validation_refuses_bad_videos_and_questions(server):
-    for overrides, node, words in [({"1": {"file": "missing.mp4"}}, "1", "video not found in ComfyUI's input folder"),
-                                   ({"1": {"file": "corrupt.mp4"}}, "1", "is it a complete video file?"),
-                                   ({"3": {"question": "  "}}, "3", "the question is empty"),
-                                   ({"3": {"layer": -5}}, "3", "smaller than min")]:
+    for overrides, node, words in [
+        ({"1": {"file": "missing.mp4"}}, "1", "video not found in ComfyUI's input folder"),
+        ({"1": {"file": "corrupt.mp4"}}, "1", "is it a complete video file?"),
+        ({"3": {"question": "  "}}, "3", "the question is empty"),
+        ({"3": {"layer": -5}}, "3", "smaller than min"),
+    ]:
         status, body = server.request("POST", "/prompt", {"prompt": small(server, **overrides)})
         assert status == 400 and node in body["node_errors"], body
         assert words in json.dumps(body["node_errors"][node]), body["node_errors"][node]
@@ -301,8 +347,10 @@ def test_run_error_is_one_node_worded_line(server):
     (error,) = errors_of(entry)
     message = error["exception_message"]
     # ComfyUI itself appends "\n" and its (empty) tips to every run error; the pack's own line ends clean.
-    assert message == ("the budget of 100000 tokens is larger than the clip's 48 visual tokens (4 temporal units x "
-                       "12 tokens): lower budget, or sample more frames in Load Video\n"), message
+    assert message == (
+        "the budget of 100000 tokens is larger than the clip's 48 visual tokens (4 temporal units x "
+        "12 tokens): lower budget, or sample more frames in Load Video\n"
+    ), message
     inputs = json.dumps(error["current_inputs"])
     assert len(inputs) < 1500 and "<FlexSelect clip: 8 frames 112x74" in inputs, inputs[:500]
 
@@ -317,8 +365,13 @@ def test_comfyui_can_unload_the_model(server):
 def test_interrupt_stops_a_long_run(server):
     # 1200 frames decoded one by one, encoded in chunks, then 600 one-unit frame sets scored one by one: Cancel is
     # checked between each of them.
-    prompt = small(server, **{"1": {"file": LONG_VIDEO, "frames": 1200, "max_side": 56, "preview_frames": 2},
-                              "3": {"budget": 1, "set_frames": 1, "question": "What happens in the long video?"}})
+    prompt = small(
+        server,
+        **{
+            "1": {"file": LONG_VIDEO, "frames": 1200, "max_side": 56, "preview_frames": 2},
+            "3": {"budget": 1, "set_frames": 1, "question": "What happens in the long video?"},
+        },
+    )
     prompt_id = server.submit(prompt)
     server.wait_running(prompt_id, timeout=60)
     time.sleep(0.5)

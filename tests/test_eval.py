@@ -3,13 +3,20 @@
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
 from flexselect.errors import FlexSelectError
-from flexselect.eval import (BENCHMARKS, build_prompt, extract_letter, format_comparison, load_benchmark,
-                             make_mini_dataset, run_eval, summarize)
+from flexselect.eval import (
+    BENCHMARKS,
+    build_prompt,
+    extract_letter,
+    format_comparison,
+    load_benchmark,
+    make_mini_dataset,
+    run_eval,
+    summarize,
+)
 from flexselect.eval.synthetic import COLOURS, MLVU_TASKS, correct_index, n_options_for
 
 LETTERS = "ABCDE"
@@ -71,9 +78,15 @@ def test_videomme_jsonl_and_parquet_without_reader(tmp_path, monkeypatch):
         load_benchmark("videomme", root)
 
 
-@pytest.mark.parametrize("benchmark, expected", [
-    ("videomme", "videomme/test-00000-of-00001.parquet"), ("mlvu", "json/1_plotQA.json"),
-    ("longvideobench", "lvb_val.json"), ("lvbench", "video_info.meta.jsonl")])
+@pytest.mark.parametrize(
+    "benchmark, expected",
+    [
+        ("videomme", "videomme/test-00000-of-00001.parquet"),
+        ("mlvu", "json/1_plotQA.json"),
+        ("longvideobench", "lvb_val.json"),
+        ("lvbench", "video_info.meta.jsonl"),
+    ],
+)
 def test_missing_annotation_names_expected_path(tmp_path, benchmark, expected):
     with pytest.raises(FlexSelectError, match=re.escape(str(tmp_path / expected))):
         load_benchmark(benchmark, tmp_path)
@@ -85,7 +98,9 @@ def test_missing_video_and_bad_benchmark(tmp_path):
     with pytest.raises(FlexSelectError, match=r"lvb00001\.mp4 not found \(1 of 3"):
         load_benchmark("longvideobench", root)
     assert [i.item_id for i in load_benchmark("longvideobench", root, skip_missing_videos=True)] == [
-        "lvb00000_0", "lvb00002_0"]
+        "lvb00000_0",
+        "lvb00002_0",
+    ]
     with pytest.raises(FlexSelectError, match="unknown benchmark"):
         load_benchmark("egoschema", root)
 
@@ -93,15 +108,37 @@ def test_missing_video_and_bad_benchmark(tmp_path):
 OPTIONS = ["red car", "blue car", "green bike", "a yellow bus"]
 
 
-@pytest.mark.parametrize("reply, expected", [
-    ("B", "B"), ("(B)", "B"), ("B.", "B"), ("  C", "C"), ("b", "B"), ("(c)", "C"),
-    ("The answer is B", "B"), ("Answer: (c)", "C"), ("answer is d.", "D"), ("The best option is C.", "C"),
-    ("B) blue", "B"), ("D. a yellow bus", "D"), ("\n  A: red car", "A"),
-    ("blue car", "B"), ("Green Bike.", "C"), ("I think it is the blue car.", "B"), ("I choose (D) here", "D"),
-    ("The answer is a red car", "A"), ("B is correct", "B"),
-    ("I don't know", None), ("A man opens the door", None), ("Both A and B", None), ("E", None),
-    ("", None), ("red", None), ("The car", None),
-])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("B", "B"),
+        ("(B)", "B"),
+        ("B.", "B"),
+        ("  C", "C"),
+        ("b", "B"),
+        ("(c)", "C"),
+        ("The answer is B", "B"),
+        ("Answer: (c)", "C"),
+        ("answer is d.", "D"),
+        ("The best option is C.", "C"),
+        ("B) blue", "B"),
+        ("D. a yellow bus", "D"),
+        ("\n  A: red car", "A"),
+        ("blue car", "B"),
+        ("Green Bike.", "C"),
+        ("I think it is the blue car.", "B"),
+        ("I choose (D) here", "D"),
+        ("The answer is a red car", "A"),
+        ("B is correct", "B"),
+        ("I don't know", None),
+        ("A man opens the door", None),
+        ("Both A and B", None),
+        ("E", None),
+        ("", None),
+        ("red", None),
+        ("The car", None),
+    ],
+)
 def test_extract_letter(reply, expected):
     assert extract_letter(reply, 4, OPTIONS) == expected
 
@@ -113,7 +150,8 @@ def test_extract_letter_without_option_texts():
 
 def test_prompt_layout():
     assert build_prompt("Which?", ["x", "y"]) == (
-        "Which?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.")
+        "Which?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly."
+    )
 
 
 class FakeModel:
@@ -128,7 +166,7 @@ class FakeModel:
         self.calls.append(item.item_id)
         if clip_index(item) in self.right:
             return f"The answer is {item.answer}"
-        wrong = next(c for c in LETTERS[:len(item.options)] if c != item.answer)
+        wrong = next(c for c in LETTERS[: len(item.options)] if c != item.answer)
         return f"({wrong})"
 
 
@@ -148,8 +186,9 @@ def test_scores_are_exact(tmp_path):
     assert fs["m_avg"] == pytest.approx((2 / 3 + 0.5) / 7)  # mean of task accuracies, not of items
     assert s["methods"]["baseline"]["m_avg"] == 1.0
     table = format_comparison(s)
-    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
-                                              for line in table.splitlines())}
+    rows = {
+        cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines())
+    }
     assert rows["mlvu"] == ["baseline", "flexselect"]
     assert rows["overall"] == ["100.0", "20.0"] and rows["M-Avg"] == ["100.0", "16.7"]
     assert rows["plotQA"] == ["100.0", "66.7"] and rows["items"] == ["15", "15"]
@@ -198,7 +237,7 @@ def test_truncated_last_line_is_redone(tmp_path):
     out = tmp_path / "t.jsonl"
     run_eval(items, FakeModel(items, right=range(4)), out, limit=3, method="baseline")
     text = out.read_text()
-    out.write_text(text[:len(text) - 25])  # a crash in the middle of writing the third line
+    out.write_text(text[: len(text) - 25])  # a crash in the middle of writing the third line
     assert summarize(out)["methods"]["baseline"]["n"] == 2  # read-only: the partial line is just ignored
     model = FakeModel(items, right=range(4))
     assert run_eval(items, model, out, method="baseline") == 2
@@ -227,6 +266,7 @@ def test_common_only_and_bad_files(tmp_path):
 
 # ---- `flexselect eval` end to end on the tiny model ------------------------------------------------------------
 
+
 @pytest.fixture
 def mini_videomme(tmp_path):
     """Four VideoMME questions over two real (generated) videos instead of placeholders."""
@@ -254,9 +294,27 @@ def test_eval_cli_runs_compares_and_resumes(tmp_path, tiny_model_dir, mini_video
 
     monkeypatch.setattr(FlexSelect, "answer", spy)
     out = tmp_path / "results.jsonl"
-    argv = ["eval", "videomme", str(root), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu",
-            "--dtype", "float32", "--frames", "8", "--budget", "16", "--max-new-tokens", "4",
-            "--summary-json", str(tmp_path / "summary.json")]
+    argv = [
+        "eval",
+        "videomme",
+        str(root),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--frames",
+        "8",
+        "--budget",
+        "16",
+        "--max-new-tokens",
+        "4",
+        "--summary-json",
+        str(tmp_path / "summary.json"),
+    ]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert re.search(r"\| videomme\s+\|\s+baseline \|\s+flexselect \|", table)
@@ -264,9 +322,12 @@ def test_eval_cli_runs_compares_and_resumes(tmp_path, tiny_model_dir, mini_video
 
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["item_id"], r["method"]) for r in records] == [
-        (i.item_id, m) for i in items for m in ("baseline", "flexselect")]
-    assert all(r["pred"] in (None, *LETTERS[:4]) and r["prompt"] == build_prompt(i.question, i.options)
-               for r, i in zip(records, [i for i in items for _ in range(2)]))
+        (i.item_id, m) for i in items for m in ("baseline", "flexselect")
+    ]
+    assert all(
+        r["pred"] in (None, *LETTERS[:4]) and r["prompt"] == build_prompt(i.question, i.options)
+        for r, i in zip(records, [i for i in items for _ in range(2)])
+    )
     # 8 frames of 2x4 tokens in pairs: FlexSelect keeps 16 of 32 tokens; the baseline samples the 4 frames whose
     # 16 tokens cost the same answer pass, and selects nothing.
     assert {c[:3] for c in calls} == {("none", 4, 16), ("reference", 8, 16)}
@@ -303,19 +364,37 @@ def test_eval_cli_records_what_it_can_and_retries_the_rest(tmp_path, tiny_model_
     good = broken.read_bytes()
     broken.write_bytes(good[: len(good) // 3])
     out = tmp_path / "r.jsonl"
-    argv = ["eval", "videomme", str(root), "-o", str(out), "--model", str(tiny_model_dir), "--device", "cpu",
-            "--methods", "flexselect", "--frames", "8", "--budget", "16", "--max-new-tokens", "2"]
+    argv = [
+        "eval",
+        "videomme",
+        str(root),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--methods",
+        "flexselect",
+        "--frames",
+        "8",
+        "--budget",
+        "16",
+        "--max-new-tokens",
+        "2",
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err
     bad = [i.item_id for i in items if i.video == broken]
     assert f"{len(bad)} answer(s) failed" in err and all(f"{b} (flexselect)" in err for b in bad)
     assert {json.loads(line)["item_id"] for line in out.read_text().splitlines()} == {
-        i.item_id for i in items if i.video != broken}
+        i.item_id for i in items if i.video != broken
+    }
 
     broken.unlink()
     write_test_video(broken, num_frames=16, fps=4.0, width=112, height=56, seed=1)
     assert main(argv) == 0  # only the failed ones are answered now
-    assert [json.loads(line)["item_id"] for line in out.read_text().splitlines()][-len(bad):] == bad
+    assert [json.loads(line)["item_id"] for line in out.read_text().splitlines()][-len(bad) :] == bad
 
     assert main(argv[:-4] + ["--budget", "100000", "-o", str(tmp_path / "none.jsonl")]) == 2
     assert "no answer could be recorded" in capsys.readouterr().err and not (tmp_path / "none.jsonl").exists()

@@ -38,8 +38,9 @@ def test_describe_says_where_in_plain_words():
 
 def run_demo(tmp_path, *args):
     env = {**os.environ, "FLEXSELECT_CACHE": str(tmp_path)}
-    return subprocess.run([sys.executable, "-m", "flexselect", "answer", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flexselect", "answer", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")

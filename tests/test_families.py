@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from flexselect.errors import FlexSelectError
 from flexselect.backends import detect_family, load_backend
 from flexselect.backends.base import GenerationConfig
+from flexselect.errors import FlexSelectError
 from flexselect.selection import frame_sets, top_k
 from flexselect.video import Clip
 
@@ -71,10 +71,12 @@ def test_internvl_with_a_qk_normalising_language_model_scores_like_eager_attenti
     from flexselect.tiny import TINY_QWEN2_TEXT, TINY_SQUARE_VISION
 
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["internvl"])
-    config = InternVLConfig(text_config={**TINY_QWEN2_TEXT, "model_type": "qwen3", "head_dim": 16,
-                                         "vocab_size": len(tokenizer)},
-                            vision_config=TINY_SQUARE_VISION, downsample_ratio=0.5,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    config = InternVLConfig(
+        text_config={**TINY_QWEN2_TEXT, "model_type": "qwen3", "head_dim": 16, "vocab_size": len(tokenizer)},
+        vision_config=TINY_SQUARE_VISION,
+        downsample_ratio=0.5,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+    )
     torch.manual_seed(0)
     backend = InternVLBackend(InternVLForConditionalGeneration(config).eval(), tokenizer, {})
     assert hasattr(backend.text_model.layers[0].self_attn, "q_norm")
@@ -113,7 +115,9 @@ def test_internvl_frame_block_is_img_tokens_then_end_img(backends, monkeypatch):
     assert visual.grid == (4, 4) and visual.tokens_per_frame == 18 and visual.num_tokens == 90
     blocks = visual.embeds.view(5, 18, 64)
     start_end = backend.embed_ids(torch.tensor(backend.tokenizer.convert_tokens_to_ids(["<img>", "</img>"])))
-    assert torch.equal(blocks[:, 0], start_end[0].expand(5, -1)) and torch.equal(blocks[:, -1], start_end[1].expand(5, -1))
+    assert torch.equal(blocks[:, 0], start_end[0].expand(5, -1)) and torch.equal(
+        blocks[:, -1], start_end[1].expand(5, -1)
+    )
     pixels = common.square_pixels(clip.frames, 112, backend.mean, backend.std)
     with torch.inference_mode():
         hf = backend.model.model.get_image_features(pixel_values=pixels).pooler_output
@@ -129,8 +133,12 @@ def test_internvl_pixels_match_its_image_processor_without_resizing():
     from flexselect.backends.hf.internvl import IMAGENET_MEAN, IMAGENET_STD
 
     image = frames_array(1, 112, 112)[0]
-    processor = GotOcr2ImageProcessorPil(size={"height": 112, "width": 112}, crop_to_patches=False,
-                                         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    processor = GotOcr2ImageProcessorPil(
+        size={"height": 112, "width": 112},
+        crop_to_patches=False,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+    )
     reference = processor(images=[image], return_tensors="pt")["pixel_values"]
     ours = square_pixels(image[None], 112, torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD))
     torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=0)
@@ -173,8 +181,9 @@ def test_scoring_pass_stops_at_the_reference_layer(family, backends, tiny_backen
     layers = backend.text_model.layers
     calls = []
     hooks = [layers[i].register_forward_hook(lambda m, a, o, i=i: calls.append(("layer", i))) for i in range(4)]
-    hooks += [layers[i].self_attn.register_forward_hook(lambda m, a, o, i=i: calls.append(("attn", i)))
-              for i in range(4)]
+    hooks += [
+        layers[i].self_attn.register_forward_hook(lambda m, a, o, i=i: calls.append(("attn", i))) for i in range(4)
+    ]
     hooks.append(layers[2].mlp.register_forward_hook(lambda m, a, o: calls.append(("mlp", 2))))
     hooks.append(backend.text_model.norm.register_forward_hook(lambda m, a, o: calls.append(("norm", -1))))
     try:
@@ -210,8 +219,14 @@ def test_llava_answer_pass_is_kept_tokens_then_newline_at_consecutive_positions(
     n = p + k + 1 + t
     assert inputs.embeds.shape[1] == n and inputs.next_position == n
     assert torch.equal(inputs.position_ids, torch.arange(n)[None])
-    expected = torch.cat([backend.embed_ids(prompt.prefix_ids), visual.embeds[kept],
-                          backend.model.model.image_newline[None], backend.embed_ids(prompt.suffix_ids)])
+    expected = torch.cat(
+        [
+            backend.embed_ids(prompt.prefix_ids),
+            visual.embeds[kept],
+            backend.model.model.image_newline[None],
+            backend.embed_ids(prompt.suffix_ids),
+        ]
+    )
     assert torch.equal(inputs.embeds[0], expected)
 
 
@@ -226,13 +241,18 @@ def test_internvl_answer_pass_labels_only_frames_that_keep_tokens(backends):
     def ids(text):
         return torch.tensor(backend.tokenizer(text, add_special_tokens=False).input_ids)
 
-    expected = torch.cat([
-        backend.embed_ids(prompt.prefix_ids),
-        backend.embed_ids(ids("Frame1: ")), visual.embeds[kept[:2]],
-        backend.embed_ids(ids("\nFrame2: ")), visual.embeds[kept[2:4]],
-        backend.embed_ids(ids("\nFrame3: ")), visual.embeds[kept[4:]],
-        backend.embed_ids(prompt.suffix_ids),
-    ])
+    expected = torch.cat(
+        [
+            backend.embed_ids(prompt.prefix_ids),
+            backend.embed_ids(ids("Frame1: ")),
+            visual.embeds[kept[:2]],
+            backend.embed_ids(ids("\nFrame2: ")),
+            visual.embeds[kept[2:4]],
+            backend.embed_ids(ids("\nFrame3: ")),
+            visual.embeds[kept[4:]],
+            backend.embed_ids(prompt.suffix_ids),
+        ]
+    )
     assert torch.equal(inputs.embeds[0], expected)
     assert torch.equal(inputs.position_ids, torch.arange(len(expected))[None])
     assert inputs.next_position == len(expected)
@@ -246,8 +266,9 @@ def test_internvl_scoring_labels_the_set_as_a_short_video(backends):
     columns = backend.scoring_columns(visual, [1, 4, 7], prompt)
     inputs = backend.scoring_inputs(visual, [1, 4, 7], prompt)
     assert torch.equal(inputs.embeds[0, columns], visual.embeds[visual.frame_tokens([1, 4, 7])])
-    label_lengths = [len(backend.tokenizer(t, add_special_tokens=False).input_ids)
-                     for t in ("Frame1: ", "\nFrame2: ", "\nFrame3: ")]
+    label_lengths = [
+        len(backend.tokenizer(t, add_special_tokens=False).input_ids) for t in ("Frame1: ", "\nFrame2: ", "\nFrame3: ")
+    ]
     p = len(prompt.prefix_ids)
     assert columns[0] == p + label_lengths[0]
     assert columns[18] == p + label_lengths[0] + 18 + label_lengths[1]
@@ -267,12 +288,13 @@ def test_qwen2_vl_video_positions_step_one_per_unit_as_transformers(backends):
     hf = backend.model.model
     input_ids = torch.cat([prompt.prefix_ids, torch.full((n_video,), hf.config.video_token_id), prompt.suffix_ids])
     types = torch.cat([torch.zeros(p), torch.full((n_video,), 2), torch.zeros(t)]).int()
-    positions, _ = hf.get_rope_index(input_ids[None], types[None],
-                                     video_grid_thw=torch.tensor([[visual.num_frames, rows * 2, cols * 2]]))
+    positions, _ = hf.get_rope_index(
+        input_ids[None], types[None], video_grid_thw=torch.tensor([[visual.num_frames, rows * 2, cols * 2]])
+    )
     everything = torch.arange(n_video)
     ours = backend.answer_inputs(visual, everything, prompt).position_ids
     assert torch.equal(ours[:, 0, : p + n_video], positions[:, 0, : p + n_video])
-    assert ours[0, 0, p:p + n_video].unique().tolist() == [p + u for u in range(visual.num_frames)]
+    assert ours[0, 0, p : p + n_video].unique().tolist() == [p + u for u in range(visual.num_frames)]
 
 
 # -- the pipeline end to end -----------------------------------------------------------------------------------------
@@ -287,7 +309,12 @@ def test_pipeline_answers_with_selection(family, backends):
     info = video.VideoInfo(path="hand-made", num_frames=16, fps=fps, duration=16 / fps, width=84, height=56)
     clip = video.Clip(frames=frames, timestamps=np.arange(16) / fps, source="hand-made", info=info)
     pipe = FlexSelect(backend)
-    answer = pipe.answer(clip, "What happens in the video?", generation=GenerationConfig(max_new_tokens=3), options=SelectOptions(budget=2 * 18 if family == "internvl" else 32, set_frames=4, layer=2))
+    answer = pipe.answer(
+        clip,
+        "What happens in the video?",
+        generation=GenerationConfig(max_new_tokens=3),
+        options=SelectOptions(budget=2 * 18 if family == "internvl" else 32, set_frames=4, layer=2),
+    )
     visual, selection = answer.visual, answer.selection
     tpf = visual.tokens_per_frame
     assert len(selection.sets) > 1 and selection.layer == 2

@@ -20,8 +20,8 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python==0.3.36 is not installed (pip install .[gguf])")
 
-from flexselect.errors import FlexSelectError  # noqa: E402
 from flexselect.backends.base import GenerationConfig  # noqa: E402
+from flexselect.errors import FlexSelectError  # noqa: E402
 from flexselect.selection import frame_sets, top_k  # noqa: E402
 from helpers import random_clip  # noqa: E402
 
@@ -123,8 +123,11 @@ def test_lite_host_identity_matches_transformers(llama_backends, tiny_backend):
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
 def test_encoded_visual_tokens_match_transformers(llama_backends, hf_visual, clip, outtype):
     visual = llama_backends[outtype].encode(clip)
-    assert (visual.num_frames, visual.grid, visual.frame_size) == (hf_visual.num_frames, hf_visual.grid,
-                                                                   hf_visual.frame_size)
+    assert (visual.num_frames, visual.grid, visual.frame_size) == (
+        hf_visual.num_frames,
+        hf_visual.grid,
+        hf_visual.frame_size,
+    )
     assert visual.time_interval == hf_visual.time_interval
     np.testing.assert_array_equal(visual.timestamps, hf_visual.timestamps)
     err = (visual.embeds - hf_visual.embeds.float()).abs().max()
@@ -259,8 +262,11 @@ def test_mmproj_of_another_model_is_refused(exported, tmp_path, monkeypatch):
     from flexselect.backends.llama_cpp import LlamaCppBackend
     from flexselect_export.gguf import export_gguf
 
-    narrow = dict(tiny.TINY_TEXT, hidden_size=32, rope_parameters={**tiny.TINY_TEXT["rope_parameters"],
-                                                                   "mrope_section": [2, 1, 1]})
+    narrow = dict(
+        tiny.TINY_TEXT,
+        hidden_size=32,
+        rope_parameters={**tiny.TINY_TEXT["rope_parameters"], "mrope_section": [2, 1, 1]},
+    )
     monkeypatch.setattr(tiny, "TINY_TEXT", narrow)
     monkeypatch.setattr(tiny, "TINY_VISION", dict(tiny.TINY_VISION, out_hidden_size=32))
     other_model, _ = export_gguf(tiny.build_tiny_qwen2_5_vl(tmp_path / "narrow"), tmp_path / "gguf", "f16")
@@ -309,7 +315,9 @@ def test_pipeline_selection_on_llama_cpp_matches_transformers(llama_backends, ti
     from flexselect.pipeline import FlexSelect, SelectOptions
 
     prompt = tiny_backend.prompt("What color is the car?")
-    ours = FlexSelect(llama_backends["f32"]).select(hf_visual, prompt, options=SelectOptions(budget=48, layer=1, set_frames=3))
+    ours = FlexSelect(llama_backends["f32"]).select(
+        hf_visual, prompt, options=SelectOptions(budget=48, layer=1, set_frames=3)
+    )
     theirs = FlexSelect(tiny_backend).select(hf_visual, prompt, options=SelectOptions(budget=48, layer=1, set_frames=3))
     assert len(ours.kept) == len(theirs.kept) == 48
     assert len(set(ours.kept.tolist()) & set(theirs.kept.tolist())) >= 0.9 * 48

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
 from flexselect.backends import load_backend
 from flexselect.backends.base import GenerationConfig
 from flexselect.backends.gguf_info import inspect_gguf
@@ -118,9 +119,13 @@ def test_layouts_match_transformers(pair, clip, positions):
     hf.positions = lb.positions = positions
     try:
         owner = kept // visual.tokens_per_frame
-        runs, columns, next_position = lb._qwen3_layout(visual, list(range(visual.num_frames)),
-                                                        [kept[owner == u] for u in range(visual.num_frames)], prompt,
-                                                        compact=positions == "compact")
+        runs, columns, next_position = lb._qwen3_layout(
+            visual,
+            list(range(visual.num_frames)),
+            [kept[owner == u] for u in range(visual.num_frames)],
+            prompt,
+            compact=positions == "compact",
+        )
         theirs = hf.answer_inputs(visual, kept, prompt)
     finally:
         hf.positions = lb.positions = "original"

@@ -35,8 +35,11 @@ def family_backends(tiny_backend, tmp_path_factory):
     from test_families import build_tiny_qwen2_vl
 
     root = tmp_path_factory.mktemp("index-models")
-    dirs = {"llava_onevision": build_tiny_llava_onevision(root / "llava"),
-            "internvl": build_tiny_internvl(root / "ivl"), "qwen2_vl": build_tiny_qwen2_vl(root / "qwen2vl")}
+    dirs = {
+        "llava_onevision": build_tiny_llava_onevision(root / "llava"),
+        "internvl": build_tiny_internvl(root / "ivl"),
+        "qwen2_vl": build_tiny_qwen2_vl(root / "qwen2vl"),
+    }
     backends = {f: load_backend(d, device="cpu", dtype="float32") for f, d in dirs.items()}
     return {"qwen2_5_vl": tiny_backend, **backends}
 
@@ -164,8 +167,9 @@ def test_index_is_dropped_with_its_visual_tokens(tiny_backend):
 
 
 # -- on disk -------------------------------------------------------------------------------------------------------
-def test_index_file_round_trips_and_refuses_foreign_or_damaged_files(tiny_backend, family_backends, test_video,
-                                                                     tmp_path):
+def test_index_file_round_trips_and_refuses_foreign_or_damaged_files(
+    tiny_backend, family_backends, test_video, tmp_path
+):
     sampling, options = Sampling(frames=16), SelectOptions(budget=48, set_frames=2, layer=2)
     path = tmp_path / "clip.fsx"
     built = FlexSelect(tiny_backend).save_index(test_video, path, sampling, options)
@@ -175,18 +179,23 @@ def test_index_file_round_trips_and_refuses_foreign_or_damaged_files(tiny_backen
     fresh.load_index(path, test_video, sampling, options)
     got = fresh.answer(test_video, QUESTIONS[1], sampling=sampling, options=options, generation=GEN)
     assert got.stats["video_cached"] and got.stats["index"]["reused_sets"] == len(built.sets) == 4
-    plain = FlexSelect(tiny_backend, auto_index=False).answer(test_video, QUESTIONS[1], sampling=sampling,
-                                                              options=options, generation=GEN)
+    plain = FlexSelect(tiny_backend, auto_index=False).answer(
+        test_video, QUESTIONS[1], sampling=sampling, options=options, generation=GEN
+    )
     assert torch.equal(got.selection.kept, plain.selection.kept)
     assert got.generation.token_ids == plain.generation.token_ids
 
     for what, call in [
         ("other frame sampling", lambda: fresh.load_index(path, test_video, Sampling(frames=12), options)),
-        ("another reference layer", lambda: fresh.load_index(path, test_video, sampling,
-                                                             SelectOptions(set_frames=2, layer=1))),
+        (
+            "another reference layer",
+            lambda: fresh.load_index(path, test_video, sampling, SelectOptions(set_frames=2, layer=1)),
+        ),
         ("another set size", lambda: fresh.load_index(path, test_video, sampling, SelectOptions(layer=2))),
-        ("another model", lambda: FlexSelect(family_backends["qwen2_vl"]).load_index(path, test_video, sampling,
-                                                                                    options)),
+        (
+            "another model",
+            lambda: FlexSelect(family_backends["qwen2_vl"]).load_index(path, test_video, sampling, options),
+        ),
     ]:
         with pytest.raises(FlexSelectError, match=what):
             call()
@@ -212,8 +221,9 @@ def test_failed_index_write_leaves_nothing(tiny_backend, test_video, tmp_path, m
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError):
-        FlexSelect(tiny_backend).save_index(test_video, tmp_path / "x.fsx", Sampling(frames=8),
-                                            SelectOptions(set_frames=2, layer=2))
+        FlexSelect(tiny_backend).save_index(
+            test_video, tmp_path / "x.fsx", Sampling(frames=8), SelectOptions(set_frames=2, layer=2)
+        )
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(FlexSelectError, match="does not exist"):
         FlexSelect(tiny_backend).save_index(test_video, tmp_path / "no" / "x.fsx")
@@ -221,13 +231,30 @@ def test_failed_index_write_leaves_nothing(tiny_backend, test_video, tmp_path, m
 
 # -- CLI -----------------------------------------------------------------------------------------------------------
 def run_cli(*args, stdin: str | None = None):
-    return subprocess.run([sys.executable, "-m", "flexselect.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flexselect.cli", *args], input=stdin, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cli_answers_several_questions_and_chat_reuses_the_index(tiny_model_dir, test_video, tmp_path):
-    common = ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32", "--frames", "16",
-              "--budget", "48", "--set-frames", "2", "--layer", "2", "--max-new-tokens", "4"]
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--frames",
+        "16",
+        "--budget",
+        "48",
+        "--set-frames",
+        "2",
+        "--layer",
+        "2",
+        "--max-new-tokens",
+        "4",
+    ]
     r = run_cli("answer", str(test_video), *QUESTIONS, *common, "--json")
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
@@ -246,8 +273,22 @@ def test_cli_answers_several_questions_and_chat_reuses_the_index(tiny_model_dir,
     r = run_cli("answer", str(test_video), QUESTIONS[1], *common, "--index", str(out), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["stats"]["index"]["reused_sets"] == 4
-    r = run_cli("answer", str(test_video), QUESTIONS[1], *common[:6], "--frames", "12", "--budget", "48",
-                "--set-frames", "2", "--layer", "2", "--index", str(out))
+    r = run_cli(
+        "answer",
+        str(test_video),
+        QUESTIONS[1],
+        *common[:6],
+        "--frames",
+        "12",
+        "--budget",
+        "48",
+        "--set-frames",
+        "2",
+        "--layer",
+        "2",
+        "--index",
+        str(out),
+    )
     assert r.returncode == 2 and r.stderr.startswith("flexselect: error:") and "other frame sampling" in r.stderr
     r = run_cli("index", str(test_video), "-o", str(tmp_path / "missing" / "x.fsx"), *common[:6])
     assert r.returncode == 2 and "does not exist" in r.stderr
@@ -270,8 +311,10 @@ def test_llama_cpp_indexed_scores_are_bit_identical(llama_pipe):
         for question in QUESTIONS:
             prompt = backend.prompt(question)
             for aggregate in ("max", "mean"):
-                assert torch.equal(backend.score_indexed(entry, visual, prompt, aggregate),
-                                   backend.score(visual, frames, prompt, 3, aggregate))
+                assert torch.equal(
+                    backend.score_indexed(entry, visual, prompt, aggregate),
+                    backend.score(visual, frames, prompt, 3, aggregate),
+                )
 
 
 def test_llama_cpp_multi_question_run_matches_single_runs(llama_pipe, test_video, tmp_path):

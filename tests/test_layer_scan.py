@@ -8,9 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from flexselect.layer_scan import (ScanExample, add_layer_scan_command, layer_scores, load_examples,
-                                   make_scan_examples, recall_at_k, relevant_token_set, scan, write_report)
 from flexselect.backends.base import VisualTokens
+from flexselect.layer_scan import (
+    ScanExample,
+    add_layer_scan_command,
+    layer_scores,
+    load_examples,
+    make_scan_examples,
+    recall_at_k,
+    relevant_token_set,
+    scan,
+    write_report,
+)
 from flexselect.tiny import plant_attention
 from helpers import random_clip
 
@@ -48,8 +57,9 @@ def test_one_pass_equals_the_stopped_scoring_pass_at_every_layer(family, llava_d
     every = layer_scores(backend, visual, frames, prompt)
     assert every.shape == (backend.num_layers, visual.num_tokens)
     for layer in range(backend.num_layers):
-        torch.testing.assert_close(every[layer], backend.score(visual, frames, prompt, layer, "max"),
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            every[layer], backend.score(visual, frames, prompt, layer, "max"), rtol=1e-5, atol=1e-7
+        )
 
 
 def test_recall_at_k_is_the_share_of_relevant_tokens_in_the_top_k():
@@ -60,8 +70,14 @@ def test_recall_at_k_is_the_share_of_relevant_tokens_in_the_top_k():
 
 
 def test_relevant_ranges_map_sampled_frames_to_units():
-    visual = VisualTokens(embeds=torch.zeros(8 * 4, 2), num_frames=8, grid=(2, 2), timestamps=np.arange(8) * 0.5,
-                          time_interval=1.0, frame_size=(28, 28))
+    visual = VisualTokens(
+        embeds=torch.zeros(8 * 4, 2),
+        num_frames=8,
+        grid=(2, 2),
+        timestamps=np.arange(8) * 0.5,
+        time_interval=1.0,
+        frame_size=(28, 28),
+    )
     ts = list(np.arange(16) * 0.25)  # 16 sampled frames, two per unit (as Qwen2.5-VL pairs them)
     by_time = relevant_token_set(ScanExample("v", "q", relevant_seconds=(1.0, 1.6)), visual, ts)
     assert by_time.tolist() == list(range(8, 16))  # frames 4..6 -> units 2, 3
@@ -86,8 +102,14 @@ def planted(llava_dir):
     embeds = torch.randn(FRAMES * tpf, hidden, generator=gen)
     needle = torch.arange(NEEDLE_FRAMES[0] * tpf, (NEEDLE_FRAMES[1] + 1) * tpf)
     embeds[needle] = 1.5 * needle_dir + 0.1 * torch.randn(len(needle), hidden, generator=gen)
-    visual = VisualTokens(embeds=embeds, num_frames=FRAMES, grid=GRID, timestamps=np.arange(FRAMES) / 1.0,
-                          time_interval=1.0, frame_size=(112, 112))
+    visual = VisualTokens(
+        embeds=embeds,
+        num_frames=FRAMES,
+        grid=GRID,
+        timestamps=np.arange(FRAMES) / 1.0,
+        time_interval=1.0,
+        frame_size=(112, 112),
+    )
     backend.encode = lambda clip, progress=None: visual  # the scan encodes this planted video
     return backend, visual, needle
 
@@ -95,8 +117,10 @@ def planted(llava_dir):
 def test_layer_scan_finds_the_planted_layer(planted, tmp_path):
     backend, visual, needle = planted
     clip = SimpleNamespace(frames=np.zeros((FRAMES, 4, 4, 3), np.uint8), timestamps=np.arange(FRAMES) / 1.0)
-    examples = [ScanExample(clip, "Where is the needle?", relevant_frames=NEEDLE_FRAMES),
-                ScanExample(clip, "Which frames show it?", relevant_seconds=(4.5, 6.5))]
+    examples = [
+        ScanExample(clip, "Where is the needle?", relevant_frames=NEEDLE_FRAMES),
+        ScanExample(clip, "Which frames show it?", relevant_seconds=(4.5, 6.5)),
+    ]
     result = scan(backend, examples)
     assert result.best_layer == LAYER, result.recall
     assert result.recall[LAYER] >= 0.95
@@ -135,8 +159,21 @@ def test_cli_parser_registers_layer_scan():
 def test_cli_end_to_end_on_synthetic_examples(llava_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_layer_scan_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["layer-scan", "--model", str(llava_dir), "--synthetic", "2", "--out", str(tmp_path),
-                              "--device", "cpu", "--dtype", "float32"])
+    args = parser.parse_args(
+        [
+            "layer-scan",
+            "--model",
+            str(llava_dir),
+            "--synthetic",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert args.run(args) == 0
     report = json.loads((tmp_path / "layer_scan.json").read_text())
     assert len(report["recall"]) == 4 and all(e["relevant_tokens"] == 2 * 16 for e in report["examples"])

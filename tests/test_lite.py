@@ -28,10 +28,19 @@ from flexselect.lite.train import KEEP_RATIO
 from flexselect.selection import top_k
 from flexselect.video import Clip
 
-TINY_RANKER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2}
-QUESTIONS = ["What is the color of the car?", "How many people appear in the video?",
-             "Describe what happens after the door opens.", "Where is the red ball?"]
+TINY_RANKER = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+QUESTIONS = [
+    "What is the color of the car?",
+    "How many people appear in the video?",
+    "Describe what happens after the door opens.",
+    "Where is the red ball?",
+]
 
 
 def cli(*argv: str) -> int:
@@ -47,8 +56,9 @@ def embeds_scores(ranker: LiteRanker, visual: torch.Tensor, ids: torch.Tensor) -
     rows = torch.arange(n)
     positions = torch.arange(n + len(ids))
     with torch.no_grad():
-        return ranker(torch.cat([torch.zeros(n, dtype=torch.long), ids]), visual[None], rows, positions[None], rows,
-                      positions[n:])
+        return ranker(
+            torch.cat([torch.zeros(n, dtype=torch.long), ids]), visual[None], rows, positions[None], rows, positions[n:]
+        )
 
 
 def fake_clip(path: Path):
@@ -94,19 +104,45 @@ def trained(tiny_backend, tmp_path_factory):
     pairs.append({"video": "missing.mp4", "question": QUESTIONS[0]})
     (root / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
     teacher = root / "teacher"
-    first = build_teacher_data(tiny_backend, root / "pairs.jsonl", videos, teacher, shard_size=32, loader=fake_clip,
-                               show_progress=False)
-    again = build_teacher_data(tiny_backend, root / "pairs.jsonl", videos, teacher, loader=fake_clip,
-                               show_progress=False)
+    first = build_teacher_data(
+        tiny_backend, root / "pairs.jsonl", videos, teacher, shard_size=32, loader=fake_clip, show_progress=False
+    )
+    again = build_teacher_data(
+        tiny_backend, root / "pairs.jsonl", videos, teacher, loader=fake_clip, show_progress=False
+    )
     out = root / "ranker"
     assert cli("lite-train", *train_args(teacher, out)) == 0
-    return types.SimpleNamespace(root=root, teacher=teacher, bundle=out, first=first, again=again,
-                                 manifest=json.loads((out / MANIFEST).read_text()))
+    return types.SimpleNamespace(
+        root=root,
+        teacher=teacher,
+        bundle=out,
+        first=first,
+        again=again,
+        manifest=json.loads((out / MANIFEST).read_text()),
+    )
 
 
 def train_args(teacher: Path, out: Path) -> list[str]:
-    return ["--data", str(teacher), "--out", str(out), "--ranker-config", json.dumps(TINY_RANKER), "--lr", "1e-3",
-            "--epochs", "5", "--eval-fraction", "0.2", "--warmup", "0.05", "--device", "cpu", "--precision", "fp32"]
+    return [
+        "--data",
+        str(teacher),
+        "--out",
+        str(out),
+        "--ranker-config",
+        json.dumps(TINY_RANKER),
+        "--lr",
+        "1e-3",
+        "--epochs",
+        "5",
+        "--eval-fraction",
+        "0.2",
+        "--warmup",
+        "0.05",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+    ]
 
 
 def test_teacher_shards_are_whole_resumable_and_report_failures(trained, tiny_backend):
@@ -216,10 +252,13 @@ def test_host_embeds_ranker_exports_the_two_input_graph(tiny_backend, tmp_path):
 
 def test_pipeline_selects_with_a_ranker(trained, tiny_backend):
     from flexselect import pipeline
+
     ranker = load_ranker(trained.bundle, tiny_backend)
     visual = tiny_backend.encode_with_vision_features(fake_clip(Path("v5.mp4")))
     prompt = tiny_backend.prompt(QUESTIONS[0])
-    sel = pipeline.FlexSelect(tiny_backend, ranker=ranker).select(visual, prompt, options=pipeline.SelectOptions(budget=24, set_frames=2))
+    sel = pipeline.FlexSelect(tiny_backend, ranker=ranker).select(
+        visual, prompt, options=pipeline.SelectOptions(budget=24, set_frames=2)
+    )
     assert sel.selector == "lite" and len(sel.kept) == 24
     set0 = visual.frame_tokens(sel.sets[0])
     assert set(set0[top_k(ranker.score(visual, sel.sets[0], prompt), 12)].tolist()) <= set(sel.kept.tolist())
@@ -308,7 +347,8 @@ def test_large_rankers_export_with_external_weights(trained, tiny_backend, tmp_p
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as a 0.5B float32 ranker (~2 GB) would
     path = onnx_export.export_bundle(trained.bundle, tmp_path)
     assert (tmp_path / (ONNX + ".data")).is_file() and json.loads((tmp_path / MANIFEST).read_text())["onnx"][
-        "external_data"]
+        "external_data"
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, ONNX, ONNX + ".data"]  # no staging left
     ranker = load_ranker(path, tiny_backend)
     visual = tiny_backend.encode_with_vision_features(fake_clip(Path("v7.mp4")))
@@ -326,8 +366,11 @@ def test_hand_made_onnx_ranker_without_manifest(tiny_backend, tmp_path):
         w = np.random.default_rng(1).standard_normal((d, 1)).astype(np.float32)
         graph = helper.make_graph(
             [helper.make_node("MatMul", ["visual", "w"], ["s2"]), helper.make_node("Squeeze", ["s2", "ax"], ["s"])],
-            "ranker", [helper.make_tensor_value_info("visual", TensorProto.FLOAT, ["n", d]),
-                       helper.make_tensor_value_info("ids", TensorProto.INT64, ["t"])],
+            "ranker",
+            [
+                helper.make_tensor_value_info("visual", TensorProto.FLOAT, ["n", d]),
+                helper.make_tensor_value_info("ids", TensorProto.INT64, ["t"]),
+            ],
             [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["n"])],
             [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1], np.int64), "ax")],
         )
@@ -341,7 +384,8 @@ def test_hand_made_onnx_ranker_without_manifest(tiny_backend, tmp_path):
     visual = tiny_backend.encode(fake_clip(Path("v1.mp4")))
     scores = ranker.score(visual, [1, 3], tiny_backend.prompt(QUESTIONS[0]))
     rows = visual.embeds[visual.frame_tokens([1, 3])]
-    assert torch.allclose(scores, rows @ torch.from_numpy(np.random.default_rng(1).standard_normal((64, 1)))
-                          .float()[:, 0], atol=1e-4)
+    assert torch.allclose(
+        scores, rows @ torch.from_numpy(np.random.default_rng(1).standard_normal((64, 1))).float()[:, 0], atol=1e-4
+    )
     with pytest.raises(FlexSelectError, match="takes 32-d visual tokens.*64-d"):
         load_ranker(build(32), tiny_backend)

@@ -26,17 +26,25 @@ from flexselect.lite.ranker import LiteRanker
 from flexselect.lite.released import import_release
 from flexselect.selection import top_k
 
-DECODER = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-           "model_type": "qwen2", "tie_word_embeddings": True}
+DECODER = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+    "model_type": "qwen2",
+    "tie_word_embeddings": True,
+}
 QUESTION = "What is the color of the car?"
 
 
 def clip(n_frames: int = 8, height: int = 112, width: int = 168, seed: int = 0):
     rng = np.random.default_rng(seed)
     frames = rng.integers(0, 255, (n_frames, height, width, 3)).astype(np.uint8)
-    return types.SimpleNamespace(frames=frames, timestamps=np.arange(n_frames) / 2.0, sample_fps=2.0,
-                                 source="clip.mp4")
+    return types.SimpleNamespace(frames=frames, timestamps=np.arange(n_frames) / 2.0, sample_fps=2.0, source="clip.mp4")
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +52,11 @@ def hosts(tiny_backend, tmp_path_factory):
     from flexselect.tiny import build_tiny_internvl, build_tiny_llava_onevision
 
     root = tmp_path_factory.mktemp("hosts")
-    return {"qwen2_5_vl": tiny_backend,
-            "llava_onevision": load_backend(build_tiny_llava_onevision(root / "llava"), device="cpu",
-                                            dtype="float32"),
-            "internvl": load_backend(build_tiny_internvl(root / "internvl"), device="cpu", dtype="float32")}
+    return {
+        "qwen2_5_vl": tiny_backend,
+        "llava_onevision": load_backend(build_tiny_llava_onevision(root / "llava"), device="cpu", dtype="float32"),
+        "internvl": load_backend(build_tiny_internvl(root / "internvl"), device="cpu", dtype="float32"),
+    }
 
 
 def encoded(backend, size=(112, 168)):
@@ -60,8 +69,7 @@ def test_vision_features_are_what_the_host_projector_reads(hosts):
     v = encoded(qwen)
     merger = qwen.model.model.visual.merger
     with torch.no_grad():  # the host's merger over our (un-windowed) features gives the host's embeddings
-        assert torch.allclose(merger(v.vision_features.reshape(-1, merger.ln_q.weight.shape[0])), v.embeds,
-                              atol=1e-5)
+        assert torch.allclose(merger(v.vision_features.reshape(-1, merger.ln_q.weight.shape[0])), v.embeds, atol=1e-5)
     assert v.vision_features.shape == (v.num_frames, v.tokens_per_frame, qwen.vision_feature_dim)
 
     llava = hosts["llava_onevision"]
@@ -89,8 +97,14 @@ def write_release(folder: Path, family: str, backend, seed: int = 0) -> Path:
     folder.mkdir(parents=True)
     config = dict(DECODER, vocab_size=backend.text_model.config.vocab_size)
     if family == "qwen2_5_vl":  # the authors' training code writes this rope into the saved config
-        config["rope_scaling"] = {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 4.0, "mrope_section": [2, 3, 3],
-                                  "rope_type": "yarn", "type": "yarn"}
+        config["rope_scaling"] = {
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "factor": 4.0,
+            "mrope_section": [2, 3, 3],
+            "rope_type": "yarn",
+            "type": "yarn",
+        }
     config["drop_func_name"] = "token_selection"
     decoder = Qwen2Model(Qwen2Config(**{k: v for k, v in config.items() if k not in ("rope_scaling", "model_type")}))
     with torch.no_grad():
@@ -101,19 +115,30 @@ def write_release(folder: Path, family: str, backend, seed: int = 0) -> Path:
     h, d = DECODER["hidden_size"], backend.vision_feature_dim
     if family == "qwen2_5_vl":
         c = d // 4
-        proj = {"merger_token_selector.ln_q.weight": 1 + 0.1 * torch.randn(c),
-                "merger_token_selector.mlp.0.weight": torch.randn(d, d) / d ** 0.5,
-                "merger_token_selector.mlp.0.bias": 0.1 * torch.randn(d),
-                "merger_token_selector.mlp.2.weight": torch.randn(h, d) / d ** 0.5,
-                "merger_token_selector.mlp.2.bias": 0.1 * torch.randn(h)}
+        proj = {
+            "merger_token_selector.ln_q.weight": 1 + 0.1 * torch.randn(c),
+            "merger_token_selector.mlp.0.weight": torch.randn(d, d) / d**0.5,
+            "merger_token_selector.mlp.0.bias": 0.1 * torch.randn(d),
+            "merger_token_selector.mlp.2.weight": torch.randn(h, d) / d**0.5,
+            "merger_token_selector.mlp.2.bias": 0.1 * torch.randn(h),
+        }
     elif family == "llava_onevision":
-        proj = {"mm_projector.0.weight": torch.randn(h, d) / d ** 0.5, "mm_projector.0.bias": 0.1 * torch.randn(h),
-                "mm_projector.2.weight": torch.randn(h, h) / h ** 0.5, "mm_projector.2.bias": 0.1 * torch.randn(h),
-                "image_newline": torch.randn(h)}
+        proj = {
+            "mm_projector.0.weight": torch.randn(h, d) / d**0.5,
+            "mm_projector.0.bias": 0.1 * torch.randn(h),
+            "mm_projector.2.weight": torch.randn(h, h) / h**0.5,
+            "mm_projector.2.bias": 0.1 * torch.randn(h),
+            "image_newline": torch.randn(h),
+        }
     else:
-        proj = {"mlp1.0.weight": 1 + 0.1 * torch.randn(d), "mlp1.0.bias": 0.1 * torch.randn(d),
-                "mlp1.1.weight": torch.randn(h, d) / d ** 0.5, "mlp1.1.bias": 0.1 * torch.randn(h),
-                "mlp1.3.weight": torch.randn(h, h) / h ** 0.5, "mlp1.3.bias": 0.1 * torch.randn(h)}
+        proj = {
+            "mlp1.0.weight": 1 + 0.1 * torch.randn(d),
+            "mlp1.0.bias": 0.1 * torch.randn(d),
+            "mlp1.1.weight": torch.randn(h, d) / d**0.5,
+            "mlp1.1.bias": 0.1 * torch.randn(h),
+            "mlp1.3.weight": torch.randn(h, h) / h**0.5,
+            "mlp1.3.bias": 0.1 * torch.randn(h),
+        }
         state = {f"language_model.model.{k}": v for k, v in state.items()}
         config["downsample_ratio"] = 0.5
         backend.tokenizer.save_pretrained(folder)  # the release ships its own tokenizer
@@ -139,6 +164,7 @@ def reference_scores(folder: Path, family: str, ranker: LiteRanker, visual, fram
         model = Qwen2_5_VLTextModel(cfg)
         merger = Qwen2_5_VLPatchMerger(dim=64, context_dim=ranker.vision_dim // 4, spatial_merge_size=2)
         merger.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("merger_")})
+
         def project(f):
             return merger(f.reshape(-1, ranker.vision_dim // 4))
 
@@ -147,22 +173,37 @@ def reference_scores(folder: Path, family: str, ranker: LiteRanker, visual, fram
         model = Qwen2Model(Qwen2Config(**fields))
         prefix = "language_model.model." if family == "internvl" else ""
         if family == "llava_onevision":
+
             def project(f):  # f: [F, rows, cols, D], the frames' SigLIP patch grids
-                x = F.linear(F.gelu(F.linear(f, state["mm_projector.0.weight"], state["mm_projector.0.bias"])),
-                             state["mm_projector.2.weight"], state["mm_projector.2.bias"])
+                x = F.linear(
+                    F.gelu(F.linear(f, state["mm_projector.0.weight"], state["mm_projector.0.bias"])),
+                    state["mm_projector.2.weight"],
+                    state["mm_projector.2.bias"],
+                )
                 side = f.shape[1]
-                x = F.interpolate(x.permute(0, 3, 1, 2), size=[math.ceil(side / 2)] * 2,
-                                  mode="bilinear").permute(0, 2, 3, 1)
+                x = F.interpolate(x.permute(0, 3, 1, 2), size=[math.ceil(side / 2)] * 2, mode="bilinear").permute(
+                    0, 2, 3, 1
+                )
                 nl = state["image_newline"].expand(x.shape[0], x.shape[1], 1, 64)
                 return torch.cat([x, nl], 2).reshape(-1, 64)
         else:
+
             def project(f):
                 x = F.layer_norm(f, (f.shape[-1],), state["mlp1.0.weight"], state["mlp1.0.bias"])
-                x = F.linear(F.gelu(F.linear(x, state["mlp1.1.weight"], state["mlp1.1.bias"])),
-                             state["mlp1.3.weight"], state["mlp1.3.bias"])
+                x = F.linear(
+                    F.gelu(F.linear(x, state["mlp1.1.weight"], state["mlp1.1.bias"])),
+                    state["mlp1.3.weight"],
+                    state["mlp1.3.bias"],
+                )
                 return x.reshape(-1, 64)
-    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)
-                           and not k.startswith(("merger_", "mm_", "image_newline", "mlp1"))})
+
+    model.load_state_dict(
+        {
+            k[len(prefix) :]: v
+            for k, v in state.items()
+            if k.startswith(prefix) and not k.startswith(("merger_", "mm_", "image_newline", "mlp1"))
+        }
+    )
     model.config._attn_implementation = "eager"
     model.eval()
     with torch.no_grad():
@@ -220,10 +261,20 @@ def test_import_refuses_anything_else_listing_what_it_expects(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     plain = tmp_path / "plain"
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(plain)
-    with pytest.raises(FlexSelectError, match="not a released FlexSelect-Lite ranker.*expected one of.*"
-                                              "merger_token_selector.*mm_projector.*mlp1"):
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).save_pretrained(plain)
+    with pytest.raises(
+        FlexSelectError,
+        match="not a released FlexSelect-Lite ranker.*expected one of.*merger_token_selector.*mm_projector.*mlp1",
+    ):
         import_release(plain)
     with pytest.raises(FlexSelectError, match="no config.json"):
         import_release(tmp_path)

@@ -26,9 +26,19 @@ ARGS = "device=cpu,dtype=float32,frames=8,budget=24,max_new_tokens=3"
 def request(video, doc_id=0):
     from lmms_eval.api.instance import Instance
 
-    return Instance(request_type="generate_until", idx=0, metadata={"task": "toy", "doc_id": doc_id, "repeats": 1},
-                    arguments=("Is there a red square?\nA. yes\nB. no", {"max_new_tokens": 3, "until": ["\n"]},
-                               lambda doc: [doc["video"]], doc_id, "toy", "test"))
+    return Instance(
+        request_type="generate_until",
+        idx=0,
+        metadata={"task": "toy", "doc_id": doc_id, "repeats": 1},
+        arguments=(
+            "Is there a red square?\nA. yes\nB. no",
+            {"max_new_tokens": 3, "until": ["\n"]},
+            lambda doc: [doc["video"]],
+            doc_id,
+            "toy",
+            "test",
+        ),
+    )
 
 
 def test_registered_and_answers_a_generation_request(tiny_model_dir, test_video):
@@ -47,8 +57,9 @@ def test_mistyped_model_args_are_refused(tiny_model_dir):
     with pytest.raises(FlexSelectError, match="unknown FlexSelect model_args: budjet; known: model, gguf"):
         model.create_from_arg_string(f"model={tiny_model_dir},budjet=24")
     # what lmms-eval itself passes from its command line is accepted
-    lm = model.create_from_arg_string(f"model={tiny_model_dir},dtype=float32,frames=8",
-                                      {"batch_size": 1, "max_batch_size": None, "device": "cpu"})
+    lm = model.create_from_arg_string(
+        f"model={tiny_model_dir},dtype=float32,frames=8", {"batch_size": 1, "max_batch_size": None, "device": "cpu"}
+    )
     assert lm.device.type == "cpu"
 
 
@@ -81,9 +92,27 @@ def test_data_parallel_launch_answers_one_shard_per_process(tiny_model_dir, test
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(port), str(script), str(tiny_model_dir), str(test_video),
-                        str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            str(script),
+            str(tiny_model_dir),
+            str(test_video),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [(x["rank"], x["world_size"]) for x in results] == [(0, 2), (1, 2)]

@@ -40,14 +40,24 @@ def planted(tiny_model_dir):
     tpf = GRID[0] * GRID[1]
     sets = frame_sets(FRAMES, 16)
     per_set = int(n_tokens * KEEP_RATIO) // len(sets)
-    needle = np.sort(np.concatenate([
-        rng.choice((np.array(s)[:, None] * tpf + np.arange(tpf)).ravel(), size=per_set, replace=False)
-        for s in sets
-    ]))
+    needle = np.sort(
+        np.concatenate(
+            [
+                rng.choice((np.array(s)[:, None] * tpf + np.arange(tpf)).ravel(), size=per_set, replace=False)
+                for s in sets
+            ]
+        )
+    )
     embeds = torch.randn(n_tokens, hidden, generator=gen)
     embeds[needle] = 1.5 * needle_dir + 0.1 * torch.randn(len(needle), hidden, generator=gen)
-    visual = VisualTokens(embeds=embeds, num_frames=FRAMES, grid=GRID, timestamps=np.arange(FRAMES) / 1.0,
-                          time_interval=2.0, frame_size=(56, 84))
+    visual = VisualTokens(
+        embeds=embeds,
+        num_frames=FRAMES,
+        grid=GRID,
+        timestamps=np.arange(FRAMES) / 1.0,
+        time_interval=2.0,
+        frame_size=(56, 84),
+    )
     return backend, visual, torch.from_numpy(needle)
 
 
@@ -56,7 +66,9 @@ def test_kept_tokens_are_the_planted_needle(planted, set_frames):
     backend, visual, needle = planted
     pipe = FlexSelect(backend)
     prompt = backend.prompt("Where is the needle?")
-    selection = pipe.select(visual, prompt, options=SelectOptions(budget=len(needle), layer=LAYER, set_frames=set_frames))
+    selection = pipe.select(
+        visual, prompt, options=SelectOptions(budget=len(needle), layer=LAYER, set_frames=set_frames)
+    )
     assert len(selection.kept) == len(needle)
     recall = np.isin(needle.numpy(), selection.kept.numpy()).mean()
     assert recall >= 0.95, f"recall {recall:.3f}"
@@ -65,7 +77,11 @@ def test_kept_tokens_are_the_planted_needle(planted, set_frames):
 def test_a_shallow_layer_does_not_find_it(planted):
     """The signal lives at the reference layer only: layer 0 sees the same inputs but random Q/K weights."""
     backend, visual, needle = planted
-    selection = FlexSelect(backend).select(visual, backend.prompt("Where is the needle?"), options=SelectOptions(budget=len(needle), layer=0, set_frames=16))
+    selection = FlexSelect(backend).select(
+        visual,
+        backend.prompt("Where is the needle?"),
+        options=SelectOptions(budget=len(needle), layer=0, set_frames=16),
+    )
     assert np.isin(needle.numpy(), selection.kept.numpy()).mean() < 0.5
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from flexselect import FlexSelect, FlexSelectError, Sampling, SelectOptions
-from flexselect.cli import main
 from flexselect.backends.base import GenerationConfig
+from flexselect.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,13 @@ def pipe(tiny_model_dir):
 
 def test_answer_keeps_exactly_the_budget_in_time_order_and_reuses_the_encoding(pipe, test_video, monkeypatch):
     sampling = Sampling(frames=32, max_side=112)
-    first = pipe.answer(test_video, "Is there a red square?", sampling=sampling, generation=GenerationConfig(max_new_tokens=4), options=SelectOptions(budget=24, set_frames=4))
+    first = pipe.answer(
+        test_video,
+        "Is there a red square?",
+        sampling=sampling,
+        generation=GenerationConfig(max_new_tokens=4),
+        options=SelectOptions(budget=24, set_frames=4),
+    )
     assert isinstance(first.text, str)
     assert first.stats["kept_tokens"] == 24 == len(first.selection.kept)
     assert torch.all(first.selection.kept[1:] > first.selection.kept[:-1])  # strictly increasing: time order
@@ -29,34 +35,52 @@ def test_answer_keeps_exactly_the_budget_in_time_order_and_reuses_the_encoding(p
 
     calls = []
     monkeypatch.setattr(pipe.backend, "encode", lambda *a, **k: calls.append(1))
-    second = pipe.answer(test_video, "What moves?", sampling=sampling, generation=GenerationConfig(max_new_tokens=2), options=SelectOptions(budget=24, set_frames=4))
+    second = pipe.answer(
+        test_video,
+        "What moves?",
+        sampling=sampling,
+        generation=GenerationConfig(max_new_tokens=2),
+        options=SelectOptions(budget=24, set_frames=4),
+    )
     assert calls == [] and second.stats["video_cached"] and second.visual is first.visual
 
 
 def test_selector_none_keeps_every_token(pipe, test_video):
-    result = pipe.answer(test_video, "Describe it.", sampling=Sampling(frames=8, max_side=112), generation=GenerationConfig(max_new_tokens=1), options=SelectOptions(selector="none"))
+    result = pipe.answer(
+        test_video,
+        "Describe it.",
+        sampling=Sampling(frames=8, max_side=112),
+        generation=GenerationConfig(max_new_tokens=1),
+        options=SelectOptions(selector="none"),
+    )
     assert result.stats["kept_tokens"] == result.stats["visual_tokens"]
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"layer": -1}, "reference layer must be a whole number >= 0"),
-    ({"budget": 0}, "budget must be a positive whole number"),
-    ({"set_frames": 2.5}, "set_frames must be a positive whole number"),
-    ({"selector": "magic"}, "selector must be"),
-    ({"aggregate": "median"}, "aggregate must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"layer": -1}, "reference layer must be a whole number >= 0"),
+        ({"budget": 0}, "budget must be a positive whole number"),
+        ({"set_frames": 2.5}, "set_frames must be a positive whole number"),
+        ({"selector": "magic"}, "selector must be"),
+        ({"aggregate": "median"}, "aggregate must be"),
+    ],
+)
 def test_bad_select_options_are_refused_when_made(kwargs, message):
     with pytest.raises(FlexSelectError, match=message):
         SelectOptions(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"question": ""}, "question is empty"),
-    ({"question": "   "}, "question is empty"),
-    ({"options": SelectOptions(budget=10_000)}, "larger than the video"),
-    ({"options": SelectOptions(layer=4)}, "out of range"),
-    ({"sampling": Sampling(frames=0)}, "frame"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"question": ""}, "question is empty"),
+        ({"question": "   "}, "question is empty"),
+        ({"options": SelectOptions(budget=10_000)}, "larger than the video"),
+        ({"options": SelectOptions(layer=4)}, "out of range"),
+        ({"sampling": Sampling(frames=0)}, "frame"),
+    ],
+)
 def test_bad_input_is_a_clear_error(pipe, test_video, kwargs, message):
     args = {"question": "What?", "sampling": Sampling(frames=8, max_side=112), **kwargs}
     with pytest.raises(FlexSelectError, match=message):
@@ -67,8 +91,11 @@ def test_context_overflow_is_refused_before_the_pass(pipe, test_video, monkeypat
     config = pipe.backend.text_model.config
     sampling = Sampling(frames=16, max_side=112)  # 8 units x 12 tokens
     monkeypatch.setattr(config, "max_position_embeddings", 90)
-    with pytest.raises(FlexSelectError, match=r"scoring pass of a frame set needs \d+ tokens but this model takes "
-                                              r"at most 90"):
+    with pytest.raises(
+        FlexSelectError,
+        match=r"scoring pass of a frame set needs \d+ tokens but this model takes "
+        r"at most 90",
+    ):
         pipe.answer(test_video, "What?", sampling=sampling, options=SelectOptions(budget=24, set_frames=8))
     with pytest.raises(FlexSelectError, match=r"answer \(prompt \+ --max-new-tokens\) needs \d+ tokens"):
         pipe.answer(test_video, "What?", sampling=sampling, options=SelectOptions(selector="none"))
@@ -87,8 +114,9 @@ def test_one_call_form_keeps_only_the_most_recent_models_loaded(monkeypatch, tes
             return self.model
 
     monkeypatch.setattr(pipeline, "_LOADED", type(pipeline._LOADED)())
-    monkeypatch.setattr(pipeline.FlexSelect, "load", classmethod(lambda cls, model, **kw: loads.append(model)
-                                                                 or Loaded(model)))
+    monkeypatch.setattr(
+        pipeline.FlexSelect, "load", classmethod(lambda cls, model, **kw: loads.append(model) or Loaded(model))
+    )
     for model in ["a", "b", "a", "c", "a", "b"]:
         assert pipeline.answer(test_video, "What?", model) == model
     assert loads == ["a", "b", "c", "b"]  # "a" stayed loaded (used last before "c"); "b" was dropped for "c"
@@ -122,22 +150,41 @@ def run_cli(capsys, *argv):
 
 
 def test_cli_json_output(capsys, tiny_model_dir, test_video):
-    code, out, _ = run_cli(capsys, "answer", str(test_video), "Where is the red square?", "--model",
-                           str(tiny_model_dir), "--frames", "16", "--budget", "48", "--set-frames", "4",
-                           "--max-new-tokens", "3", "--device", "cpu", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "answer",
+        str(test_video),
+        "Where is the red square?",
+        "--model",
+        str(tiny_model_dir),
+        "--frames",
+        "16",
+        "--budget",
+        "48",
+        "--set-frames",
+        "4",
+        "--max-new-tokens",
+        "3",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert code == 0
     result = json.loads(out)
     assert result["stats"]["kept_tokens"] == 48 == len(result["kept_token_indices"])
     assert result["demo"] is False and set(result["stats"]["seconds"]) >= {"decode", "encode", "select", "total"}
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["missing.mp4", "What?", "--model", "{model}"], "not found"),
-    (["{video}", "", "--model", "{model}"], "question is empty"),
-    (["{video}", "What?", "--model", "{model}", "--frames", "0"], "frame"),
-    (["{video}", "What?", "--model", "{model}", "--frames", "8", "--layer", "9"], "out of range"),
-    (["{video}", "What?"], "no model given"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["missing.mp4", "What?", "--model", "{model}"], "not found"),
+        (["{video}", "", "--model", "{model}"], "question is empty"),
+        (["{video}", "What?", "--model", "{model}", "--frames", "0"], "frame"),
+        (["{video}", "What?", "--model", "{model}", "--frames", "8", "--layer", "9"], "out of range"),
+        (["{video}", "What?"], "no model given"),
+    ],
+)
 def test_cli_errors_are_one_line_and_exit_2(capsys, tiny_model_dir, test_video, argv, message):
     argv = [a.format(model=tiny_model_dir, video=test_video) for a in argv]
     code, out, err = run_cli(capsys, "answer", *argv, "--device", "cpu")
@@ -147,8 +194,17 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, tiny_model_dir, test_video, 
 
 
 # Importable only through extras (gguf, lite, plot, test) or not installed at all by `pip install -e .`.
-NOT_IN_A_BASE_INSTALL = ("llama_cpp", "gguf", "onnxruntime", "onnx", "onnxscript", "matplotlib", "scipy", "pytest",
-                         "google")
+NOT_IN_A_BASE_INSTALL = (
+    "llama_cpp",
+    "gguf",
+    "onnxruntime",
+    "onnx",
+    "onnxscript",
+    "matplotlib",
+    "scipy",
+    "pytest",
+    "google",
+)
 
 
 def test_cli_demo_runs_offline_on_a_base_install(tmp_path):
@@ -159,8 +215,13 @@ def test_cli_demo_runs_offline_on_a_base_install(tmp_path):
         "from flexselect.cli import main\n"
         "sys.exit(main(['answer', '--json', '--max-new-tokens', '2']))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "FLEXSELECT_CACHE": str(tmp_path)})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FLEXSELECT_CACHE": str(tmp_path)},
+    )
     assert done.returncode == 0 and "DEMO" in done.stderr, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["demo"] is True and result["stats"]["kept_tokens"] < result["stats"]["visual_tokens"]

@@ -11,8 +11,14 @@ from flexselect.tiny import build_tiny_internvl, build_tiny_llava_onevision
 
 QWEN_7B = {  # Qwen2.5-VL-7B-Instruct's published shape
     "model_type": "qwen2_5_vl",
-    "text_config": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                    "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064},
+    "text_config": {
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+    },
     "vision_config": {"hidden_size": 1280, "out_hidden_size": 3584, "depth": 32, "intermediate_size": 3420},
 }
 
@@ -47,8 +53,11 @@ def test_every_family_has_a_shape(builder, tmp_path):
 def test_a_request_that_cannot_fit_is_refused_with_the_setting_to_change():
     shape = plan.model_shape(QWEN_7B)
     est = plan.estimate(shape, plan.request(shape, 1024, 560, 308), 2, materialised_attention=False)
-    with pytest.raises(FlexSelectError, match=r"needs about 1[0-9.]+ GiB on GPU 0 .*but 10.0 GiB is free: use a "
-                                              r"smaller model"):
+    with pytest.raises(
+        FlexSelectError,
+        match=r"needs about 1[0-9.]+ GiB on GPU 0 .*but 10.0 GiB is free: use a "
+        r"smaller model",
+    ):
         plan.check_fits(est, 10 * plan.GiB, 64 * plan.GiB, "GPU 0")
     with pytest.raises(FlexSelectError, match="decoded frames need"):
         plan.check_fits(est, 80 * plan.GiB, 1, "GPU 0")
@@ -66,12 +75,17 @@ def test_recommend_trades_frames_for_memory():
 
 
 def test_plan_command(tiny_model_dir, capsys):
-    assert main(["plan", "--model", str(tiny_model_dir), "--duration", "600", "--memory", "8", "--device", "cpu",
-                 "--json"]) == 0
+    assert (
+        main(
+            ["plan", "--model", str(tiny_model_dir), "--duration", "600", "--memory", "8", "--device", "cpu", "--json"]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] and out["frames"] == 1024 and out["predicted_seconds"]["flexselect"] > 0
-    assert main(["plan", "--model", str(tiny_model_dir), "--duration", "600", "--memory", "0.001",
-                 "--device", "cpu"]) == 2
+    assert (
+        main(["plan", "--model", str(tiny_model_dir), "--duration", "600", "--memory", "0.001", "--device", "cpu"]) == 2
+    )
     assert "nothing fits" in capsys.readouterr().out
     assert main(["plan", "--model", str(tiny_model_dir), "--duration", "-3"]) == 2
     assert "--duration must be a positive number" in capsys.readouterr().err
@@ -83,5 +97,6 @@ def test_a_run_that_cannot_fit_is_refused_before_decoding(tiny_backend, test_vid
     monkeypatch.setattr(plan, "available_memory", lambda device: (1024, None, "this machine's RAM"))
     monkeypatch.setattr(pipeline, "load_clip", lambda *a, **k: pytest.fail("decoded although it cannot fit"))
     with pytest.raises(FlexSelectError, match=r"this run needs about .* more on this machine's RAM"):
-        FlexSelect(tiny_backend).answer(test_video, "What?", Sampling(frames=8, max_side=112),
-                                        SelectOptions(budget=24, set_frames=4))
+        FlexSelect(tiny_backend).answer(
+            test_video, "What?", Sampling(frames=8, max_side=112), SelectOptions(budget=24, set_frames=4)
+        )

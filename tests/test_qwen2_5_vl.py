@@ -14,7 +14,9 @@ def test_patchify_matches_qwen_image_processor(tiny_backend):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     image = np.random.default_rng(1).integers(0, 256, size=(56, 84, 3), dtype=np.uint8)
-    reference = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 84 * 4)(images=[image], return_tensors="pt")
+    reference = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 84 * 4)(
+        images=[image], return_tensors="pt"
+    )
     # an image is a video of one repeated frame for the processor
     ours, grid = patchify(tiny_backend.pixels(np.stack([image, image])), 14, 2, 2)
     assert list(reference["image_grid_thw"][0]) == list(grid)

@@ -128,15 +128,19 @@ def test_linear_layers_before_the_reference_carry_the_state_of_a_full_forward(fa
     inputs = backend.scoring_inputs(visual, [0, 1, 2], prompt)
     entering = []
     handle = backend.text_model.layers[FULL[0]].register_forward_pre_hook(
-        lambda module, args, kwargs: entering.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        lambda module, args, kwargs: entering.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
     first = int(inputs.visual_columns[0])
     without_first = torch.cat([torch.arange(first), torch.arange(first + 1, inputs.embeds.shape[1])])
     try:
         backend.score(visual, [0, 1, 2], prompt, FULL[0], "max")
         with torch.inference_mode():
             backend.text_model(**inputs.model_inputs(), use_cache=False)
-            backend.text_model(inputs_embeds=inputs.embeds[:, without_first],
-                               position_ids=inputs.position_ids[..., without_first], use_cache=False)
+            backend.text_model(
+                inputs_embeds=inputs.embeds[:, without_first],
+                position_ids=inputs.position_ids[..., without_first],
+                use_cache=False,
+            )
     finally:
         handle.remove()
     stopped, full, shorter = entering
@@ -182,8 +186,13 @@ def test_a_linear_attention_layer_is_refused_with_the_valid_ones(layer, backends
 
 def test_default_layer_is_the_full_attention_layer_nearest_qwen2_5_vl_depth(backends, caplog):
     # the real shapes: Qwen3.5-9B (32 layers), -27B (64), -35B-A3B (40); interval 4, so layers 3, 7, 11, ...
-    for family, n, expected in [("qwen3_5", 32, 23), ("qwen3_5", 64, 47), ("qwen3_5_moe", 40, 27),
-                                ("qwen3_5", 24, 19), ("qwen3_5", 8, 7)]:
+    for family, n, expected in [
+        ("qwen3_5", 32, 23),
+        ("qwen3_5", 64, 47),
+        ("qwen3_5_moe", 40, 27),
+        ("qwen3_5", 24, 19),
+        ("qwen3_5", 8, 7),
+    ]:
         full = tuple(range(3, n, 4))
         assert reference_layer_for(family, n, full) == expected
         assert abs(expected - 20 / 28 * n) <= 2  # nearest of a grid of step 4
@@ -196,8 +205,9 @@ def test_default_layer_is_the_full_attention_layer_nearest_qwen2_5_vl_depth(back
     assert "never measured" in caplog.text and "full-attention layer nearest" in caplog.text
 
 
-def test_layer_scan_scans_only_the_full_attention_layers_and_prints_the_layer_to_use(model_dirs, backends, tmp_path,
-                                                                                      capsys):
+def test_layer_scan_scans_only_the_full_attention_layers_and_prints_the_layer_to_use(
+    model_dirs, backends, tmp_path, capsys
+):
     from flexselect.layer_scan import layer_scores, make_scan_examples, run_layer_scan
 
     backend = backends["qwen3_5"]
@@ -206,11 +216,20 @@ def test_layer_scan_scans_only_the_full_attention_layers_and_prints_the_layer_to
     scanned = layer_scores(backend, visual, list(range(visual.num_frames)), prompt)  # one row per full layer
     assert scanned.shape == (len(FULL), visual.num_tokens)
     for row, layer in zip(scanned, FULL):
-        torch.testing.assert_close(row, backend.score(visual, list(range(4)), prompt, layer, "max").cpu(),
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            row, backend.score(visual, list(range(4)), prompt, layer, "max").cpu(), rtol=1e-5, atol=1e-7
+        )
     examples = make_scan_examples(tmp_path / "examples", 2, num_frames=8, size=(64, 96))
-    args = argparse.Namespace(model=str(model_dirs["qwen3_5"]), examples=str(examples), synthetic=2, top_k=None,
-                              aggregate=None, out=str(tmp_path / "scan"), device="cpu", dtype="float32")
+    args = argparse.Namespace(
+        model=str(model_dirs["qwen3_5"]),
+        examples=str(examples),
+        synthetic=2,
+        top_k=None,
+        aggregate=None,
+        out=str(tmp_path / "scan"),
+        device="cpu",
+        dtype="float32",
+    )
     assert run_layer_scan(args) == 0
     out = capsys.readouterr().out
     scanned_lines = [line for line in out.splitlines() if line.startswith("layer ")]
@@ -254,22 +273,36 @@ def planted_needle(backend):
         for head in range(lm.config.num_key_value_heads):
             attn.k_proj.weight[head * head_dim + free] = needle_dir
             attn.k_proj.weight[head * head_dim + free - 1] = base_dir
-        lm.embed_tokens.weight.copy_(question_dir + base_dir
-                                     + 0.05 * torch.randn(lm.embed_tokens.weight.shape, generator=gen))
+        lm.embed_tokens.weight.copy_(
+            question_dir + base_dir + 0.05 * torch.randn(lm.embed_tokens.weight.shape, generator=gen)
+        )
     tpf = GRID[0] * GRID[1]
     n_tokens = FRAMES * tpf
     rng = np.random.default_rng(0)
     sets = frame_sets(FRAMES, 16)
     per_set = int(n_tokens * KEEP_RATIO) // len(sets)
-    needle = np.sort(np.concatenate([
-        rng.choice((np.array(s)[:, None] * tpf + np.arange(tpf)).ravel(), size=per_set, replace=False) for s in sets
-    ]))
+    needle = np.sort(
+        np.concatenate(
+            [
+                rng.choice((np.array(s)[:, None] * tpf + np.arange(tpf)).ravel(), size=per_set, replace=False)
+                for s in sets
+            ]
+        )
+    )
     embeds = base_dir + 0.3 * torch.randn(n_tokens, hidden, generator=gen)
     embeds -= (embeds @ needle_dir)[:, None] * needle_dir  # noise: nothing along the needle direction
     embeds[needle] += 1.5 * needle_dir
-    visual = DeepStackVisualTokens(embeds=embeds, num_frames=FRAMES, grid=GRID, timestamps=np.arange(FRAMES) * 1.0,
-                                   time_interval=1.0, frame_size=(64, 96), frames_per_unit=2,
-                                   deepstack=torch.zeros(0, n_tokens, hidden), label_seconds=np.arange(FRAMES) + 0.25)
+    visual = DeepStackVisualTokens(
+        embeds=embeds,
+        num_frames=FRAMES,
+        grid=GRID,
+        timestamps=np.arange(FRAMES) * 1.0,
+        time_interval=1.0,
+        frame_size=(64, 96),
+        frames_per_unit=2,
+        deepstack=torch.zeros(0, n_tokens, hidden),
+        label_seconds=np.arange(FRAMES) + 0.25,
+    )
     return visual, torch.from_numpy(needle)
 
 
@@ -318,8 +351,12 @@ def test_cached_answer_pass_equals_uncached_full_forwards(family, backends):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pipeline_answers_end_to_end(family, model_dirs, test_video):
     pipe = FlexSelect.load(model_dirs[family], device="cpu", dtype="float32")
-    answer = pipe.answer(test_video, "What colour is the square?", generation=GenerationConfig(max_new_tokens=3),
-                         options=SelectOptions(budget=20, set_frames=4))
+    answer = pipe.answer(
+        test_video,
+        "What colour is the square?",
+        generation=GenerationConfig(max_new_tokens=3),
+        options=SelectOptions(budget=20, set_frames=4),
+    )
     visual, selection = answer.visual, answer.selection
     assert selection.layer == 7 and answer.stats["reference_layer"] == 7  # the default
     assert visual.tokens_per_frame == 20 and len(selection.kept) == 20
@@ -338,8 +375,20 @@ def test_cli_show_writes_the_sheet_and_refuses_a_linear_attention_layer(model_di
     from flexselect.cli import main
 
     model = str(model_dirs["qwen3_5_moe"])
-    base = [str(test_video), "What colour is the square?", "--model", model, "--frames", "8", "--budget", "20",
-            "--device", "cpu", "--dtype", "float32"]
+    base = [
+        str(test_video),
+        "What colour is the square?",
+        "--model",
+        model,
+        "--frames",
+        "8",
+        "--budget",
+        "20",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
     assert main(["answer", *base, "--layer", "5"]) != 0
     assert "layer 5 is a linear-attention layer" in capsys.readouterr().err
     out = tmp_path / "sheet.png"

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
 from flexselect.backends import detect_family, load_backend
 from flexselect.backends.base import GenerationConfig
 from flexselect.backends.hf import qwen3_vl
@@ -25,8 +26,10 @@ def model_dirs(tmp_path_factory):
     from flexselect.tiny import build_tiny_qwen3_vl
 
     root = tmp_path_factory.mktemp("qwen3-models")
-    return {"qwen3_vl": build_tiny_qwen3_vl(root / "dense"),
-            "qwen3_vl_moe": build_tiny_qwen3_vl(root / "moe", moe=True)}
+    return {
+        "qwen3_vl": build_tiny_qwen3_vl(root / "dense"),
+        "qwen3_vl_moe": build_tiny_qwen3_vl(root / "moe", moe=True),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +102,9 @@ def test_answer_pass_positions_and_deepstack_are_the_full_video_forwards(family,
     patches, _ = patchify(backend.pixels(clip.frames), 16, 2, 2)
     try:
         with torch.inference_mode():
-            full = hf(input_ids=ids[None], pixel_values_videos=patches, video_grid_thw=grid_thw,
-                      mm_token_type_ids=types[None]).last_hidden_state
+            full = hf(
+                input_ids=ids[None], pixel_values_videos=patches, video_grid_thw=grid_thw, mm_token_type_ids=types[None]
+            ).last_hidden_state
     finally:
         handle.remove()
 
@@ -108,8 +112,9 @@ def test_answer_pass_positions_and_deepstack_are_the_full_video_forwards(family,
     assert torch.equal(everything.position_ids, positions)
     assert everything.next_position == int(positions.max()) + 1
     assert torch.equal(everything.extra["visual_pos_masks"], captured["visual_pos_masks"])
-    for ours, theirs in zip(everything.extra["deepstack_visual_embeds"], captured["deepstack_visual_embeds"],
-                            strict=True):
+    for ours, theirs in zip(
+        everything.extra["deepstack_visual_embeds"], captured["deepstack_visual_embeds"], strict=True
+    ):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     with torch.inference_mode():
         ours = backend.text_model(**everything.model_inputs()).last_hidden_state
@@ -157,11 +162,16 @@ def test_scoring_pass_writes_the_sets_units_with_their_own_timestamps(backends):
     assert torch.equal(inputs.embeds[0, inputs.visual_columns], visual.embeds[visual.frame_tokens([1, 4])])
     for level, rows in enumerate(inputs.extra["deepstack_visual_embeds"]):
         assert torch.equal(rows, visual.deepstack[level, visual.frame_tokens([1, 4])])
-    ids = torch.cat([prompt.prefix_ids,
-                     torch.tensor(backend.tokenizer("<1.2 seconds>", add_special_tokens=False).input_ids),
-                     torch.tensor([backend.vision_start, backend.vision_end]),
-                     torch.tensor(backend.tokenizer("<4.2 seconds>", add_special_tokens=False).input_ids),
-                     torch.tensor([backend.vision_start, backend.vision_end]), prompt.suffix_ids])
+    ids = torch.cat(
+        [
+            prompt.prefix_ids,
+            torch.tensor(backend.tokenizer("<1.2 seconds>", add_special_tokens=False).input_ids),
+            torch.tensor([backend.vision_start, backend.vision_end]),
+            torch.tensor(backend.tokenizer("<4.2 seconds>", add_special_tokens=False).input_ids),
+            torch.tensor([backend.vision_start, backend.vision_end]),
+            prompt.suffix_ids,
+        ]
+    )
     torch.testing.assert_close(inputs.embeds[0, text], backend.embed_ids(ids))
     # each unit restarts its positions: (s, s + r, s + c), the text resumes at s + max(rows, cols)
     p = len(prompt.prefix_ids)
@@ -221,8 +231,9 @@ def test_scoring_pass_never_runs_the_deeper_layers(family, backends):
     layers = backend.text_model.layers
     calls = []
     hooks = [layers[i].register_forward_hook(lambda m, a, o, i=i: calls.append(("layer", i))) for i in range(4)]
-    hooks += [layers[i].self_attn.register_forward_hook(lambda m, a, o, i=i: calls.append(("attn", i)))
-              for i in range(4)]
+    hooks += [
+        layers[i].self_attn.register_forward_hook(lambda m, a, o, i=i: calls.append(("attn", i))) for i in range(4)
+    ]
     hooks += [layers[i].mlp.register_forward_pre_hook(lambda m, a, i=i: calls.append(("mlp", i))) for i in range(4)]
     hooks.append(layers[3].self_attn.q_proj.register_forward_pre_hook(lambda m, a: calls.append(("q_proj", 3))))
     hooks.append(backend.text_model.norm.register_forward_hook(lambda m, a, o: calls.append(("norm", -1))))
@@ -239,8 +250,9 @@ def test_scoring_pass_never_runs_the_deeper_layers(family, backends):
 
 def test_past_key_values_prefix_gives_the_same_scores_and_is_left_as_it_was(backends):
     """The capture over a cached prefix (what a video index reuses) equals the pass over the whole sequence."""
-    from flexselect.backends.hf.shared import attention_scores
     from transformers import DynamicCache
+
+    from flexselect.backends.hf.shared import attention_scores
 
     backend = backends["qwen3_vl"]
     visual = backend.encode(fake_clip(n_frames=6))
@@ -251,12 +263,22 @@ def test_past_key_values_prefix_gives_the_same_scores_and_is_left_as_it_was(back
     n = inputs.embeds.shape[1] - rows
     cache = DynamicCache(config=backend.text_model.config)
     with torch.inference_mode():
-        backend.text_model(inputs_embeds=inputs.embeds[:, :n], position_ids=inputs.position_ids[..., :n],
-                           visual_pos_masks=inputs.extra["visual_pos_masks"][:, :n],
-                           deepstack_visual_embeds=inputs.extra["deepstack_visual_embeds"],
-                           past_key_values=cache, use_cache=True)
-        cached = attention_scores(backend.text_model, [2], rows, inputs_embeds=inputs.embeds[:, n:],
-                                  position_ids=inputs.position_ids[..., n:], past_key_values=cache)[2]
+        backend.text_model(
+            inputs_embeds=inputs.embeds[:, :n],
+            position_ids=inputs.position_ids[..., :n],
+            visual_pos_masks=inputs.extra["visual_pos_masks"][:, :n],
+            deepstack_visual_embeds=inputs.extra["deepstack_visual_embeds"],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cached = attention_scores(
+            backend.text_model,
+            [2],
+            rows,
+            inputs_embeds=inputs.embeds[:, n:],
+            position_ids=inputs.position_ids[..., n:],
+            past_key_values=cache,
+        )[2]
     torch.testing.assert_close(cached, whole, rtol=1e-4, atol=1e-6)
     assert cache.get_seq_length() == n
 
@@ -296,22 +318,36 @@ def planted_needle(backend):
             attn.k_proj.weight[head * head_dim + low - 1] = base_dir
         attn.k_norm.weight.fill_(1.0)
         attn.k_norm.weight[low] = 4.0  # the norm's gain sharpens the needle's logits
-        lm.embed_tokens.weight.copy_(question_dir + base_dir
-                                     + 0.05 * torch.randn(lm.embed_tokens.weight.shape, generator=gen))
+        lm.embed_tokens.weight.copy_(
+            question_dir + base_dir + 0.05 * torch.randn(lm.embed_tokens.weight.shape, generator=gen)
+        )
     tpf = GRID[0] * GRID[1]
     n_tokens = FRAMES * tpf
     rng = np.random.default_rng(0)
     sets = frame_sets(FRAMES, 16)
     per_set = int(n_tokens * KEEP_RATIO) // len(sets)
-    needle = np.sort(np.concatenate([
-        rng.choice((np.array(s)[:, None] * tpf + np.arange(tpf)).ravel(), size=per_set, replace=False) for s in sets
-    ]))
+    needle = np.sort(
+        np.concatenate(
+            [
+                rng.choice((np.array(s)[:, None] * tpf + np.arange(tpf)).ravel(), size=per_set, replace=False)
+                for s in sets
+            ]
+        )
+    )
     embeds = base_dir + 0.1 * torch.randn(n_tokens, hidden, generator=gen)
     deepstack = 0.05 * torch.randn(3, n_tokens, hidden, generator=gen)
     deepstack[0, needle] += 1.5 * needle_dir  # only DeepStack knows where the needle is
-    visual = DeepStackVisualTokens(embeds=embeds, num_frames=FRAMES, grid=GRID, timestamps=np.arange(FRAMES) * 1.0,
-                                   time_interval=1.0, frame_size=(64, 96), frames_per_unit=2, deepstack=deepstack,
-                                   label_seconds=np.arange(FRAMES) + 0.25)
+    visual = DeepStackVisualTokens(
+        embeds=embeds,
+        num_frames=FRAMES,
+        grid=GRID,
+        timestamps=np.arange(FRAMES) * 1.0,
+        time_interval=1.0,
+        frame_size=(64, 96),
+        frames_per_unit=2,
+        deepstack=deepstack,
+        label_seconds=np.arange(FRAMES) + 0.25,
+    )
     return visual, torch.from_numpy(needle)
 
 
@@ -328,16 +364,18 @@ def test_kept_tokens_are_the_planted_needle(planted, set_frames):
 
     backend, visual, needle = planted
     prompt = backend.prompt("Where is the needle?")
-    selection = FlexSelect(backend).select(visual, prompt, options=SelectOptions(budget=len(needle), layer=LAYER,
-                                                                                 set_frames=set_frames))
+    selection = FlexSelect(backend).select(
+        visual, prompt, options=SelectOptions(budget=len(needle), layer=LAYER, set_frames=set_frames)
+    )
     assert len(selection.kept) == len(needle) == int(visual.num_tokens * KEEP_RATIO)
     recall = np.isin(needle.numpy(), selection.kept.numpy()).mean()
     print(f"planted needle, set_frames={set_frames}: recall {recall:.3f}")
     assert recall >= 0.95, f"recall {recall:.3f}"
     # without DeepStack the scoring pass cannot see it
     visual.deepstack.zero_()
-    blind = FlexSelect(backend).select(visual, prompt, options=SelectOptions(budget=len(needle), layer=LAYER,
-                                                                             set_frames=set_frames))
+    blind = FlexSelect(backend).select(
+        visual, prompt, options=SelectOptions(budget=len(needle), layer=LAYER, set_frames=set_frames)
+    )
     assert np.isin(needle.numpy(), blind.kept.numpy()).mean() < 0.5
 
 
@@ -376,15 +414,17 @@ def test_incomplete_checkpoint_is_one_clear_error(model_dirs, tmp_path):
     sharded.mkdir()
     (sharded / "config.json").write_text((model_dirs["qwen3_vl"] / "config.json").read_text())
     (sharded / "tokenizer.json").write_text("{}")
-    (sharded / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
     shutil.copy(model_dirs["qwen3_vl"] / "model.safetensors", sharded / "model-00001-of-00002.safetensors")
     with pytest.raises(FlexSelectError, match="model-00002-of-00002.safetensors is missing"):
         load_backend(sharded, device="cpu")
 
 
-def test_layer_scan_scores_every_layer_like_the_stopped_pass_and_prints_the_layer_to_use(model_dirs, backends,
-                                                                                          tmp_path, capsys):
+def test_layer_scan_scores_every_layer_like_the_stopped_pass_and_prints_the_layer_to_use(
+    model_dirs, backends, tmp_path, capsys
+):
     from flexselect.layer_scan import add_layer_scan_command, layer_scores
 
     backend = backends["qwen3_vl"]
@@ -393,12 +433,26 @@ def test_layer_scan_scores_every_layer_like_the_stopped_pass_and_prints_the_laye
     frames = list(range(visual.num_frames))
     every = layer_scores(backend, visual, frames, prompt)
     for layer in range(backend.num_layers):
-        torch.testing.assert_close(every[layer], backend.score(visual, frames, prompt, layer, "max"),
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            every[layer], backend.score(visual, frames, prompt, layer, "max"), rtol=1e-5, atol=1e-7
+        )
     parser = argparse.ArgumentParser()
     add_layer_scan_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["layer-scan", "--model", str(model_dirs["qwen3_vl"]), "--synthetic", "1",
-                              "--out", str(tmp_path), "--device", "cpu", "--dtype", "float32"])
+    args = parser.parse_args(
+        [
+            "layer-scan",
+            "--model",
+            str(model_dirs["qwen3_vl"]),
+            "--synthetic",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert args.run(args) == 0
     best = json.loads((tmp_path / "layer_scan.json").read_text())["best_layer"]
     assert f"--layer {best}" in capsys.readouterr().out
@@ -414,8 +468,12 @@ def test_pipeline_answers_end_to_end(family, model_dirs):
     clip_frames = fake_clip(n_frames=n).frames
     info = video.VideoInfo(path="hand-made", num_frames=n, fps=fps, duration=n / fps, width=96, height=64)
     clip = video.Clip(frames=clip_frames, timestamps=np.arange(n) / fps, source="hand-made", info=info)
-    answer = pipe.answer(clip, "What happens in the video?", generation=GenerationConfig(max_new_tokens=3),
-                         options=SelectOptions(budget=12, set_frames=4, layer=2))
+    answer = pipe.answer(
+        clip,
+        "What happens in the video?",
+        generation=GenerationConfig(max_new_tokens=3),
+        options=SelectOptions(budget=12, set_frames=4, layer=2),
+    )
     visual, selection = answer.visual, answer.selection
     assert visual.num_frames == 8 and visual.tokens_per_frame == 6
     assert len(selection.sets) == 2 and len(selection.kept) == 12
@@ -440,5 +498,5 @@ def test_mean_aggregate_equals_eager_attention_mean(backends):
     mean = backend.layer_scores(inputs, [1], len(prompt.suffix_ids), "mean")[1]
     with torch.inference_mode():
         attentions = eager_scores(backend, inputs, len(prompt.suffix_ids))
-    rows = attentions[1][0, :, -len(prompt.suffix_ids):, inputs.visual_columns]
+    rows = attentions[1][0, :, -len(prompt.suffix_ids) :, inputs.visual_columns]
     torch.testing.assert_close(mean, rows.mean(dim=(0, 1)), rtol=1e-4, atol=1e-7)

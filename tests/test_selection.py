@@ -30,8 +30,9 @@ def test_budget_rounds_up_to_whole_frames():
     assert round_budget(1, 220) == 220
 
 
-@pytest.mark.parametrize("budget,sizes", [(30, [12, 12, 12]), (31, [12, 12, 12]), (30, [20, 4, 20]),
-                                          (100, [8, 8]), (7, [3, 0, 3, 3])])
+@pytest.mark.parametrize(
+    "budget,sizes", [(30, [12, 12, 12]), (31, [12, 12, 12]), (30, [20, 4, 20]), (100, [8, 8]), (7, [3, 0, 3, 3])]
+)
 def test_split_budget_is_fair_capped_and_exact(budget, sizes):
     shares = split_budget(budget, sizes)
     assert sum(shares) == min(budget, sum(sizes))
@@ -52,10 +53,13 @@ def brute_force(q, k, visual, aggregate):
     n = k.shape[1]
     k = k.repeat_interleave(n_heads // k.shape[0], dim=0)
     full_q = torch.zeros(n_heads, n, d)
-    full_q[:, n - t:] = q
-    probs = ((full_q @ k.transpose(1, 2)) / math.sqrt(d)).masked_fill(
-        torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-    rows = probs[:, n - t:, visual]
+    full_q[:, n - t :] = q
+    probs = (
+        ((full_q @ k.transpose(1, 2)) / math.sqrt(d))
+        .masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        .softmax(-1)
+    )
+    rows = probs[:, n - t :, visual]
     return rows.amax(dim=(0, 1)) if aggregate == "max" else rows.mean(dim=(0, 1))
 
 

@@ -4,15 +4,21 @@ import numpy as np
 import pytest
 import torch
 
-from flexselect.errors import FlexSelectError
 from flexselect.backends.base import VisualTokens
+from flexselect.errors import FlexSelectError
 from flexselect.show import contact_sheet, even_subsample, frame_units, render_heatmaps, selection_sheet
 
 
 def visual_of(units, grid):
     rows, cols = grid
-    return VisualTokens(embeds=torch.zeros(units * rows * cols, 4), num_frames=units, grid=grid,
-                        timestamps=np.arange(units) * 0.5, time_interval=1.0, frame_size=(rows * 28, cols * 28))
+    return VisualTokens(
+        embeds=torch.zeros(units * rows * cols, 4),
+        num_frames=units,
+        grid=grid,
+        timestamps=np.arange(units) * 0.5,
+        time_interval=1.0,
+        frame_size=(rows * 28, cols * 28),
+    )
 
 
 def test_kept_cells_are_red_and_dropped_cells_dimmed():

@@ -56,7 +56,8 @@ void usage(FILE * out) {
     namespace d = defaults::qwen2_5_vl;
     std::fprintf(out, kUsage, d::fps, d::max_frames, d::max_side, d::budget, d::reference_layer, defaults::set_frames,
                  defaults::aggregate,
-                 Ranker::available() ? "yes (--ranker available)" : "no (built with -DFLEXSELECT_WITH_ONNXRUNTIME=OFF)");
+                 Ranker::available() ? "yes (--ranker available)"
+                                     : "no (built with -DFLEXSELECT_WITH_ONNXRUNTIME=OFF)");
 }
 
 struct Args {
@@ -176,19 +177,19 @@ std::string json_str(const std::string & raw) {
     std::string o = "\"";
     for (unsigned char c : s) {
         switch (c) {
-            case '"': o += "\\\""; break;
-            case '\\': o += "\\\\"; break;
-            case '\n': o += "\\n"; break;
-            case '\r': o += "\\r"; break;
-            case '\t': o += "\\t"; break;
-            default:
-                if (c < 0x20) {
-                    char b[8];
-                    std::snprintf(b, sizeof(b), "\\u%04x", c);
-                    o += b;
-                } else {
-                    o += (char) c;  // UTF-8 passes through
-                }
+        case '"': o += "\\\""; break;
+        case '\\': o += "\\\\"; break;
+        case '\n': o += "\\n"; break;
+        case '\r': o += "\\r"; break;
+        case '\t': o += "\\t"; break;
+        default:
+            if (c < 0x20) {
+                char b[8];
+                std::snprintf(b, sizeof(b), "\\u%04x", c);
+                o += b;
+            } else {
+                o += (char) c;  // UTF-8 passes through
+            }
         }
     }
     return o + "\"";
@@ -237,7 +238,7 @@ std::string evidence_text(const std::vector<EvidenceRange> & ranges, size_t kept
 }
 
 double peak_rss_mb() {
-    struct rusage ru {};
+    struct rusage ru{};
     getrusage(RUSAGE_SELF, &ru);
     return ru.ru_maxrss / 1024.0;  // KiB on Linux
 }
@@ -262,18 +263,18 @@ void print_result(const Args & a, const Generation & gen, const Selection & sel,
     const auto evidence = evidence_of(sel, v, clip.timestamps);
     if (a.json) {
         std::string layer = sel.layer >= 0 ? std::to_string(sel.layer) : "null";
-        std::printf(
-            "{\"answer\": %s, \"stats\": {\"frames\": %zu, \"frame_units\": %d, \"tokens_per_frame\": %d, "
-            "\"visual_tokens\": %d, \"kept_tokens\": %zu, \"frame_sets\": %d, \"selector\": \"%s\", "
-            "\"reference_layer\": %s, \"video_cached\": %s, \"index\": %s, \"frame_size\": [%d, %d], "
-            "\"sample_fps\": %.6g, "
-            "\"seconds\": {\"decode\": %.4f, \"encode\": %.4f, \"select\": %.4f, \"ttft_answer\": %.4f, "
-            "\"answer\": %.4f, \"total\": %.4f}, \"peak_memory_mb\": {\"process_rss\": %.1f}}, "
-            "\"evidence\": %s, \"answer_token_ids\": %s, \"kept_token_indices\": %s}\n",
-            json_str(gen.text).c_str(), n_frames, v.num_units, v.tokens_per_unit(), v.num_tokens(), sel.kept.size(),
-            sel.n_sets, selector, layer.c_str(), video_cached ? "true" : "false", index_json(sel, index).c_str(),
-            clip.height, clip.width, clip.sample_fps, t_decode, t_encode, t_select, gen.ttft_s, t_answer, total,
-            peak_rss_mb(), evidence_json(evidence).c_str(), json_list(gen.tokens).c_str(), json_list(sel.kept).c_str());
+        std::printf("{\"answer\": %s, \"stats\": {\"frames\": %zu, \"frame_units\": %d, \"tokens_per_frame\": %d, "
+                    "\"visual_tokens\": %d, \"kept_tokens\": %zu, \"frame_sets\": %d, \"selector\": \"%s\", "
+                    "\"reference_layer\": %s, \"video_cached\": %s, \"index\": %s, \"frame_size\": [%d, %d], "
+                    "\"sample_fps\": %.6g, "
+                    "\"seconds\": {\"decode\": %.4f, \"encode\": %.4f, \"select\": %.4f, \"ttft_answer\": %.4f, "
+                    "\"answer\": %.4f, \"total\": %.4f}, \"peak_memory_mb\": {\"process_rss\": %.1f}}, "
+                    "\"evidence\": %s, \"answer_token_ids\": %s, \"kept_token_indices\": %s}\n",
+                    json_str(gen.text).c_str(), n_frames, v.num_units, v.tokens_per_unit(), v.num_tokens(),
+                    sel.kept.size(), sel.n_sets, selector, layer.c_str(), video_cached ? "true" : "false",
+                    index_json(sel, index).c_str(), clip.height, clip.width, clip.sample_fps, t_decode, t_encode,
+                    t_select, gen.ttft_s, t_answer, total, peak_rss_mb(), evidence_json(evidence).c_str(),
+                    json_list(gen.tokens).c_str(), json_list(sel.kept).c_str());
     } else {
         std::printf("%s\n", gen.text.c_str());
         std::fprintf(stderr, "evidence: %s\n", evidence_text(evidence, sel.kept.size(), v.num_tokens()).c_str());

@@ -51,13 +51,27 @@ std::string take_errors() {
 }
 
 // ---- RAII for the C handles --------------------------------------------------------------------------------------
-struct ModelDel { void operator()(llama_model * m) const { llama_model_free(m); } };
-struct CtxDel { void operator()(llama_context * c) const { llama_free(c); } };
-struct MtmdDel { void operator()(mtmd_context * c) const { mtmd_free(c); } };
-struct BitmapDel { void operator()(mtmd_bitmap * b) const { mtmd_bitmap_free(b); } };
-struct ChunksDel { void operator()(mtmd_input_chunks * c) const { mtmd_input_chunks_free(c); } };
-struct SamplerDel { void operator()(llama_sampler * s) const { llama_sampler_free(s); } };
-struct GgufDel { void operator()(gguf_context * g) const { gguf_free(g); } };
+struct ModelDel {
+    void operator()(llama_model * m) const { llama_model_free(m); }
+};
+struct CtxDel {
+    void operator()(llama_context * c) const { llama_free(c); }
+};
+struct MtmdDel {
+    void operator()(mtmd_context * c) const { mtmd_free(c); }
+};
+struct BitmapDel {
+    void operator()(mtmd_bitmap * b) const { mtmd_bitmap_free(b); }
+};
+struct ChunksDel {
+    void operator()(mtmd_input_chunks * c) const { mtmd_input_chunks_free(c); }
+};
+struct SamplerDel {
+    void operator()(llama_sampler * s) const { llama_sampler_free(s); }
+};
+struct GgufDel {
+    void operator()(gguf_context * g) const { gguf_free(g); }
+};
 
 bool file_exists(const std::string & path) {
     std::ifstream f(path, std::ios::binary);
@@ -208,7 +222,8 @@ struct Llm::Impl {
     std::vector<int32_t> tokenize(const std::string & text, bool parse_special) const {
         int n = -llama_tokenize(vocab, text.data(), (int32_t) text.size(), nullptr, 0, false, parse_special);
         std::vector<int32_t> out(std::max(n, 0));
-        if (n > 0 && llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), n, false, parse_special) != n) {
+        if (n > 0 &&
+            llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), n, false, parse_special) != n) {
             throw Error("could not tokenize the prompt");
         }
         return out;
@@ -280,12 +295,14 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = opts.n_gpu_layers;
     m.model.reset(llama_model_load_from_file(opts.model_path.c_str(), mp));
-    if (!m.model) throw Error("cannot load model " + opts.model_path + ": not a valid GGUF language model" + take_errors());
+    if (!m.model)
+        throw Error("cannot load model " + opts.model_path + ": not a valid GGUF language model" + take_errors());
 
     char arch[64] = {0};
     llama_model_meta_val_str(m.model.get(), "general.architecture", arch, sizeof(arch));
     if (std::string(arch) != "qwen2vl" || llama_model_rope_type(m.model.get()) != LLAMA_ROPE_TYPE_MROPE) {
-        throw Error(opts.model_path + " is a '" + arch + "' model; the C++ runtime supports Qwen2.5-VL / Qwen2-VL "
+        throw Error(opts.model_path + " is a '" + arch +
+                    "' model; the C++ runtime supports Qwen2.5-VL / Qwen2-VL "
                     "(architecture qwen2vl with M-RoPE)");
     }
     m.vocab = llama_model_get_vocab(m.model.get());
@@ -305,14 +322,13 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
         if (kd >= 0 && gguf_get_kv_type(g.get(), kd) == GGUF_TYPE_UINT32) {
             const int proj = (int) gguf_get_val_u32(g.get(), kd);
             if (proj != m.n_embd) {
-                throw Error("mmproj " + opts.mmproj_path + " does not belong to " + opts.model_path +
-                            ": it produces " + std::to_string(proj) + "-d embeddings, the model takes " +
-                            std::to_string(m.n_embd) + "-d");
+                throw Error("mmproj " + opts.mmproj_path + " does not belong to " + opts.model_path + ": it produces " +
+                            std::to_string(proj) + "-d embeddings, the model takes " + std::to_string(m.n_embd) + "-d");
             }
         }
         const int64_t kp = gguf_find_key(g.get(), "clip.projector_type");
-        const std::string projector = kp >= 0 && gguf_get_kv_type(g.get(), kp) == GGUF_TYPE_STRING
-                                          ? gguf_get_val_str(g.get(), kp) : "";
+        const std::string projector =
+            kp >= 0 && gguf_get_kv_type(g.get(), kp) == GGUF_TYPE_STRING ? gguf_get_val_str(g.get(), kp) : "";
         if (projector == "qwen2.5vl_merger") {
             namespace d = defaults::qwen2_5_vl;
             m.family = d::name, m.tokens_per_second = d::tokens_per_second;
@@ -322,7 +338,8 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
             m.family = d::name, m.tokens_per_second = d::tokens_per_second;
             m.prompt_prefix = d::prompt_prefix, m.prompt_suffix = d::prompt_suffix;
         } else {
-            throw Error("mmproj " + opts.mmproj_path + " is a '" + projector + "' projector; the C++ runtime supports "
+            throw Error("mmproj " + opts.mmproj_path + " is a '" + projector +
+                        "' projector; the C++ runtime supports "
                         "Qwen2.5-VL / Qwen2-VL projectors (qwen2.5vl_merger, qwen2vl_merger)");
         }
     }
@@ -358,7 +375,8 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
     const char * no_cut = std::getenv("FLEXSELECT_NO_CUT");
     m.capture.cut = !(no_cut && *no_cut && std::string(no_cut) != "0");
     m.ctx.reset(llama_init_from_model(m.model.get(), cp));
-    if (!m.ctx) throw Error("cannot create a llama.cpp context (n_ctx " + std::to_string(opts.n_ctx) + ")" + take_errors());
+    if (!m.ctx)
+        throw Error("cannot create a llama.cpp context (n_ctx " + std::to_string(opts.n_ctx) + ")" + take_errors());
 }
 
 Llm::~Llm() = default;
@@ -417,7 +435,8 @@ VisualTokens Llm::encode(const Clip & clip, int temporal_patch) {
                 ++n_images;
             }
         }
-        if (!image || n_images != 1) throw Error("mtmd did not merge frame unit " + std::to_string(u) + " into one image");
+        if (!image || n_images != 1)
+            throw Error("mtmd did not merge frame unit " + std::to_string(u) + " into one image");
         const mtmd_image_tokens * it = mtmd_input_chunk_get_tokens_image(image);
         const size_t n_tok = mtmd_input_chunk_get_n_tokens(image);
         const mtmd_decoder_pos last = mtmd_image_tokens_get_decoder_pos(it, 0, n_tok - 1);
@@ -461,7 +480,10 @@ std::vector<float> Llm::score_set(const VisualTokens & v, const std::vector<int>
     m.clear_memory();
     struct Off {  // whatever happens, the capture stops and the cache is cleared for the next pass
         Impl & m;
-        ~Off() { m.capture.active = false; m.clear_memory(); }
+        ~Off() {
+            m.capture.active = false;
+            m.clear_memory();
+        }
     } off{m};
     c.active = true;
     c.want_q = false;
@@ -561,7 +583,10 @@ SetIndex Llm::index_set(const VisualTokens & v, const std::vector<int> & units, 
     m.clear_memory();
     struct Off {
         Impl & m;
-        ~Off() { m.capture.active = false; m.clear_memory(); }
+        ~Off() {
+            m.capture.active = false;
+            m.clear_memory();
+        }
     } off{m};
     c.active = true;
     c.want_q = false;
@@ -601,7 +626,10 @@ std::vector<float> Llm::score_indexed(const SetIndex & ix, const VisualTokens & 
     m.clear_memory();
     struct Off {
         Impl & m;
-        ~Off() { m.capture.active = false; m.clear_memory(); }
+        ~Off() {
+            m.capture.active = false;
+            m.clear_memory();
+        }
     } off{m};
     if (llama_state_seq_set_data(m.ctx.get(), ix.state.data(), ix.state.size(), 0) != ix.state.size()) {
         throw Error("could not restore a frame set's KV state" + take_errors());
@@ -617,8 +645,8 @@ std::vector<float> Llm::score_indexed(const SetIndex & ix, const VisualTokens & 
     keys.reserve(ix.k.size() + c.k.size());
     keys.insert(keys.end(), ix.k.begin(), ix.k.end());
     keys.insert(keys.end(), c.k.begin(), c.k.end());
-    return question_attention_scores(c.q.data(), keys.data(), T, P + V + T, m.n_head, m.n_head_kv, m.head_dim, P,
-                                     P + V, aggregate);
+    return question_attention_scores(c.q.data(), keys.data(), T, P + V + T, m.n_head, m.n_head_kv, m.head_dim, P, P + V,
+                                     aggregate);
 }
 
 }  // namespace flexselect

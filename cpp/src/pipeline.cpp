@@ -48,8 +48,8 @@ Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, cons
     for (const auto & s : sets) sizes.push_back((int) s.size() * tpu);
     const auto shares = split_budget(sel.budget, sizes);
     if (ranker != nullptr) index = nullptr;  // a ranker's pass has no question-independent half to keep
-    if (index != nullptr && (index->layer != sel.layer || index->sets.size() != sets.size() ||
-                             index->prefix != p.prefix)) {
+    if (index != nullptr &&
+        (index->layer != sel.layer || index->sets.size() != sets.size() || index->prefix != p.prefix)) {
         *index = VideoIndex{};  // made for another layer, set size or prompt: never reused
         index->layer = sel.layer;
         index->prefix = p.prefix;

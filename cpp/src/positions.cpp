@@ -14,9 +14,7 @@ double time_interval(double tokens_per_second, int temporal_patch, double sample
     return tokens_per_second * temporal_patch / sample_fps;
 }
 
-static int32_t unit_time(int u, double interval) {
-    return (int32_t) std::floor((double) u * interval);
-}
+static int32_t unit_time(int u, double interval) { return (int32_t) std::floor((double) u * interval); }
 
 std::vector<Pos3> video_offsets(int num_units, int rows, int cols, double interval) {
     std::vector<Pos3> out;

@@ -17,7 +17,8 @@ namespace {
 const OrtApi & ort() {
     // Ask for the API version of the headers we compiled with; a newer runtime still serves it.
     static const OrtApi * api = OrtGetApiBase()->GetApi(ORT_API_VERSION);
-    if (!api) throw Error("the ONNX Runtime library is older than its headers (API " + std::to_string(ORT_API_VERSION) + ")");
+    if (!api)
+        throw Error("the ONNX Runtime library is older than its headers (API " + std::to_string(ORT_API_VERSION) + ")");
     return *api;
 }
 
@@ -33,7 +34,9 @@ template <typename T, void (*Release)(T *)> struct Handle {
     Handle() = default;
     Handle(const Handle &) = delete;
     Handle & operator=(const Handle &) = delete;
-    ~Handle() { if (p) Release(p); }
+    ~Handle() {
+        if (p) Release(p);
+    }
 };
 void rel_env(OrtEnv * p) { ort().ReleaseEnv(p); }
 void rel_session(OrtSession * p) { ort().ReleaseSession(p); }
@@ -127,28 +130,33 @@ Ranker::Ranker(const std::string & path, int n_threads) : impl_(std::make_unique
     for (size_t i = 0; i < n_in; ++i) {
         IoInfo io = describe(m.session.p, i, true, alloc);
         if (io.name == "vision_features") {
-            throw Error("ranker " + path + " reads the vision tower's pre-merger features (the authors' layout), "
+            throw Error("ranker " + path +
+                        " reads the vision tower's pre-merger features (the authors' layout), "
                         "which llama.cpp gives no access to: the C++ runtime runs host_embeds rankers (flexselect "
                         "lite-teacher --layout host_embeds, lite-train, lite-export)");
         }
-        const bool is_float = io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
-                              io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-        const bool is_int = io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+        const bool is_float =
+            io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+        const bool is_int =
+            io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || io.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
         if (is_float && m.features.name.empty() && (io.dims.size() == 2 || io.dims.size() == 3)) {
             m.features = io;
         } else if (is_int && m.ids.name.empty() && (io.dims.size() == 1 || io.dims.size() == 2)) {
             m.ids = io;
         } else {
-            throw Error("ranker " + path + ": unexpected input '" + io.name + "' (expected one float [n, D] or "
+            throw Error("ranker " + path + ": unexpected input '" + io.name +
+                        "' (expected one float [n, D] or "
                         "[1, n, D] input for visual tokens and one integer [T] or [1, T] input for question ids)");
         }
     }
     if (m.features.name.empty() || m.ids.name.empty() || n_out < 1) {
-        throw Error("ranker " + path + " needs a float visual-token input, an integer question-id input and a "
+        throw Error("ranker " + path +
+                    " needs a float visual-token input, an integer question-id input and a "
                     "score output");
     }
     m.scores = describe(m.session.p, 0, false, alloc);
-    if (m.scores.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) throw Error("ranker " + path + ": output 0 must be float");
+    if (m.scores.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        throw Error("ranker " + path + ": output 0 must be float");
 }
 
 Ranker::~Ranker() = default;

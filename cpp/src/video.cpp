@@ -134,8 +134,8 @@ Clip load_clip(const std::string & path, const SamplingOptions & opts) {
     if (last <= first) throw Error("no frames between start and end in " + path);
     const int64_t count = last - first;
     const double fps = opts.fps > 0 ? opts.fps : 2.0;
-    std::vector<int64_t> wanted = opts.frames > 0 ? uniform_indices(count, opts.frames)
-                                                  : fps_indices(count, source_fps, fps, opts.max_frames);
+    std::vector<int64_t> wanted =
+        opts.frames > 0 ? uniform_indices(count, opts.frames) : fps_indices(count, source_fps, fps, opts.max_frames);
     // frames the fps request asks for: when all of them are taken (no cap), the clip reports the requested rate
     const int64_t at_fps = opts.frames > 0 ? -1 : std::max<int64_t>(1, std::llround((double) count * fps / source_fps));
     for (auto & w : wanted) w += first;
@@ -174,7 +174,8 @@ Clip load_clip(const std::string & path, const SamplingOptions & opts) {
             }
             const size_t row = (size_t) clip.width * 3;
             std::vector<uint8_t> rgb(row * clip.height);
-            for (int y = 0; y < clip.height; ++y) std::memcpy(&rgb[y * row], rgb_pad.data[0] + (size_t) y * rgb_pad.linesize[0], row);
+            for (int y = 0; y < clip.height; ++y)
+                std::memcpy(&rgb[y * row], rgb_pad.data[0] + (size_t) y * rgb_pad.linesize[0], row);
             clip.frames.push_back(std::move(rgb));
             clip.timestamps.push_back((double) index / source_fps);
             ++next;

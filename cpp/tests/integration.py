@@ -35,9 +35,28 @@ def check(cond: bool, what: str) -> None:
 
 
 def run_cli(cli: str, fx: Path, *extra: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    cmd = [cli, "-m", str(fx / "model.gguf"), "--mmproj", str(fx / "mmproj.gguf"), "--video", str(fx / "clip.mp4"),
-           "-p", QUESTION, "--frames", str(N_FRAMES), "--budget", str(BUDGET), "--set-frames", str(SET_FRAMES),
-           "--max-new-tokens", str(MAX_NEW), "-t", "2", *extra]
+    cmd = [
+        cli,
+        "-m",
+        str(fx / "model.gguf"),
+        "--mmproj",
+        str(fx / "mmproj.gguf"),
+        "--video",
+        str(fx / "clip.mp4"),
+        "-p",
+        QUESTION,
+        "--frames",
+        str(N_FRAMES),
+        "--budget",
+        str(BUDGET),
+        "--set-frames",
+        str(SET_FRAMES),
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "-t",
+        "2",
+        *extra,
+    ]
     r = subprocess.run(cmd, capture_output=True)
     if expect_ok and r.returncode != 0:
         print(r.stderr.decode(errors="replace"))
@@ -47,9 +66,29 @@ def run_cli(cli: str, fx: Path, *extra: str, expect_ok: bool = True) -> subproce
 def run_questions(cli: str, fx: Path, questions: list[str], *extra: str, stdin: bool = False):
     """Several questions in one run: as -p flags, or one per line on standard input (no -p)."""
     flags = [] if stdin else [x for q in questions for x in ("-p", q)]
-    cmd = [cli, "-m", str(fx / "model.gguf"), "--mmproj", str(fx / "mmproj.gguf"), "--video", str(fx / "clip.mp4"),
-           *flags, "--frames", str(N_FRAMES), "--budget", str(BUDGET), "--set-frames", str(SET_FRAMES),
-           "--max-new-tokens", str(MAX_NEW), "-t", "2", "--layer", str(LAYER), *extra]
+    cmd = [
+        cli,
+        "-m",
+        str(fx / "model.gguf"),
+        "--mmproj",
+        str(fx / "mmproj.gguf"),
+        "--video",
+        str(fx / "clip.mp4"),
+        *flags,
+        "--frames",
+        str(N_FRAMES),
+        "--budget",
+        str(BUDGET),
+        "--set-frames",
+        str(SET_FRAMES),
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "-t",
+        "2",
+        "--layer",
+        str(LAYER),
+        *extra,
+    ]
     r = subprocess.run(cmd, capture_output=True, input="\n\n".join(questions).encode() + b"\n" if stdin else None)
     if r.returncode != 0:
         print(r.stderr.decode(errors="replace"))
@@ -66,28 +105,43 @@ def multi_question(cli: str, fx: Path, single: dict) -> None:
         return
     alone = run_questions(cli, fx, [FOLLOW_UP], "--json")
     follow = json.loads(alone.stdout) if alone.returncode == 0 else {}
-    for how, r in (("-p flags", run_questions(cli, fx, questions, "--json")),
-                   ("standard input", run_questions(cli, fx, questions, "--json", stdin=True))):
+    for how, r in (
+        ("-p flags", run_questions(cli, fx, questions, "--json")),
+        ("standard input", run_questions(cli, fx, questions, "--json", stdin=True)),
+    ):
         out = [json.loads(x) for x in r.stdout.decode().splitlines()] if r.returncode == 0 else []
         check(len(out) == 3 and sanitizer_clean(r), f"three questions on {how}: three JSON lines")
         if len(out) != 3:
             continue
         for i, want in enumerate((single, follow, single)):
-            check(out[i]["kept_token_indices"] == want.get("kept_token_indices")
-                  and out[i]["answer_token_ids"] == want.get("answer_token_ids"),
-                  f"{how}: question {i + 1} keeps and answers as its single run")
+            check(
+                out[i]["kept_token_indices"] == want.get("kept_token_indices")
+                and out[i]["answer_token_ids"] == want.get("answer_token_ids"),
+                f"{how}: question {i + 1} keeps and answers as its single run",
+            )
         ix = [o["stats"]["index"] for o in out]
         n_sets = out[0]["stats"]["frame_sets"]
-        check(ix[0]["built_sets"] == n_sets and ix[1]["reused_sets"] == ix[2]["reused_sets"] == n_sets
-              and ix[1]["saved_s"] > 0 and out[1]["stats"]["video_cached"], f"{how}: follow-ups reuse the index")
+        check(
+            ix[0]["built_sets"] == n_sets
+            and ix[1]["reused_sets"] == ix[2]["reused_sets"] == n_sets
+            and ix[1]["saved_s"] > 0
+            and out[1]["stats"]["video_cached"],
+            f"{how}: follow-ups reuse the index",
+        )
     r = run_questions(cli, fx, questions, "--json", "--no-index")
     out = [json.loads(x) for x in r.stdout.decode().splitlines()] if r.returncode == 0 else []
-    check(len(out) == 3 and out[1]["kept_token_indices"] == follow.get("kept_token_indices")
-          and not out[1]["stats"]["index"]["used"], "--no-index: same results, no index")
+    check(
+        len(out) == 3
+        and out[1]["kept_token_indices"] == follow.get("kept_token_indices")
+        and not out[1]["stats"]["index"]["used"],
+        "--no-index: same results, no index",
+    )
     rt = run_questions(cli, fx, questions[:2])
     # a random model's answer may hold newlines or bytes that are not UTF-8: count the per-answer stderr reports
-    check(rt.returncode == 0 and rt.stderr.count(b"evidence: ") == 2 and b"index: reused" in rt.stderr,
-          "text mode: two answers, each with its evidence, the index reuse on stderr")
+    check(
+        rt.returncode == 0 and rt.stderr.count(b"evidence: ") == 2 and b"index: reused" in rt.stderr,
+        "text mode: two answers, each with its evidence, the index reuse on stderr",
+    )
 
 
 def sanitizer_clean(r: subprocess.CompletedProcess) -> bool:
@@ -112,12 +166,18 @@ def make_rankers(fx: Path, n_embd: int) -> tuple[Path, Path]:
             helper.make_node("Add", ["s", "m0"], ["scores"]),
         ]
         graph = helper.make_graph(
-            nodes, "tiny_ranker",
-            [helper.make_tensor_value_info("visual_embeds", TensorProto.FLOAT, ["n", d]),
-             helper.make_tensor_value_info("question_ids", TensorProto.INT64, ["t"])],
+            nodes,
+            "tiny_ranker",
+            [
+                helper.make_tensor_value_info("visual_embeds", TensorProto.FLOAT, ["n", d]),
+                helper.make_tensor_value_info("question_ids", TensorProto.INT64, ["t"]),
+            ],
             [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n"])],
-            [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1], np.int64), "axis1"),
-             numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
+            [
+                numpy_helper.from_array(w, "w"),
+                numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+                numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+            ],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
@@ -130,15 +190,20 @@ def make_rankers(fx: Path, n_embd: int) -> tuple[Path, Path]:
 def python_llama_cpp(fx: Path, ranker: Path | None):
     """The Python llama.cpp backend's kept tokens and answer tokens, or None (and why) if it is not there yet."""
     try:
+        import flexselect.backends.llama_cpp  # noqa: F401
         from flexselect.backends.base import GenerationConfig
         from flexselect.pipeline import FlexSelect, Sampling, SelectOptions
-        import flexselect.backends.llama_cpp  # noqa: F401
     except ImportError as e:
         return None, f"Python llama.cpp backend not importable ({e})"
     pipe = FlexSelect.load(gguf=fx / "model.gguf", mmproj=fx / "mmproj.gguf", ranker=ranker, n_gpu_layers=0)
     options = SelectOptions(budget=BUDGET, layer=None if ranker else LAYER, set_frames=SET_FRAMES)
-    a = pipe.answer(fx / "clip.mp4", QUESTION, sampling=Sampling(frames=N_FRAMES), options=options,
-                    generation=GenerationConfig(max_new_tokens=MAX_NEW))
+    a = pipe.answer(
+        fx / "clip.mp4",
+        QUESTION,
+        sampling=Sampling(frames=N_FRAMES),
+        options=options,
+        generation=GenerationConfig(max_new_tokens=MAX_NEW),
+    )
     return (a.selection.kept.tolist(), list(a.generation.token_ids), [r.to_dict() for r in a.evidence]), ""
 
 
@@ -147,6 +212,7 @@ def transformers_kept(fx: Path, model_dir: Path) -> list[int]:
     CLI's sample indices."""
     import av
     import numpy as np
+
     from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
     from flexselect.pipeline import FlexSelect, SelectOptions
     from flexselect.video import Clip, probe
@@ -156,12 +222,20 @@ def transformers_kept(fx: Path, model_dir: Path) -> list[int]:
         rate = float(c.streams.video[0].average_rate)
     n = len(frames)
     idx = [((2 * i + 1) * n) // (2 * N_FRAMES) for i in range(N_FRAMES)]  # centres of equal segments
-    clip = Clip(np.stack([frames[i] for i in idx]), np.array(idx) / rate, str(fx / "clip.mp4"),
-                probe(fx / "clip.mp4", "pyav"), sample_fps=N_FRAMES / (n / rate))  # as the CLI's uniform sampling
+    clip = Clip(
+        np.stack([frames[i] for i in idx]),
+        np.array(idx) / rate,
+        str(fx / "clip.mp4"),
+        probe(fx / "clip.mp4", "pyav"),
+        sample_fps=N_FRAMES / (n / rate),
+    )  # as the CLI's uniform sampling
     pipe = FlexSelect(Qwen25VLBackend.load(model_dir, device="cpu", dtype="float32"))
     visual, _ = pipe.encode(clip)
-    selection = pipe.select(visual, pipe.backend.prompt(QUESTION),
-                            SelectOptions(budget=BUDGET, layer=LAYER, set_frames=SET_FRAMES, aggregate="max"))
+    selection = pipe.select(
+        visual,
+        pipe.backend.prompt(QUESTION),
+        SelectOptions(budget=BUDGET, layer=LAYER, set_frames=SET_FRAMES, aggregate="max"),
+    )
     return selection.kept.tolist()
 
 
@@ -191,25 +265,39 @@ def bad_inputs(cli: str, fx: Path, ranker_wrong: Path, tmp: Path) -> None:
     expect("no --mmproj", ["-m", m, "--video", v, *base], "--mmproj is required")
     expect("missing mmproj", ["-m", m, "--mmproj", str(tmp / "nope.gguf"), "--video", v, *base], "mmproj not found")
     expect("corrupt mmproj", ["-m", m, "--mmproj", str(garbage), "--video", v, *base], "not a valid GGUF")
-    expect("mmproj of another model", ["-m", m, "--mmproj", str(mismatched), "--video", v, *base],
-           "does not belong")
+    expect("mmproj of another model", ["-m", m, "--mmproj", str(mismatched), "--video", v, *base], "does not belong")
     expect("missing video", ["-m", m, "--mmproj", mm, "--video", str(tmp / "nope.mp4"), *base], "cannot open video")
     expect("unreadable video", ["-m", m, "--mmproj", mm, "--video", str(garbage), *base], "video")
-    expect("prompt larger than n_ctx", ["-m", m, "--mmproj", mm, "--video", v, *base, "--frames", "48", "-c", "64"],
-           "--budget")
-    expect("budget larger than the video", ["-m", m, "--mmproj", mm, "--video", v, *base, "--budget", "100000"],
-           "larger than the video")
+    expect(
+        "prompt larger than n_ctx",
+        ["-m", m, "--mmproj", mm, "--video", v, *base, "--frames", "48", "-c", "64"],
+        "--budget",
+    )
+    expect(
+        "budget larger than the video",
+        ["-m", m, "--mmproj", mm, "--video", v, *base, "--budget", "100000"],
+        "larger than the video",
+    )
     expect("layer out of range", ["-m", m, "--mmproj", mm, "--video", v, *base, "--layer", "99"], "out of range")
     expect("empty question", ["-m", m, "--mmproj", mm, "--video", v, "-p", "  "], "question is empty")
     expect("unknown option", ["--nope"], "unknown option")
     if has_onnxruntime(cli):
-        expect("ranker of another model", ["-m", m, "--mmproj", mm, "--video", v, *base, "--ranker", str(ranker_wrong)],
-               "does not match")
-        expect("corrupt ranker", ["-m", m, "--mmproj", mm, "--video", v, *base, "--ranker", str(garbage)],
-               "cannot load ranker")
+        expect(
+            "ranker of another model",
+            ["-m", m, "--mmproj", mm, "--video", v, *base, "--ranker", str(ranker_wrong)],
+            "does not match",
+        )
+        expect(
+            "corrupt ranker",
+            ["-m", m, "--mmproj", mm, "--video", v, *base, "--ranker", str(garbage)],
+            "cannot load ranker",
+        )
     else:
-        expect("--ranker without ONNX Runtime", ["-m", m, "--mmproj", mm, "--video", v, *base, "--ranker",
-                                                 str(ranker_wrong)], "without ONNX Runtime")
+        expect(
+            "--ranker without ONNX Runtime",
+            ["-m", m, "--mmproj", mm, "--video", v, *base, "--ranker", str(ranker_wrong)],
+            "without ONNX Runtime",
+        )
 
 
 def has_onnxruntime(cli: str) -> bool:
@@ -246,8 +334,12 @@ def main() -> int:
     check(s["reference_layer"] == LAYER and s["frame_sets"] == -(-s["frame_units"] // SET_FRAMES), "stats")
     check(all(k in s["seconds"] for k in ("decode", "encode", "select", "ttft_answer", "answer", "total")), "timings")
     r2 = run_cli(args.cli, fx, "--json", "--layer", str(LAYER))
-    check(r2.returncode == 0 and json.loads(r2.stdout)["kept_token_indices"] == kept
-          and json.loads(r2.stdout)["answer_token_ids"] == out["answer_token_ids"], "deterministic")
+    check(
+        r2.returncode == 0
+        and json.loads(r2.stdout)["kept_token_indices"] == kept
+        and json.loads(r2.stdout)["answer_token_ids"] == out["answer_token_ids"],
+        "deterministic",
+    )
     env = dict(os.environ, FLEXSELECT_NO_CUT="1")  # the full graph instead of stopping after layer L's Q/K
     rn = subprocess.run([*r.args[:1], *r.args[1:]], capture_output=True, env=env)
     check(rn.returncode == 0 and json.loads(rn.stdout)["kept_token_indices"] == kept, "cut after layer L = no cut")

@@ -16,12 +16,12 @@ using namespace flexselect;
 using json = nlohmann::json;
 
 static int g_failures = 0;
-#define CHECK(cond)                                                                   \
-    do {                                                                              \
-        if (!(cond)) {                                                                \
+#define CHECK(cond)                                                                       \
+    do {                                                                                  \
+        if (!(cond)) {                                                                    \
             std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-            ++g_failures;                                                             \
-        }                                                                             \
+            ++g_failures;                                                                 \
+        }                                                                                 \
     } while (0)
 
 static bool near(double a, double b, double tol = 1e-6) { return std::fabs(a - b) <= tol; }
@@ -134,8 +134,8 @@ static void test_shared_position_vectors() {
 
 static void test_shared_evidence_vectors() {
     for (const auto & c : vectors()["evidence"]) {
-        const auto got = evidence_ranges(ints(c["kept_per_unit"]), c["timestamps"].get<std::vector<double>>(),
-                                         c["max_ranges"]);
+        const auto got =
+            evidence_ranges(ints(c["kept_per_unit"]), c["timestamps"].get<std::vector<double>>(), c["max_ranges"]);
         const auto & want = c["ranges"];
         CHECK(got.size() == want.size());
         for (size_t i = 0; i < got.size() && i < want.size(); ++i) {

@@ -1,8 +1,8 @@
 """FlexSelect: keep only the visual tokens of a long video that the question needs, then answer.
 
-    from flexselect import FlexSelect
-    pipe = FlexSelect.load("/models/Qwen2.5-VL-7B-Instruct")
-    print(pipe.answer("talk.mp4", "When does the speaker show the chart?").text)
+from flexselect import FlexSelect
+pipe = FlexSelect.load("/models/Qwen2.5-VL-7B-Instruct")
+print(pipe.answer("talk.mp4", "When does the speaker show the chart?").text)
 """
 
 from .errors import FlexSelectError

@@ -10,8 +10,8 @@ import sys
 import torch
 
 from .errors import FlexSelectError
-from .evidence import describe
 from .eval.cli import add_eval_command
+from .evidence import describe
 from .layer_scan import add_layer_scan_command
 from .lite import add_lite_commands
 from .plan import add_plan_command
@@ -43,30 +43,50 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_selection_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("selection")
-    g.add_argument("--selector", choices=["reference", "lite", "none"],
-                   help="who scores tokens: the model's reference layer (default), a Lite ranker, or keep all")
+    g.add_argument(
+        "--selector",
+        choices=["reference", "lite", "none"],
+        help="who scores tokens: the model's reference layer (default), a Lite ranker, or keep all",
+    )
     g.add_argument("--budget", type=int, help="visual tokens to keep for the whole video (default: the model's)")
     g.add_argument("--layer", type=int, help="reference layer, 0-based (default: the model's, 20 for Qwen2.5-VL-7B)")
     g.add_argument("--set-frames", type=int, help="frame units per frame set (default 64)")
     g.add_argument("--aggregate", choices=["max", "mean"], help="over heads and question tokens (default max)")
-    g.add_argument("--positions", choices=["original", "compact"], default="original",
-                   help="answer-pass positions of kept tokens: original (paper) or compact re-gridding")
+    g.add_argument(
+        "--positions",
+        choices=["original", "compact"],
+        default="original",
+        help="answer-pass positions of kept tokens: original (paper) or compact re-gridding",
+    )
 
 
 def select_options(args: argparse.Namespace):
     """The selection flags of `add_selection_arguments` as the pipeline's options."""
     from .pipeline import SelectOptions
 
-    return SelectOptions(budget=args.budget, layer=args.layer, set_frames=args.set_frames, aggregate=args.aggregate,
-                         selector=args.selector)
+    return SelectOptions(
+        budget=args.budget,
+        layer=args.layer,
+        set_frames=args.set_frames,
+        aggregate=args.aggregate,
+        selector=args.selector,
+    )
 
 
 def add_index_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("index (follow-up questions cost about the answer pass alone)")
-    g.add_argument("--index", metavar="FILE", help="a video index written by `flexselect index` (refused if it was "
-                   "made for another model, video, sampling or layer)")
-    g.add_argument("--index-memory", type=float, metavar="GIB",
-                   help="memory all video indexes may take, in GiB (default: half of the available memory)")
+    g.add_argument(
+        "--index",
+        metavar="FILE",
+        help="a video index written by `flexselect index` (refused if it was "
+        "made for another model, video, sampling or layer)",
+    )
+    g.add_argument(
+        "--index-memory",
+        type=float,
+        metavar="GIB",
+        help="memory all video indexes may take, in GiB (default: half of the available memory)",
+    )
     g.add_argument("--no-index", action="store_true", help="score every question from scratch")
 
 
@@ -79,9 +99,12 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_answer_command(sub) -> None:
-    p = sub.add_parser("answer", help="answer questions about a video (no arguments: the offline demo)",
-                       description="Answer one or more questions about a long video with FlexSelect token "
-                       "selection; the video is indexed once, so each further question costs about its answer pass.")
+    p = sub.add_parser(
+        "answer",
+        help="answer questions about a video (no arguments: the offline demo)",
+        description="Answer one or more questions about a long video with FlexSelect token "
+        "selection; the video is indexed once, so each further question costs about its answer pass.",
+    )
     p.add_argument("video", nargs="?", help="video file (omit for the built-in demo)")
     p.add_argument("questions", nargs="*", metavar="question", help="the question(s)")
     add_model_arguments(p)
@@ -94,10 +117,13 @@ def add_answer_command(sub) -> None:
 
 
 def add_chat_command(sub) -> None:
-    p = sub.add_parser("chat", help="ask questions about a video in a loop (one per line on standard input)",
-                       description="Load the model and the video once, then answer each line of standard input. "
-                       "The first question indexes the video; follow-ups cost about the answer pass alone. Earlier "
-                       "questions and answers are given to the answer pass (not to the selection: see README).")
+    p = sub.add_parser(
+        "chat",
+        help="ask questions about a video in a loop (one per line on standard input)",
+        description="Load the model and the video once, then answer each line of standard input. "
+        "The first question indexes the video; follow-ups cost about the answer pass alone. Earlier "
+        "questions and answers are given to the answer pass (not to the selection: see README).",
+    )
     p.add_argument("video")
     add_model_arguments(p)
     add_sampling_arguments(p)
@@ -110,9 +136,12 @@ def add_chat_command(sub) -> None:
 
 
 def add_index_command(sub) -> None:
-    p = sub.add_parser("index", help="index a video once and write the index to a file (.fsx)",
-                       description="Run every frame set's question-independent scoring pass and write it (safetensors "
-                       "with a manifest of model, video, sampling and layer); then `answer`/`chat --index FILE`.")
+    p = sub.add_parser(
+        "index",
+        help="index a video once and write the index to a file (.fsx)",
+        description="Run every frame set's question-independent scoring pass and write it (safetensors "
+        "with a manifest of model, video, sampling and layer); then `answer`/`chat --index FILE`.",
+    )
     p.add_argument("video")
     p.add_argument("-o", "--out", required=True, help="output file, e.g. video.fsx")
     add_model_arguments(p)
@@ -120,8 +149,12 @@ def add_index_command(sub) -> None:
     g = p.add_argument_group("selection")
     g.add_argument("--layer", type=int, help="reference layer, 0-based (default: the model's)")
     g.add_argument("--set-frames", type=int, help="frame units per frame set (default 64)")
-    g.add_argument("--index-memory", type=float, metavar="GIB",
-                   help="memory the index may take, in GiB (default: half of the available memory)")
+    g.add_argument(
+        "--index-memory",
+        type=float,
+        metavar="GIB",
+        help="memory the index may take, in GiB (default: half of the available memory)",
+    )
     p.set_defaults(run=run_index)
 
 
@@ -131,11 +164,19 @@ def load_pipeline(args: argparse.Namespace):
     memory = getattr(args, "index_memory", None)
     if memory is not None and memory <= 0:
         raise FlexSelectError(f"--index-memory must be a positive number of GiB, got {memory}")
-    pipe = FlexSelect.load(args.model, gguf=args.gguf, mmproj=args.mmproj, ranker=args.ranker, device=args.device,
-                           dtype=args.dtype, positions=getattr(args, "positions", "original"), n_ctx=args.n_ctx,
-                           n_gpu_layers=args.n_gpu_layers,
-                           index_memory=None if memory is None else int(memory * 2**30),
-                           auto_index=not getattr(args, "no_index", False))
+    pipe = FlexSelect.load(
+        args.model,
+        gguf=args.gguf,
+        mmproj=args.mmproj,
+        ranker=args.ranker,
+        device=args.device,
+        dtype=args.dtype,
+        positions=getattr(args, "positions", "original"),
+        n_ctx=args.n_ctx,
+        n_gpu_layers=args.n_gpu_layers,
+        index_memory=None if memory is None else int(memory * 2**30),
+        auto_index=not getattr(args, "no_index", False),
+    )
     return pipe
 
 
@@ -159,9 +200,15 @@ def check_index_file(args: argparse.Namespace) -> None:
 def ask(pipe, args, video, question: str, progress, history: list[tuple[str, str]] = ()):
     from .backends.base import GenerationConfig
 
-    return pipe.answer(video, question, sampling=sampling_of(args), options=select_options(args),
-                       generation=GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed),
-                       progress=progress, history=list(history))
+    return pipe.answer(
+        video,
+        question,
+        sampling=sampling_of(args),
+        options=select_options(args),
+        generation=GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed),
+        progress=progress,
+        history=list(history),
+    )
 
 
 def print_answer(args, result, demo_module=None) -> None:
@@ -169,13 +216,21 @@ def print_answer(args, result, demo_module=None) -> None:
     evidence = describe(result.evidence, result.stats["kept_tokens"], result.stats["visual_tokens"])
     heatmap = demo_module.write_heatmap(result) if demo_module else None
     if args.json:
-        out = {"answer": result.text, "question": result.question, "demo": demo_module is not None,
-               "stats": result.stats, "evidence": [r.to_dict() for r in result.evidence],
-               "answer_token_ids": result.generation.token_ids,
-               "kept_token_indices": result.selection.kept.tolist()}
+        out = {
+            "answer": result.text,
+            "question": result.question,
+            "demo": demo_module is not None,
+            "stats": result.stats,
+            "evidence": [r.to_dict() for r in result.evidence],
+            "answer_token_ids": result.generation.token_ids,
+            "kept_token_indices": result.selection.kept.tolist(),
+        }
         if demo_module:
-            out |= {"video": result.visual.source, "red_square_seconds": demo_module.needle_seconds(),
-                    "heatmap": str(heatmap)}
+            out |= {
+                "video": result.visual.source,
+                "red_square_seconds": demo_module.needle_seconds(),
+                "heatmap": str(heatmap),
+            }
         print(json.dumps(out), flush=True)
     elif demo_module:
         print(demo_module.report(result, evidence, heatmap))
@@ -265,14 +320,19 @@ def run_index(args: argparse.Namespace) -> int:
     options = SelectOptions(layer=args.layer, set_frames=args.set_frames)
     with ProgressBars() as progress:
         index = pipe.save_index(args.video, out, sampling_of(args), options, progress)
-    print(f"{out}: {len(index.sets)} frame set(s), layer {index.key.layer}, {index.nbytes / 2**20:.1f} MiB, "
-          f"built in {index.build_s:.2f}s")
+    print(
+        f"{out}: {len(index.sets)} frame set(s), layer {index.key.layer}, {index.nbytes / 2**20:.1f} MiB, "
+        f"built in {index.build_s:.2f}s"
+    )
     return 0
 
 
 def add_show_command(sub) -> None:
-    p = sub.add_parser("show", help="render the tokens FlexSelect keeps as a heatmap over the frames (PNG)",
-                       description="Run the selection (no answer) and write a contact sheet of the kept tokens.")
+    p = sub.add_parser(
+        "show",
+        help="render the tokens FlexSelect keeps as a heatmap over the frames (PNG)",
+        description="Run the selection (no answer) and write a contact sheet of the kept tokens.",
+    )
     p.add_argument("video")
     p.add_argument("question")
     p.add_argument("-o", "--out", default="flexselect_show.png", help="output PNG (default flexselect_show.png)")
@@ -300,11 +360,26 @@ def run_show(args: argparse.Namespace) -> int:
         raise FlexSelectError("the question is empty: ask something about the video")
     if args.animate and Path(args.animate).suffix.lower() not in (".gif", ".mp4"):
         raise FlexSelectError(f"--animate {args.animate}: the animation is a .gif or an .mp4")
-    pipe = FlexSelect.load(args.model, gguf=args.gguf, mmproj=args.mmproj, ranker=args.ranker, device=args.device,
-                           dtype=args.dtype, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers)
+    pipe = FlexSelect.load(
+        args.model,
+        gguf=args.gguf,
+        mmproj=args.mmproj,
+        ranker=args.ranker,
+        device=args.device,
+        dtype=args.dtype,
+        n_ctx=args.n_ctx,
+        n_gpu_layers=args.n_gpu_layers,
+    )
     d = pipe.defaults
-    clip = load_clip(args.video, num_frames=args.frames, fps=None if args.frames else (args.fps or d.fps), start=args.start,
-                     end=args.end, max_frames=args.max_frames or d.max_frames, max_side=args.max_side or d.max_side)
+    clip = load_clip(
+        args.video,
+        num_frames=args.frames,
+        fps=None if args.frames else (args.fps or d.fps),
+        start=args.start,
+        end=args.end,
+        max_frames=args.max_frames or d.max_frames,
+        max_side=args.max_side or d.max_side,
+    )
     with ProgressBars() as progress:
         visual, _ = pipe.encode(clip, progress=progress)
         selection = pipe.select(visual, pipe.backend.prompt(args.question.strip()), select_options(args), progress)
@@ -363,7 +438,7 @@ class ProgressBars:
             bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="", leave=False, disable=self.disable or None)
         bar.update(done - bar.n)
 
-    def __enter__(self) -> "ProgressBars":
+    def __enter__(self) -> ProgressBars:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -374,13 +449,19 @@ class ProgressBars:
 def add_export_gguf_command(export_subparsers) -> None:
     """`flexselect export gguf`: the exporter (package `flexselect_export`) is imported only when it runs."""
     p = export_subparsers.add_parser(
-        "gguf", help="convert a Qwen2.5-VL / Qwen3-VL / Qwen3.5 checkpoint to model.gguf + mmproj.gguf",
+        "gguf",
+        help="convert a Qwen2.5-VL / Qwen3-VL / Qwen3.5 checkpoint to model.gguf + mmproj.gguf",
         description="Convert a Qwen2.5-VL, Qwen2-VL, Qwen3-VL or Qwen3.5 (dense or MoE) checkpoint to a llama.cpp "
-                    "GGUF + mmproj.")
+        "GGUF + mmproj.",
+    )
     p.add_argument("model_dir", help="transformers checkpoint folder (config.json, weights, tokenizer)")
     p.add_argument("out_dir", help="folder for model.gguf and mmproj.gguf")
-    p.add_argument("--outtype", choices=("f16", "q8_0", "f32"), default="f16",
-                   help="weight type of the language model (default f16; the projector stays f16, f32 for f32)")
+    p.add_argument(
+        "--outtype",
+        choices=("f16", "q8_0", "f32"),
+        default="f16",
+        help="weight type of the language model (default f16; the projector stays f16, f32 for f32)",
+    )
     p.set_defaults(run=run_export_gguf)
 
 
@@ -396,8 +477,10 @@ def run_export_gguf(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="flexselect", description="Ask questions about long videos: FlexSelect keeps the visual tokens the "
-        "question needs. `flexselect answer` with no arguments runs an offline demo.")
+        prog="flexselect",
+        description="Ask questions about long videos: FlexSelect keeps the visual tokens the "
+        "question needs. `flexselect answer` with no arguments runs an offline demo.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
     add_answer_command(sub)
@@ -431,8 +514,11 @@ def main(argv: list[str] | None = None) -> int:
         print("flexselect: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, torch.OutOfMemoryError):
-        print("flexselect: error: out of memory; use fewer --frames, a smaller --max-side or --budget, "
-              "or --dtype bfloat16", file=sys.stderr)
+        print(
+            "flexselect: error: out of memory; use fewer --frames, a smaller --max-side or --budget, "
+            "or --dtype bfloat16",
+            file=sys.stderr,
+        )
         return 2
 
 

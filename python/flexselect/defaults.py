@@ -72,14 +72,20 @@ def reference_layer_for(family: str, num_layers: int, candidates: tuple[int, ...
         log.warning(
             "%s: reference layer %d of %d was never measured (the paper covers no such model): it is the %s "
             "Qwen2.5-VL's relative depth (20 of 28). Run `flexselect layer-scan --model ...` to measure the best one "
-            "and pass it as --layer.", family, layer, num_layers,
+            "and pass it as --layer.",
+            family,
+            layer,
+            num_layers,
             "full-attention layer nearest" if hybrid else "layer at",
         )
     elif num_layers != d.num_layers:
         log.warning(
             "%s: the paper's reference layer %d is for %d layers; this model has %d, using layer %d (same relative "
             "depth). Run `flexselect layer-scan` to measure the best one.",
-            family, d.reference_layer, d.num_layers, num_layers, layer,
+            family,
+            d.reference_layer,
+            d.num_layers,
+            num_layers,
+            layer,
         )
     return layer
-

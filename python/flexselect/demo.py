@@ -58,8 +58,14 @@ def demo_assets() -> tuple[Path, Path]:
     video = root / "red-square.mp4"
     if not video.is_file():
         partial = root / "red-square.partial.mp4"
-        write_test_video(partial, num_frames=VIDEO_FRAMES, fps=VIDEO_FPS, width=VIDEO_SIZE[0], height=VIDEO_SIZE[1],
-                         needle_frames=NEEDLE_FRAMES)
+        write_test_video(
+            partial,
+            num_frames=VIDEO_FRAMES,
+            fps=VIDEO_FPS,
+            width=VIDEO_SIZE[0],
+            height=VIDEO_SIZE[1],
+            needle_frames=NEEDLE_FRAMES,
+        )
         partial.rename(video)
     return model, video
 
@@ -85,7 +91,7 @@ def red_finder(out: Path) -> Path:
         direction /= direction.norm()
         gap = float((normed(red) @ direction).mean() - (normed(plain) @ direction).mean())
     # every question token asks the same ("red?"): a query bias only, no query weights
-    scale = (LOGIT_GAP * lm.layers[layer].self_attn.head_dim**0.5 / gap) ** 0.5
+    scale = (LOGIT_GAP * lm.layers[layer].self_attn.head_dim ** 0.5 / gap) ** 0.5
     plant_attention(lm, layer, key=scale * direction, query_bias=scale)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".partial-"))
@@ -111,8 +117,15 @@ def _calibration_tokens(backend):
     with tempfile.TemporaryDirectory() as tmp:
         embeds = []
         for name, needle in (("plain.mp4", ()), ("red.mp4", (0, 1))):
-            path = write_test_video(Path(tmp) / name, num_frames=2, fps=VIDEO_FPS, width=VIDEO_SIZE[0],
-                                    height=VIDEO_SIZE[1], seed=1, needle_frames=needle)
+            path = write_test_video(
+                Path(tmp) / name,
+                num_frames=2,
+                fps=VIDEO_FPS,
+                width=VIDEO_SIZE[0],
+                height=VIDEO_SIZE[1],
+                seed=1,
+                needle_frames=needle,
+            )
             embeds.append(backend.encode(load_clip(path, num_frames=2)).embeds.float())
     plain, red = embeds
     changed = (red - plain).norm(dim=1)
@@ -141,15 +154,18 @@ def report(result, evidence: str, heatmap: Path) -> str:
     s = result.stats
     start, end = needle_seconds()
     found = result.evidence and result.evidence[0].start_s < end and result.evidence[0].end_s > start
-    verdict = (f"the red square is on screen at {start:.1f}-{end:.1f} s: "
-               + ("FlexSelect found it." if found else "FlexSelect missed it."))
+    verdict = f"the red square is on screen at {start:.1f}-{end:.1f} s: " + (
+        "FlexSelect found it." if found else "FlexSelect missed it."
+    )
     # Random weights decode to arbitrary bytes; drop the undecodable ones rather than print U+FFFD.
     text = result.text.replace("\ufffd", "").strip() or "(nothing printable)"
-    return "\n".join([
-        f"video: {Path(result.visual.source).name}, {s['frames']} frames sampled -> {s['frame_units']} units x "
-        f"{s['tokens_per_frame']} tokens = {s['visual_tokens']} visual tokens in {s['frame_sets']} frame sets",
-        f"selection: {evidence}",
-        verdict,
-        f"heatmap of the kept tokens: {heatmap}",
-        f"answer (random weights, so not meaningful): {text}",
-    ])
+    return "\n".join(
+        [
+            f"video: {Path(result.visual.source).name}, {s['frames']} frames sampled -> {s['frame_units']} units x "
+            f"{s['tokens_per_frame']} tokens = {s['visual_tokens']} visual tokens in {s['frame_sets']} frame sets",
+            f"selection: {evidence}",
+            verdict,
+            f"heatmap of the kept tokens: {heatmap}",
+            f"answer (random weights, so not meaningful): {text}",
+        ]
+    )

@@ -9,8 +9,8 @@ start of the unit after its last one (the last unit of the video lasts as long a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -67,6 +67,8 @@ def describe(ranges: Sequence[EvidenceRange], kept: int, total: int) -> str:
     head = f"kept {kept} of {total} tokens"
     if not ranges:
         return head + ", spread evenly over the video"
-    parts = [f"{r.share:.0%} {'of them ' if i == 0 else ''}from {r.start_s:.1f}-{r.end_s:.1f} s"
-             for i, r in enumerate(ranges[:3])]
+    parts = [
+        f"{r.share:.0%} {'of them ' if i == 0 else ''}from {r.start_s:.1f}-{r.end_s:.1f} s"
+        for i, r in enumerate(ranges[:3])
+    ]
     return f"{head}; " + ", ".join(parts)

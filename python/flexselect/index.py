@@ -86,20 +86,25 @@ class IndexStore:
         self._videos.move_to_end(id(visual))
         return entry[1].get(key)
 
-    def reserve(self, visual, key: IndexKey, planned_bytes: int, gpu: torch.device | None
-                ) -> tuple[VideoIndex | None, str | None]:
+    def reserve(
+        self, visual, key: IndexKey, planned_bytes: int, gpu: torch.device | None
+    ) -> tuple[VideoIndex | None, str | None]:
         """Room for a new index of `planned_bytes` (evicting older videos), or None and a one-line notice (also
         logged) saying why the question is scored without one."""
         notice = None
         if planned_bytes > self.limit_bytes:
-            notice = (f"the index of this video would take {gib(planned_bytes)}, more than the index memory limit of "
-                      f"{gib(self.limit_bytes)} (--index-memory): scoring without an index")
+            notice = (
+                f"the index of this video would take {gib(planned_bytes)}, more than the index memory limit of "
+                f"{gib(self.limit_bytes)} (--index-memory): scoring without an index"
+            )
         else:
             while self._videos and self.nbytes + planned_bytes > self.limit_bytes:
                 self._drop_oldest(keep=visual)
             if self.nbytes + planned_bytes > self.limit_bytes:
-                notice = (f"the index of this video would take {gib(planned_bytes)} and its other indexes fill the "
-                          f"limit of {gib(self.limit_bytes)}: scoring without an index")
+                notice = (
+                    f"the index of this video would take {gib(planned_bytes)} and its other indexes fill the "
+                    f"limit of {gib(self.limit_bytes)}: scoring without an index"
+                )
         if notice:
             log.warning(notice)
             return None, notice
@@ -110,8 +115,10 @@ class IndexStore:
     def put(self, visual, index: VideoIndex) -> None:
         """Register a finished index (loaded from disk), evicting older videos to make room."""
         if index.planned_bytes > self.limit_bytes:
-            raise FlexSelectError(f"the index takes {gib(index.planned_bytes)}, more than the index memory limit of "
-                                  f"{gib(self.limit_bytes)}: raise --index-memory")
+            raise FlexSelectError(
+                f"the index takes {gib(index.planned_bytes)}, more than the index memory limit of "
+                f"{gib(self.limit_bytes)}: raise --index-memory"
+            )
         while self._videos and self.nbytes + index.planned_bytes > self.limit_bytes:
             self._drop_oldest(keep=None)
         self._put(visual, index)
@@ -185,8 +192,11 @@ def write_index(path: str | os.PathLike, tensors: dict[str, torch.Tensor], manif
         raise FlexSelectError(f"cannot write {path}: the folder {path.parent} does not exist")
     partial = path.with_name(path.name + ".partial")
     try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(partial),
-                  metadata={"flexselect_index": json.dumps({"format": FORMAT_VERSION, **manifest})})
+        save_file(
+            {k: v.contiguous().cpu() for k, v in tensors.items()},
+            str(partial),
+            metadata={"flexselect_index": json.dumps({"format": FORMAT_VERSION, **manifest})},
+        )
         with open(partial, "rb+") as f:
             os.fsync(f.fileno())
         partial.replace(path)
@@ -208,17 +218,21 @@ def read_index(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
                 raise FlexSelectError(f"{path} is a safetensors file but not a FlexSelect index")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FlexSelectError(f"{path} is not a readable FlexSelect index (truncated or damaged: {e}); "
-                              "rebuild it with `flexselect index`") from None
+        raise FlexSelectError(
+            f"{path} is not a readable FlexSelect index (truncated or damaged: {e}); rebuild it with `flexselect index`"
+        ) from None
     manifest = json.loads(meta)
     if manifest.get("format") != FORMAT_VERSION:
-        raise FlexSelectError(f"{path} is a FlexSelect index of format {manifest.get('format')}, this version reads "
-                              f"format {FORMAT_VERSION}: rebuild it with `flexselect index`")
+        raise FlexSelectError(
+            f"{path} is a FlexSelect index of format {manifest.get('format')}, this version reads "
+            f"format {FORMAT_VERSION}: rebuild it with `flexselect index`"
+        )
     return manifest, tensors
 
 
 def difference(name: str, theirs, ours) -> str:
     """What differs between an index's manifest entry and this run's, briefly."""
+
     def short(v) -> str:
         text = json.dumps(v)
         return text if len(text) <= 24 else text[:21] + "..."
@@ -230,9 +244,16 @@ def difference(name: str, theirs, ours) -> str:
 
 
 def visual_manifest(visual) -> dict:
-    return {"class": type(visual).__name__, "num_frames": visual.num_frames,
-            "grid": list(visual.grid), "timestamps": visual.timestamps.tolist(), "time_interval": visual.time_interval,
-            "frame_size": list(visual.frame_size), "source": visual.source, "frames_per_unit": visual.frames_per_unit}
+    return {
+        "class": type(visual).__name__,
+        "num_frames": visual.num_frames,
+        "grid": list(visual.grid),
+        "timestamps": visual.timestamps.tolist(),
+        "time_interval": visual.time_interval,
+        "frame_size": list(visual.frame_size),
+        "source": visual.source,
+        "frames_per_unit": visual.frames_per_unit,
+    }
 
 
 def visual_from_manifest(m: dict, embeds: torch.Tensor):
@@ -247,6 +268,13 @@ def visual_from_manifest(m: dict, embeds: torch.Tensor):
     cls = kinds.get(m["class"])
     if cls is None:
         raise FlexSelectError(f"the index holds {m['class']} visual tokens, which this model does not make")
-    return cls(embeds=embeds, num_frames=m["num_frames"], grid=tuple(m["grid"]), timestamps=np.asarray(m["timestamps"]),
-               time_interval=m["time_interval"], frame_size=tuple(m["frame_size"]), source=m["source"],
-               frames_per_unit=m["frames_per_unit"])
+    return cls(
+        embeds=embeds,
+        num_frames=m["num_frames"],
+        grid=tuple(m["grid"]),
+        timestamps=np.asarray(m["timestamps"]),
+        time_interval=m["time_interval"],
+        frame_size=tuple(m["frame_size"]),
+        source=m["source"],
+        frames_per_unit=m["frames_per_unit"],
+    )

@@ -19,24 +19,31 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .defaults import AGGREGATE, SET_FRAMES, family_defaults, reference_layer_for
-from .errors import FlexSelectError
 from .backends.base import Prompt, VisualTokens, attention_layers
 from .backends.hf.shared import HFBackend
+from .defaults import AGGREGATE, SET_FRAMES, family_defaults, reference_layer_for
+from .errors import FlexSelectError
 from .selection import Aggregate, top_k
 from .video import write_video
 
 log = logging.getLogger("flexselect")
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 70, 230), "yellow": (235, 215, 40),
-           "magenta": (210, 40, 200), "cyan": (40, 210, 220)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 190, 60),
+    "blue": (40, 70, 230),
+    "yellow": (235, 215, 40),
+    "magenta": (210, 40, 200),
+    "cyan": (40, 210, 220),
+}
 
 
 @dataclass
@@ -86,8 +93,9 @@ def recall_at_k(scores: torch.Tensor, relevant: torch.Tensor, k: int | None = No
     if len(relevant) == 0:
         raise FlexSelectError("an example has no relevant tokens: its relevant range covers no sampled frame")
     k = len(relevant) if k is None else min(k, scores.shape[1])
-    return torch.tensor([float(np.isin(top_k(row, k).numpy(), relevant.numpy()).sum()) / len(relevant)
-                         for row in scores])
+    return torch.tensor(
+        [float(np.isin(top_k(row, k).numpy(), relevant.numpy()).sum()) / len(relevant) for row in scores]
+    )
 
 
 def relevant_token_set(example: ScanExample, visual: VisualTokens, timestamps: Sequence[float]) -> torch.Tensor:
@@ -129,20 +137,36 @@ def scan(
         clip = _clip_of(ex, d)
         visual = backend.encode(clip)
         if visual.num_frames > SET_FRAMES:
-            log.warning("layer-scan example %d has %d frame units, more than one frame set (%d) in the pipeline",
-                        i, visual.num_frames, SET_FRAMES)
+            log.warning(
+                "layer-scan example %d has %d frame units, more than one frame set (%d) in the pipeline",
+                i,
+                visual.num_frames,
+                SET_FRAMES,
+            )
         relevant = relevant_token_set(ex, visual, list(clip.timestamps))
         scores = layer_scores(backend, visual, list(range(visual.num_frames)), backend.prompt(ex.question), aggregate)
         per_example.append(recall_at_k(scores, relevant, top_k_tokens).tolist())
-        info.append({"question": ex.question, "relevant_tokens": len(relevant), "visual_tokens": visual.num_tokens,
-                     "k": len(relevant) if top_k_tokens is None else min(top_k_tokens, visual.num_tokens)})
+        info.append(
+            {
+                "question": ex.question,
+                "relevant_tokens": len(relevant),
+                "visual_tokens": visual.num_tokens,
+                "k": len(relevant) if top_k_tokens is None else min(top_k_tokens, visual.num_tokens),
+            }
+        )
     recall = np.mean(np.asarray(per_example), axis=0)
     layers = attention_layers(backend)
     return ScanResult(
-        family=backend.family, num_layers=backend.num_layers, recall=recall.tolist(), per_example=per_example,
-        layers=layers, best_layer=layers[int(np.argmax(recall))],
+        family=backend.family,
+        num_layers=backend.num_layers,
+        recall=recall.tolist(),
+        per_example=per_example,
+        layers=layers,
+        best_layer=layers[int(np.argmax(recall))],
         default_layer=reference_layer_for(backend.family, backend.num_layers, tuple(layers)),
-        top_k=top_k_tokens, aggregate=aggregate, examples=info,
+        top_k=top_k_tokens,
+        aggregate=aggregate,
+        examples=info,
     )
 
 
@@ -154,8 +178,13 @@ def _clip_of(example: ScanExample, d):
     path = Path(example.video)
     if not path.is_file():
         raise FlexSelectError(f"layer-scan example video not found: {path}")
-    return load_clip(path, num_frames=example.frames, fps=None if example.frames else d.fps,
-                     max_frames=d.max_frames, max_side=d.max_side)
+    return load_clip(
+        path,
+        num_frames=example.frames,
+        fps=None if example.frames else d.fps,
+        max_frames=d.max_frames,
+        max_side=d.max_side,
+    )
 
 
 # -- examples ------------------------------------------------------------------------------------------------------
@@ -182,8 +211,13 @@ def load_examples(path: str | os.PathLike) -> list[ScanExample]:
 
 
 def make_scan_examples(
-    out_dir: str | os.PathLike, n: int, seed: int = 0, num_frames: int = 16, fps: float = 4.0,
-    size: tuple[int, int] = (112, 168), shown_frames: int = 2,
+    out_dir: str | os.PathLike,
+    n: int,
+    seed: int = 0,
+    num_frames: int = 16,
+    fps: float = 4.0,
+    size: tuple[int, int] = (112, 168),
+    shown_frames: int = 2,
 ) -> Path:
     """Write `n` synthetic videos and `examples.json` (returned): a coloured square on a textured grey background
     in `shown_frames` consecutive frames at a random place and time, and the question about its colour."""
@@ -207,9 +241,15 @@ def make_scan_examples(
         name = f"scan_{i:03d}.mp4"
         write_video(out / name, frames, fps, (width, height), crf=10)  # near-lossless: colours survive
         # Half a frame of slack either side, so the range does not depend on the decoder's timestamp rounding.
-        examples.append({"video": name, "question": "What colour is the square in the video?", "answer": colour,
-                         "frames": num_frames,
-                         "relevant_seconds": [(first - 0.5) / fps, (first + shown_frames - 0.5) / fps]})
+        examples.append(
+            {
+                "video": name,
+                "question": "What colour is the square in the video?",
+                "answer": colour,
+                "frames": num_frames,
+                "relevant_seconds": [(first - 0.5) / fps, (first + shown_frames - 0.5) / fps],
+            }
+        )
     path = out / "examples.json"
     path.write_text(json.dumps(examples, indent=1))
     return path
@@ -235,9 +275,13 @@ def write_report(result: ScanResult, out_dir: str | os.PathLike, model: str = ""
     ax.axvline(result.default_layer, color="C2", linestyle="--", label=f"default: layer {result.default_layer}")
     k = "|R|" if result.top_k is None else str(result.top_k)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="layer (0-based)", ylabel=f"Recall@{k}", ylim=(0, 1.02),
-           title=f"{Path(model).name or result.family}: {len(result.per_example)} examples, "
-                 f"{result.aggregate} over heads and question tokens")
+    ax.set(
+        xlabel="layer (0-based)",
+        ylabel=f"Recall@{k}",
+        ylim=(0, 1.02),
+        title=f"{Path(model).name or result.family}: {len(result.per_example)} examples, "
+        f"{result.aggregate} over heads and question tokens",
+    )
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path)
@@ -248,9 +292,10 @@ def write_report(result: ScanResult, out_dir: str | os.PathLike, model: str = ""
 def add_layer_scan_command(sub) -> None:
     """Register `flexselect layer-scan` on the CLI's subparsers."""
     p = sub.add_parser(
-        "layer-scan", help="find the reference layer: Recall@K of every layer's question-to-video attention",
+        "layer-scan",
+        help="find the reference layer: Recall@K of every layer's question-to-video attention",
         description="Score every layer of a transformers checkpoint on examples with known relevant frames and "
-                    "report Recall@K by layer (JSON + PNG) and the best layer.",
+        "report Recall@K by layer (JSON + PNG) and the best layer.",
     )
     p.add_argument("--model", required=True, help="transformers checkpoint folder")
     p.add_argument("--examples", help="examples JSON (default: generate synthetic ones into OUT/examples)")
@@ -275,6 +320,8 @@ def run_layer_scan(args: argparse.Namespace) -> int:
     for layer, r in zip(result.layers, result.recall):
         print(f"layer {layer:3d}  recall {r:.3f}{'  <- best' if layer == result.best_layer else ''}")
     print(f"best layer: {result.best_layer} (default {result.default_layer}); wrote {json_path} and {png_path}")
-    print(f"to use it: --layer {result.best_layer}   (e.g. flexselect answer VIDEO QUESTION --model {args.model} "
-          f"--layer {result.best_layer})")
+    print(
+        f"to use it: --layer {result.best_layer}   (e.g. flexselect answer VIDEO QUESTION --model {args.model} "
+        f"--layer {result.best_layer})"
+    )
     return 0

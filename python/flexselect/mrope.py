@@ -41,11 +41,13 @@ def video_positions(num_frames: int, grid: tuple[int, int], interval: float) -> 
     """M-RoPE offsets [3, num_frames*rows*cols] of a video's tokens relative to the video's start position."""
     rows, cols = grid
     t = torch.tensor([math.floor(u * interval) for u in range(num_frames)], dtype=torch.long)
-    return torch.stack([
-        t[:, None, None].expand(num_frames, rows, cols),
-        torch.arange(rows)[None, :, None].expand(num_frames, rows, cols),
-        torch.arange(cols)[None, None, :].expand(num_frames, rows, cols),
-    ]).reshape(3, -1)
+    return torch.stack(
+        [
+            t[:, None, None].expand(num_frames, rows, cols),
+            torch.arange(rows)[None, :, None].expand(num_frames, rows, cols),
+            torch.arange(cols)[None, None, :].expand(num_frames, rows, cols),
+        ]
+    ).reshape(3, -1)
 
 
 def layout_positions(

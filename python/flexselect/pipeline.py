@@ -13,9 +13,10 @@ import resource
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -24,8 +25,18 @@ from .backends.base import Backend, Generation, GenerationConfig, Prompt, Visual
 from .defaults import AGGREGATE, SET_FRAMES, family_defaults
 from .errors import FlexSelectError
 from .evidence import EvidenceRange, evidence_ranges
-from .index import (IndexKey, IndexStore, VideoIndex, difference, file_identity, gib, read_index, visual_from_manifest,
-                    visual_manifest, write_index)
+from .index import (
+    IndexKey,
+    IndexStore,
+    VideoIndex,
+    difference,
+    file_identity,
+    gib,
+    read_index,
+    visual_from_manifest,
+    visual_manifest,
+    write_index,
+)
 from .selection import Aggregate, frame_sets, round_budget, split_budget, top_k
 from .video import Clip, load_clip
 
@@ -71,8 +82,9 @@ class SelectOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise FlexSelectError(f"{name} must be a positive whole number, got {value!r}")
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
-                                       or self.layer < 0):
+        if self.layer is not None and (
+            isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0
+        ):
             raise FlexSelectError(f"the reference layer must be a whole number >= 0, got {self.layer!r}")
         if self.aggregate not in (None, "max", "mean"):
             raise FlexSelectError(f"aggregate must be 'max' or 'mean', got {self.aggregate!r}")
@@ -120,8 +132,14 @@ def conversation(history: list[tuple[str, str]], question: str) -> str:
 class FlexSelect:
     """Load once, ask many questions. See `answer()` for the one-call form."""
 
-    def __init__(self, backend: Backend, ranker: Ranker | None = None, cache_videos: int = 4,
-                 index_memory: int | None = None, auto_index: bool = True) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        ranker: Ranker | None = None,
+        cache_videos: int = 4,
+        index_memory: int | None = None,
+        auto_index: bool = True,
+    ) -> None:
         """`index_memory`: bytes all video indexes may take (None: half the memory available now); `auto_index`:
         index a video on its first reference-layer question, so follow-ups cost about the answer pass alone."""
         self.backend = backend
@@ -150,7 +168,7 @@ class FlexSelect:
         n_gpu_layers: int = -1,
         index_memory: int | None = None,
         auto_index: bool = True,
-    ) -> "FlexSelect":
+    ) -> FlexSelect:
         """A transformers checkpoint folder (`model`) or a GGUF + its mmproj (`gguf`, `mmproj`)."""
         if (model is None) == (gguf is None):
             raise FlexSelectError("give either a transformers model folder (--model) or a GGUF file (--gguf)")
@@ -167,7 +185,7 @@ class FlexSelect:
         pipe = cls(backend, index_memory=index_memory, auto_index=auto_index)
         return pipe.with_ranker(ranker) if ranker is not None else pipe
 
-    def with_ranker(self, ranker: str | os.PathLike) -> "FlexSelect":
+    def with_ranker(self, ranker: str | os.PathLike) -> FlexSelect:
         """The same loaded model (and video cache) scored by a Lite ranker: no second copy of the big model."""
         from .lite import load_ranker
 
@@ -199,10 +217,19 @@ class FlexSelect:
                 self._cache.move_to_end(key)
                 return self._cache[key], {"cached": True, "decode_s": 0.0, "encode_s": 0.0}
         t0 = time.perf_counter()
-        clip = video if isinstance(video, Clip) else load_clip(
-            video, num_frames=sampling.frames, fps=sampling.fps, start=sampling.start, end=sampling.end,
-            max_frames=sampling.max_frames or d.max_frames, max_side=sampling.max_side or d.max_side,
-            on_frame=_stage(progress, "decode"),
+        clip = (
+            video
+            if isinstance(video, Clip)
+            else load_clip(
+                video,
+                num_frames=sampling.frames,
+                fps=sampling.fps,
+                start=sampling.start,
+                end=sampling.end,
+                max_frames=sampling.max_frames or d.max_frames,
+                max_side=sampling.max_side or d.max_side,
+                on_frame=_stage(progress, "decode"),
+            )
         )
         t1 = time.perf_counter()
         encode = self.backend.encode_with_vision_features if reads_features else self.backend.encode
@@ -216,8 +243,13 @@ class FlexSelect:
 
     def _resolved(self, sampling: Sampling) -> Sampling:
         if sampling.frames is None and sampling.fps is None:
-            return Sampling(fps=self.defaults.fps, start=sampling.start, end=sampling.end,
-                            max_frames=sampling.max_frames, max_side=sampling.max_side)
+            return Sampling(
+                fps=self.defaults.fps,
+                start=sampling.start,
+                end=sampling.end,
+                max_frames=sampling.max_frames,
+                max_side=sampling.max_side,
+            )
         return sampling
 
     @staticmethod
@@ -280,8 +312,13 @@ class FlexSelect:
             if progress:
                 progress("select", i + 1, len(sets))
         return Selection(
-            kept=torch.sort(torch.cat(kept)).values, scores=scores, sets=sets, budget=budget,
-            layer=layer if selector == "reference" else None, selector=selector, seconds=time.perf_counter() - t0,
+            kept=torch.sort(torch.cat(kept)).values,
+            scores=scores,
+            sets=sets,
+            budget=budget,
+            layer=layer if selector == "reference" else None,
+            selector=selector,
+            seconds=time.perf_counter() - t0,
             index=usage.stats(),
         )
 
@@ -304,8 +341,9 @@ class FlexSelect:
         sets = frame_sets(visual.num_frames, set_frames)
         index, notice = self._index_for(visual, prompt, layer, set_frames, sets)
         if index is None:
-            raise FlexSelectError(notice.replace("scoring without an index", "raise --index-memory or sample fewer "
-                                                 "frames"))
+            raise FlexSelectError(
+                notice.replace("scoring without an index", "raise --index-memory or sample fewer frames")
+            )
         for i, frames in enumerate(sets):
             if tuple(frames) not in index.sets:
                 index.sets[tuple(frames)] = self.backend.index_set(visual, frames, prompt, layer, index.device)
@@ -333,10 +371,15 @@ class FlexSelect:
             tensors.update({f"set{g}.{name}": t for name, t in self.backend.index_tensors(entry).items()})
             sets.append({"frames": list(frames), "build_s": entry.build_s})
         manifest = {
-            "model": self.backend.identity(), "video": file_identity(Path(video)),
-            "sampling": asdict(self._resolved(sampling)), "layer": index.key.layer,
-            "set_frames": index.key.set_frames, "prefix": list(index.key.prefix), "bytes": index.nbytes,
-            "visual": visual_manifest(visual), "sets": sets,
+            "model": self.backend.identity(),
+            "video": file_identity(Path(video)),
+            "sampling": asdict(self._resolved(sampling)),
+            "layer": index.key.layer,
+            "set_frames": index.key.set_frames,
+            "prefix": list(index.key.prefix),
+            "bytes": index.nbytes,
+            "visual": visual_manifest(visual),
+            "sets": sets,
         }
         write_index(path, tensors, manifest)
         return index
@@ -365,8 +408,10 @@ class FlexSelect:
         }
         for name, (value, what) in expected.items():
             if manifest.get(name) != value:
-                raise FlexSelectError(f"{path} was made for {what} ({difference(name, manifest.get(name), value)}): "
-                                      "rebuild it with `flexselect index`")
+                raise FlexSelectError(
+                    f"{path} was made for {what} ({difference(name, manifest.get(name), value)}): "
+                    "rebuild it with `flexselect index`"
+                )
         prompt = self.backend.prompt("?")
         if manifest["prefix"] != prompt.prefix_ids.tolist():
             raise FlexSelectError(f"{path} was made with another prompt template: rebuild it with `flexselect index`")
@@ -389,8 +434,9 @@ class FlexSelect:
         """Drop every video index (frees their GPU / CPU memory); returns how many were dropped."""
         return self.indexes.clear()
 
-    def _index_for(self, visual: VisualTokens, prompt: Prompt, layer: int, set_frames: int,
-                   sets: list[list[int]]) -> tuple[VideoIndex | None, str | None]:
+    def _index_for(
+        self, visual: VisualTokens, prompt: Prompt, layer: int, set_frames: int, sets: list[list[int]]
+    ) -> tuple[VideoIndex | None, str | None]:
         """This video's index for (layer, set size, prompt prefix), or room made for a new one; None and a
         one-line notice when it would not fit the memory limit; (None, None) when the backend cannot index."""
         if not hasattr(self.backend, "index_set"):
@@ -400,12 +446,20 @@ class FlexSelect:
         if index is not None:
             return index, None
         planned = self.backend.index_bytes(visual, sets, prompt, layer)
-        logging.getLogger("flexselect.index").info("indexing this video: %d frame set(s), about %s", len(sets),
-                                                   gib(planned))
+        logging.getLogger("flexselect.index").info(
+            "indexing this video: %d frame set(s), about %s", len(sets), gib(planned)
+        )
         return self.indexes.reserve(visual, key, planned, getattr(self.backend, "device", None))
 
-    def _score_indexed(self, usage: "_IndexUsage", visual: VisualTokens, frames: list[int], prompt: Prompt,
-                       layer: int, aggregate: Aggregate) -> torch.Tensor:
+    def _score_indexed(
+        self,
+        usage: _IndexUsage,
+        visual: VisualTokens,
+        frames: list[int],
+        prompt: Prompt,
+        layer: int,
+        aggregate: Aggregate,
+    ) -> torch.Tensor:
         index = usage.index
         entry = index.sets.get(tuple(frames))
         if entry is None:
@@ -435,13 +489,22 @@ class FlexSelect:
         d = self.defaults
         fps = sampling.fps if sampling.frames is not None or sampling.fps is not None else d.fps
         info = probe(video)
-        n = len(sample_indices(info, sampling.frames, fps if sampling.frames is None else None, sampling.start,
-                               sampling.end, sampling.max_frames or d.max_frames))
+        n = len(
+            sample_indices(
+                info,
+                sampling.frames,
+                fps if sampling.frames is None else None,
+                sampling.start,
+                sampling.end,
+                sampling.max_frames or d.max_frames,
+            )
+        )
         width, height = output_size(info.width, info.height, sampling.max_side or d.max_side)
         shape = self._shape or plan.shape_of(model)
         self._shape = shape
-        req = plan.request(shape, n, width, height, options.budget, options.set_frames, options.layer,
-                           generation.max_new_tokens)
+        req = plan.request(
+            shape, n, width, height, options.budget, options.set_frames, options.layer, generation.max_new_tokens
+        )
         device = str(self.backend.device)
         est = plan.estimate(shape, req, model.dtype.itemsize, materialised_attention=device == "cpu")
         free, host, name = plan.available_memory(device)
@@ -511,8 +574,14 @@ class _IndexUsage:
     def stats(self) -> dict:
         if self.index is None:
             return {"used": False, "notice": self.notice} if self.notice else {"used": False}
-        return {"used": True, "reused_sets": self.reused, "built_sets": self.built, "saved_s": self.saved_s,
-                "bytes": self.index.nbytes, "device": self.index.device}
+        return {
+            "used": True,
+            "reused_sets": self.reused,
+            "built_sets": self.built,
+            "saved_s": self.saved_s,
+            "bytes": self.index.nbytes,
+            "device": self.index.device,
+        }
 
 
 def peak_memory_mb() -> dict:

@@ -95,7 +95,7 @@ def shape_of(model) -> ModelShape:
         if experts is None or not experts_per_token:
             layer_active.append(count(layer))
             continue
-        n_experts = getattr(text, "num_experts", None) or getattr(text, "n_routed_experts")
+        n_experts = getattr(text, "num_experts", None) or text.n_routed_experts
         expert_params = count(experts)
         layer_active.append(count(layer) - expert_params + expert_params * experts_per_token // n_experts)
         mlp_width = getattr(text, "moe_intermediate_size", mlp_width) * experts_per_token
@@ -194,8 +194,13 @@ class Estimate:
         return max(self.device_bytes.values())
 
     def to_dict(self) -> dict:
-        return {"request": asdict(self.request), "device_bytes": self.device_bytes, "host_bytes": self.host_bytes,
-                "peak_device_bytes": self.peak_device_bytes, "flops": self.flops}
+        return {
+            "request": asdict(self.request),
+            "device_bytes": self.device_bytes,
+            "host_bytes": self.host_bytes,
+            "peak_device_bytes": self.peak_device_bytes,
+            "flops": self.flops,
+        }
 
 
 def prefill_flops(shape: ModelShape, tokens: int, layers: int, context: int = 0) -> float:
@@ -250,13 +255,18 @@ def estimate(shape: ModelShape, req: Request, dtype_bytes: int, materialised_att
         for g in range(0, req.units, req.set_units)
     )
     followup = prefill_flops(shape, text, req.layer, context=req.set_tokens) * req.sets + answer_prefill
-    flops = {"baseline": baseline, "flexselect": encode + scoring_flops + answer_prefill,
-             "followup_indexed": followup, "answer_pass": answer_prefill}
+    flops = {
+        "baseline": baseline,
+        "flexselect": encode + scoring_flops + answer_prefill,
+        "followup_indexed": followup,
+        "answer_pass": answer_prefill,
+    }
     return Estimate(device, {"decoded_frames": frames}, flops, req)
 
 
-def check_fits(est: Estimate, device_free: int, host_free: int | None, device_name: str,
-               weights_loaded: bool = False) -> None:
+def check_fits(
+    est: Estimate, device_free: int, host_free: int | None, device_name: str, weights_loaded: bool = False
+) -> None:
     """Refuse, before any work, a request whose estimated peak does not fit, saying which setting to change.
     `device_free` is what is free now: with the weights already loaded they are not counted again."""
     need = int((est.peak_device_bytes - (est.device_bytes["weights"] if weights_loaded else 0)) * MARGIN)
@@ -309,9 +319,17 @@ def _available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def request(shape: ModelShape, num_frames: int, width: int, height: int, budget: int | None = None,
-            set_frames: int | None = None, layer: int | None = None, max_new_tokens: int = 128,
-            index: bool = False) -> Request:
+def request(
+    shape: ModelShape,
+    num_frames: int,
+    width: int,
+    height: int,
+    budget: int | None = None,
+    set_frames: int | None = None,
+    layer: int | None = None,
+    max_new_tokens: int = 128,
+    index: bool = False,
+) -> Request:
     """The request a run of `num_frames` sampled frames of `width` x `height` (after resizing) makes."""
     from .defaults import SET_FRAMES, family_defaults, reference_layer_for
     from .mrope import frame_size
@@ -326,8 +344,18 @@ def request(shape: ModelShape, num_frames: int, width: int, height: int, budget:
     total = units * tokens_per_unit
     budget = min(total, math.ceil((budget or family_defaults(shape.family).budget) / tokens_per_unit) * tokens_per_unit)
     layer = reference_layer_for(shape.family, shape.num_layers) if layer is None else layer
-    return Request(units, tokens_per_unit, patches_per_unit, num_frames, (height, width), budget, set_frames or SET_FRAMES, layer,
-                   max_new_tokens, index)
+    return Request(
+        units,
+        tokens_per_unit,
+        patches_per_unit,
+        num_frames,
+        (height, width),
+        budget,
+        set_frames or SET_FRAMES,
+        layer,
+        max_new_tokens,
+        index,
+    )
 
 
 @dataclass
@@ -340,8 +368,16 @@ class Plan:
     fits: bool
 
 
-def recommend(shape: ModelShape, duration_s: float, width: int, height: int, device_free: int,
-              host_free: int | None, dtype_bytes: int, materialised_attention: bool) -> Plan:
+def recommend(
+    shape: ModelShape,
+    duration_s: float,
+    width: int,
+    height: int,
+    device_free: int,
+    host_free: int | None,
+    dtype_bytes: int,
+    materialised_attention: bool,
+) -> Plan:
     """The richest settings that fit, trying the family's defaults first and then fewer frames, smaller frames,
     smaller frame sets and a smaller budget, in that order of preference."""
     from .defaults import family_defaults
@@ -357,8 +393,9 @@ def recommend(shape: ModelShape, duration_s: float, width: int, height: int, dev
         for frames in frame_options:
             for set_frames in (64, 32, 16):
                 for budget in (d.budget, d.budget // 2, d.budget // 4):
-                    est = estimate(shape, request(shape, frames, w, h, budget, set_frames), dtype_bytes,
-                                   materialised_attention)
+                    est = estimate(
+                        shape, request(shape, frames, w, h, budget, set_frames), dtype_bytes, materialised_attention
+                    )
                     last = Plan(frames, side, est.request.budget, set_frames, est, False)
                     try:
                         check_fits(est, device_free, host_free, "")
@@ -389,10 +426,13 @@ def measured_flops_per_s(device: str, dtype) -> float:
 
 # -- command line ------------------------------------------------------------------------------------------------
 def add_plan_command(sub) -> None:
-    p = sub.add_parser("plan", help="what fits: recommended settings and the memory and time of each stage",
-                       description="From a model's config (no weights loaded), the memory free and a video's "
-                       "length, recommend frames, frame size, budget and set size that fit, with the predicted "
-                       "peak memory of each stage and the time to the first answer token.")
+    p = sub.add_parser(
+        "plan",
+        help="what fits: recommended settings and the memory and time of each stage",
+        description="From a model's config (no weights loaded), the memory free and a video's "
+        "length, recommend frames, frame size, budget and set size that fit, with the predicted "
+        "peak memory of each stage and the time to the first answer token.",
+    )
     p.add_argument("--model", required=True, help="transformers checkpoint folder (only config.json is read)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", help="the video (its length and size are read)")
@@ -434,24 +474,41 @@ def run_plan(args) -> int:
     throughput = measured_flops_per_s(device, dtype)
     seconds = {arm: f / throughput for arm, f in plan.estimate.flops.items()}
     if args.json:
-        print(json.dumps({"fits": plan.fits, "frames": plan.frames, "max_side": plan.max_side, "budget": plan.budget,
-                          "set_frames": plan.set_frames, "device": name, "free_bytes": free,
-                          "estimate": plan.estimate.to_dict(), "predicted_seconds": seconds,
-                          "flops_per_s": throughput}))
+        print(
+            json.dumps(
+                {
+                    "fits": plan.fits,
+                    "frames": plan.frames,
+                    "max_side": plan.max_side,
+                    "budget": plan.budget,
+                    "set_frames": plan.set_frames,
+                    "device": name,
+                    "free_bytes": free,
+                    "estimate": plan.estimate.to_dict(),
+                    "predicted_seconds": seconds,
+                    "flops_per_s": throughput,
+                }
+            )
+        )
         return 0 if plan.fits else 2
     r = plan.estimate.request
-    print(f"model: {shape.family}, {shape.total_params / 1e9:.2f} B parameters, {shape.num_layers} layers, "
-          f"reference layer {r.layer}")
+    print(
+        f"model: {shape.family}, {shape.total_params / 1e9:.2f} B parameters, {shape.num_layers} layers, "
+        f"reference layer {r.layer}"
+    )
     print(f"video: {duration:.1f} s, {width}x{height}; memory: {free / GiB:.1f} GiB free on {name}")
-    settings = (f"--frames {plan.frames} --max-side {plan.max_side} --budget {plan.budget} "
-                f"--set-frames {plan.set_frames}")
+    settings = (
+        f"--frames {plan.frames} --max-side {plan.max_side} --budget {plan.budget} --set-frames {plan.set_frames}"
+    )
     print(("recommended: " if plan.fits else "nothing fits; the smallest tried: ") + settings)
     print(f"  {r.units} units x {r.tokens_per_unit} tokens = {r.visual_tokens} visual tokens in {r.sets} frame sets")
     for stage, need in plan.estimate.device_bytes.items():
         print(f"  {stage.replace('_', ' '):<14} {need / GiB:8.2f} GiB")
     print(f"  decoded frames {plan.estimate.host_bytes['decoded_frames'] / GiB:8.2f} GiB (host memory)")
-    print(f"time to first token at {throughput / 1e9:.0f} GFLOP/s measured here: full tokens "
-          f"{seconds['baseline']:.1f} s, FlexSelect {seconds['flexselect']:.1f} s "
-          f"({seconds['baseline'] / seconds['flexselect']:.1f}x), follow-up with the index "
-          f"{seconds['followup_indexed']:.1f} s (a compute-bound estimate: memory-bound stages run slower)")
+    print(
+        f"time to first token at {throughput / 1e9:.0f} GFLOP/s measured here: full tokens "
+        f"{seconds['baseline']:.1f} s, FlexSelect {seconds['flexselect']:.1f} s "
+        f"({seconds['baseline'] / seconds['flexselect']:.1f}x), follow-up with the index "
+        f"{seconds['followup_indexed']:.1f} s (a compute-bound estimate: memory-bound stages run slower)"
+    )
     return 0 if plan.fits else 2

@@ -41,8 +41,14 @@ TINY_VISION = {
     "out_hidden_size": 64,
 }
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 CORPUS = [
     "What is the color of the car in the video? The car is red.",
@@ -77,10 +83,23 @@ def build_tokenizer(vocab_size: int = 512):
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        hard_vocab_limit=False, byte_fallback=True, control_symbols=SPECIAL_TOKENS,
-        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
-        split_digits=True, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, character_coverage=1.0, num_threads=1,
+        sentence_iterator=iter(CORPUS),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        control_symbols=SPECIAL_TOKENS,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        character_coverage=1.0,
+        num_threads=1,
         minloglevel=2,
     )
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
@@ -96,20 +115,30 @@ def build_tokenizer(vocab_size: int = 512):
             if left in vocab and right in vocab:
                 merges.append((i, vocab[left], vocab[right], left, right))
     merges.sort()
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token="<unk>",
-                               byte_fallback=True, fuse_unk=True))
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token="<unk>", byte_fallback=True, fuse_unk=True
+        )
+    )
     # Every segment between special tokens gets one leading space, even one that starts with a space.
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok, buf.getvalue()
 
 
 # Qwen2-VL's tower: no windowed attention, no time scaling (tokens_per_second), an embed_dim of its own
 TINY_QWEN2_VL_VISION = {
-    "depth": 3, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
-    "spatial_merge_size": 2, "temporal_patch_size": 2,
+    "depth": 3,
+    "embed_dim": 32,
+    "hidden_size": 64,
+    "num_heads": 2,
+    "mlp_ratio": 2,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
 }
 
 
@@ -121,16 +150,18 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    return _build_tiny_qwen(out_dir, seed, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, TINY_VISION,
-                            "Qwen2_5_VLProcessor")
+    return _build_tiny_qwen(
+        out_dir, seed, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, TINY_VISION, "Qwen2_5_VLProcessor"
+    )
 
 
 def build_tiny_qwen2_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """The same for Qwen2-VL (the same language model and tokenizer; GGUF-exportable too)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    return _build_tiny_qwen(out_dir, seed, Qwen2VLConfig, Qwen2VLForConditionalGeneration, TINY_QWEN2_VL_VISION,
-                            "Qwen2VLProcessor")
+    return _build_tiny_qwen(
+        out_dir, seed, Qwen2VLConfig, Qwen2VLForConditionalGeneration, TINY_QWEN2_VL_VISION, "Qwen2VLProcessor"
+    )
 
 
 def _build_tiny_qwen(out_dir, seed: int, config_class, model_class, vision: dict, processor_class: str) -> Path:
@@ -143,8 +174,12 @@ def _build_tiny_qwen(out_dir, seed: int, config_class, model_class, vision: dict
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     vocab_size = tok.get_vocab_size()
     config = config_class(
-        text_config={**TINY_TEXT, "vocab_size": vocab_size, "bos_token_id": ids["<|endoftext|>"],
-                     "eos_token_id": ids["<|im_end|>"]},
+        text_config={
+            **TINY_TEXT,
+            "vocab_size": vocab_size,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+        },
         vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -167,7 +202,10 @@ def _build_tiny_qwen(out_dir, seed: int, config_class, model_class, vision: dict
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     model.save_pretrained(staging)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -176,12 +214,18 @@ def _build_tiny_qwen(out_dir, seed: int, config_class, model_class, vision: dict
     preprocessor = {
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": processor_class,
-        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
         "rescale_factor": 1 / 255,
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-        "min_pixels": 3136, "max_pixels": 12845056,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "min_pixels": 3136,
+        "max_pixels": 12845056,
     }
     (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     staging.rename(out)
@@ -201,8 +245,12 @@ TINY_QWEN2_TEXT = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
 }
 TINY_SQUARE_VISION = {  # 112 / 14 = 8x8 patches -> 4x4 tokens per frame after pooling / pixel shuffle
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "image_size": 112, "patch_size": 14,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 112,
+    "patch_size": 14,
 }
 
 
@@ -229,7 +277,10 @@ def _write_checkpoint(out: Path, model, tok, extra_special: list[str], preproces
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     model.save_pretrained(staging)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:] + extra_special,
     )
     fast.save_pretrained(staging)
@@ -249,8 +300,12 @@ def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0) -> Pat
     tok, ids = _tokenizer_with(extra)
     vocab_size = tok.get_vocab_size()
     config = LlavaOnevisionConfig(
-        text_config={**TINY_QWEN2_TEXT, "vocab_size": vocab_size, "bos_token_id": ids["<|endoftext|>"],
-                     "eos_token_id": ids["<|im_end|>"]},
+        text_config={
+            **TINY_QWEN2_TEXT,
+            "vocab_size": vocab_size,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+        },
         vision_config={**TINY_SQUARE_VISION, "model_type": "siglip_vision_model"},
         image_token_index=ids["<image>"],
         video_token_index=ids["<video>"],
@@ -259,9 +314,14 @@ def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0) -> Pat
     )
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
-    preprocessor = {"image_processor_type": "LlavaOnevisionImageProcessor", "do_resize": True,
-                    "size": {"height": 112, "width": 112}, "do_normalize": True,
-                    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    preprocessor = {
+        "image_processor_type": "LlavaOnevisionImageProcessor",
+        "do_resize": True,
+        "size": {"height": 112, "width": 112},
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
     return _write_checkpoint(out, model, tok, extra, preprocessor, seed)
 
 
@@ -276,8 +336,12 @@ def build_tiny_internvl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     tok, ids = _tokenizer_with(extra)
     vocab_size = tok.get_vocab_size()
     config = InternVLConfig(
-        text_config={**TINY_QWEN2_TEXT, "vocab_size": vocab_size, "bos_token_id": ids["<|endoftext|>"],
-                     "eos_token_id": ids["<|im_end|>"]},
+        text_config={
+            **TINY_QWEN2_TEXT,
+            "vocab_size": vocab_size,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+        },
         vision_config=TINY_SQUARE_VISION,
         image_token_id=ids["<IMG_CONTEXT>"],
         image_seq_length=16,
@@ -285,15 +349,21 @@ def build_tiny_internvl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config).eval()
-    preprocessor = {"image_processor_type": "GotOcr2ImageProcessor", "do_resize": True,
-                    "size": {"height": 112, "width": 112}, "do_normalize": True,
-                    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    preprocessor = {
+        "image_processor_type": "GotOcr2ImageProcessor",
+        "do_resize": True,
+        "size": {"height": 112, "width": 112},
+        "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+    }
     return _write_checkpoint(out, model, tok, extra, preprocessor, seed)
 
 
 # -- planted attention: the demo's red-square finder and the tests' needles -------------------------------------
-def plant_attention(text_model, layer: int, key: torch.Tensor, query: torch.Tensor | None = None,
-                    query_bias: float = 0.0) -> None:
+def plant_attention(
+    text_model, layer: int, key: torch.Tensor, query: torch.Tensor | None = None, query_bias: float = 0.0
+) -> None:
     """Arrange a (tiny) language model so that `layer` attends along one direction, in place.
 
     The layers before `layer` pass their input through (zero attention-output and MLP-down weights: only the residual
@@ -333,8 +403,12 @@ TINY_QWEN3_TEXT = {
     "max_position_embeddings": 32768,
     "rms_norm_eps": 1e-6,
     # head_dim 16: 8 rotary frequencies interleaved over (t, h, w) as in the real [24, 20, 20] of 64
-    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
-                        "mrope_interleaved": True},
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 5000000.0,
+        "mrope_section": [2, 3, 3],
+        "mrope_interleaved": True,
+    },
 }
 TINY_QWEN3_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1}
 TINY_QWEN3_VISION = {
@@ -375,8 +449,14 @@ def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0, moe: bool = F
         return out
     tok, spm_model = build_tokenizer()
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    text = {**TINY_QWEN3_TEXT, **(TINY_QWEN3_MOE if moe else {}), "vocab_size": tok.get_vocab_size(),
-            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "tie_word_embeddings": False}
+    text = {
+        **TINY_QWEN3_TEXT,
+        **(TINY_QWEN3_MOE if moe else {}),
+        "vocab_size": tok.get_vocab_size(),
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "tie_word_embeddings": False,
+    }
     config = config_class(
         text_config=text,
         vision_config=TINY_QWEN3_VISION,
@@ -399,22 +479,52 @@ def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0, moe: bool = F
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     model.save_pretrained(staging)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
     )
     fast.chat_template = QWEN3_CHAT_TEMPLATE
     fast.save_pretrained(staging)
     (staging / "tokenizer.model").write_bytes(spm_model)  # what the GGUF converter reads
-    common = {"do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
-              "rescale_factor": 1 / 255, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-              "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2}
-    (staging / "preprocessor_config.json").write_text(json.dumps(
-        {"image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor", **common,
-         "size": {"shortest_edge": 65536, "longest_edge": 16777216}}, indent=2))
-    (staging / "video_preprocessor_config.json").write_text(json.dumps(
-        {"video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor", **common,
-         "size": {"shortest_edge": 4096, "longest_edge": 25165824}, "fps": 2, "min_frames": 4,
-         "max_frames": 768}, indent=2))
+    common = {
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "rescale_factor": 1 / 255,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    }
+    (staging / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "Qwen2VLImageProcessorFast",
+                "processor_class": "Qwen3VLProcessor",
+                **common,
+                "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+            },
+            indent=2,
+        )
+    )
+    (staging / "video_preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "video_processor_type": "Qwen3VLVideoProcessor",
+                "processor_class": "Qwen3VLProcessor",
+                **common,
+                "size": {"shortest_edge": 4096, "longest_edge": 25165824},
+                "fps": 2,
+                "min_frames": 4,
+                "max_frames": 768,
+            },
+            indent=2,
+        )
+    )
     staging.rename(out)
     return out
 
@@ -438,12 +548,21 @@ TINY_QWEN3_5_TEXT = {
     "linear_conv_kernel_dim": 4,
     "max_position_embeddings": 32768,
     "rms_norm_eps": 1e-6,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
-                        "mrope_section": [3, 3, 2], "mrope_interleaved": True},
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000000.0,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [3, 3, 2],
+        "mrope_interleaved": True,
+    },
 }
 TINY_QWEN3_5_DENSE_MLP = {"intermediate_size": 128}
-TINY_QWEN3_5_MOE_MLP = {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 4,
-                        "num_experts_per_tok": 2}
+TINY_QWEN3_5_MOE_MLP = {
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+}
 TINY_QWEN3_5_VISION = {  # Qwen3-VL's tower without DeepStack: patch 16, merge 2 -> one token per 32x32 pixels
     "depth": 3,
     "hidden_size": 32,
@@ -480,9 +599,14 @@ def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0, moe: bool = Fa
     tok, spm_model = build_tokenizer()
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     vocab_size = tok.get_vocab_size()
-    text = {**TINY_QWEN3_5_TEXT, **(TINY_QWEN3_5_MOE_MLP if moe else TINY_QWEN3_5_DENSE_MLP),
-            "vocab_size": vocab_size, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"]}
+    text = {
+        **TINY_QWEN3_5_TEXT,
+        **(TINY_QWEN3_5_MOE_MLP if moe else TINY_QWEN3_5_DENSE_MLP),
+        "vocab_size": vocab_size,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
     config = config_class(
         text_config=text,
         vision_config=TINY_QWEN3_5_VISION,
@@ -503,7 +627,10 @@ def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0, moe: bool = Fa
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     model.save_pretrained(staging)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
     )
     fast.save_pretrained(staging)
@@ -511,11 +638,16 @@ def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0, moe: bool = Fa
     preprocessor = {
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen3VLProcessor",
-        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
         "rescale_factor": 1 / 255,
         "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5],
-        "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
     }
     (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     staging.rename(out)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class Clip:
             object.__setattr__(self, "sample_fps", 1.0 / step if step > 0 else self.info.fps)
 
     @classmethod
-    def from_frames(cls, frames: np.ndarray, fps: float, source: str = "frames") -> "Clip":
+    def from_frames(cls, frames: np.ndarray, fps: float, source: str = "frames") -> Clip:
         """In-memory frames (uint8 [N, H, W, 3]) sampled at `fps` from the start, as `load_clip` would return them."""
         frames = np.ascontiguousarray(frames, dtype=np.uint8)
         n, h, w = frames.shape[:3]
@@ -109,11 +110,22 @@ def _probe_pyav(p: Path) -> VideoInfo:
                 raise FlexSelectError(f"{p} has no video stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 25)
-            duration = float(stream.duration * stream.time_base) if stream.duration else (
-                container.duration / 1e6 if container.duration else 0.0)
+            duration = (
+                float(stream.duration * stream.time_base)
+                if stream.duration
+                else (container.duration / 1e6 if container.duration else 0.0)
+            )
             frames = stream.frames or int(round(duration * fps))
-            return _valid(VideoInfo(str(p), frames, fps, frames / fps if fps else duration,
-                                    stream.codec_context.width, stream.codec_context.height))
+            return _valid(
+                VideoInfo(
+                    str(p),
+                    frames,
+                    fps,
+                    frames / fps if fps else duration,
+                    stream.codec_context.width,
+                    stream.codec_context.height,
+                )
+            )
     except FlexSelectError:
         raise
     except Exception as e:
@@ -273,8 +285,9 @@ def _decode_pyav(info: VideoInfo, indices: np.ndarray, w: int, h: int, on_frame)
     return out, indices
 
 
-def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float, size: tuple[int, int],
-                crf: int | None = None) -> Path:
+def write_video(
+    path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float, size: tuple[int, int], crf: int | None = None
+) -> Path:
     """Encode uint8 RGB frames of `size` (width, height; even sides) with H.264 where PyAV has it, else MPEG-4;
     `crf` sets H.264's quality (10: near-lossless). Written under a temporary name and renamed, so a failed run
     never leaves a half-written video at `path`."""
@@ -285,8 +298,9 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
     partial = path.with_name(path.name + ".partial" + path.suffix)
     try:
         with av.open(str(partial), "w") as container:
-            stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4",
-                                          rate=Fraction(fps).limit_denominator(1000))
+            stream = container.add_stream(
+                "libx264" if "libx264" in av.codecs_available else "mpeg4", rate=Fraction(fps).limit_denominator(1000)
+            )
             stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
             if crf is not None and stream.codec_context.name == "libx264":
                 stream.options = {"crf": str(crf)}

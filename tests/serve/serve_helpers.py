@@ -69,8 +69,12 @@ class LiveServer:
 @contextmanager
 def cli_server(*args: str, timeout: float = 300):
     """`flexselect serve ... --port 0` as a child process; yields (url, process); always stopped."""
-    proc = subprocess.Popen([sys.executable, "-m", "flexselect.cli", "serve", "--port", "0", *args],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flexselect.cli", "serve", "--port", "0", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         deadline = time.monotonic() + timeout
         url = None
@@ -96,8 +100,12 @@ def cli_server(*args: str, timeout: float = 300):
 
 
 def video_message(url: str, question: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
-                                         {"type": "text", "text": question}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
 
 
 def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:

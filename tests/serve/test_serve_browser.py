@@ -8,16 +8,27 @@ from serve_helpers import ControlledBackend, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 # as root in a sandbox with a closed network: no sandbox, no GPU, and none of Chromium's own background traffic
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
 def page(tmp_path):
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=ARGS,
-            viewport={"width": 1400, "height": 950})
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=ARGS,
+            viewport={"width": 1400, "height": 950},
+        )
         try:
             yield context.new_page()
         finally:
@@ -69,8 +80,9 @@ def test_ask_watch_seek_follow_up_and_stop(make_server, red_finder, page, tmp_pa
     first_start = float(peaks.first.get_attribute("data-time"))
     assert first_start <= red_start and float(ranges.first.get_attribute("data-end")) >= red_end
     expect(first.locator(".evidence-text")).to_contain_text(f"of them from {first_start:.1f}-")
-    page.wait_for_function("document.getElementById('heatmap').complete && "
-                           "document.getElementById('heatmap').naturalWidth > 0")
+    page.wait_for_function(
+        "document.getElementById('heatmap').complete && document.getElementById('heatmap').naturalWidth > 0"
+    )
     red_pixels = """(() => { const c = document.getElementById('timeline');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let red = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 200 && d[i + 1] < 120) red++; return red; })()"""

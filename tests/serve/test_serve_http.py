@@ -32,19 +32,27 @@ def server(make_server):
 
 
 def test_malformed_json(server):
-    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"messages": [', timeout=30,
-                   headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=b'{"messages": [',
+        timeout=30,
+        headers={"Content-Type": "application/json"},
+    )
     assert_error(r, 400, "invalid_json", "invalid_request_error")
 
 
 def test_no_video_part(server):
-    r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
-                   json={"messages": [{"role": "user", "content": [{"type": "text", "text": "what happens?"}]}]})
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        timeout=30,
+        json={"messages": [{"role": "user", "content": [{"type": "text", "text": "what happens?"}]}]},
+    )
     assert "video_url" in assert_error(r, 400, "missing_video")["message"]
 
 
-@pytest.mark.parametrize("url", ["../outside/secret.mp4", "sub/../../outside/secret.mp4", "/etc/passwd",
-                                 "file:///etc/passwd"])
+@pytest.mark.parametrize(
+    "url", ["../outside/secret.mp4", "sub/../../outside/secret.mp4", "/etc/passwd", "file:///etc/passwd"]
+)
 def test_path_outside_the_media_dir(server, url):
     assert_error(ask(server, url), 403, "media_forbidden", "permission_error")
 
@@ -77,8 +85,18 @@ def test_budget_too_large_then_the_server_still_answers(server):
     assert ask(server).status_code == 200
 
 
-@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -1), ("top_p", 0), ("budget", -5),
-                                         ("frames", "many"), ("selector", "magic"), ("stream", "yes")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_tokens", 0),
+        ("temperature", -1),
+        ("top_p", 0),
+        ("budget", -5),
+        ("frames", "many"),
+        ("selector", "magic"),
+        ("stream", "yes"),
+    ],
+)
 def test_bad_fields_name_the_field(server, field, value):
     assert assert_error(ask(server, **{field: value}), 400)["param"] == field
 
@@ -91,8 +109,9 @@ def test_unknown_model_and_route(server):
 def test_api_key(make_server):
     server = make_server(api_key="s3cret")
     for headers in ({}, {"Authorization": "Bearer wrong"}):
-        assert_error(httpx.get(server.url + "/v1/models", headers=headers), 401, "invalid_api_key",
-                     "authentication_error")
+        assert_error(
+            httpx.get(server.url + "/v1/models", headers=headers), 401, "invalid_api_key", "authentication_error"
+        )
         assert_error(ask(server, headers=headers), 401, "invalid_api_key")
         assert_error(httpx.get(server.url + "/", headers=headers), 401)
     good = {"Authorization": "Bearer s3cret"}
@@ -113,6 +132,7 @@ def test_uploads(make_server):
     def chunks():  # no Content-Length: the limit is enforced while streaming, and nothing half-written stays
         for _ in range(40):
             yield b"\0" * 65536
+
     assert_error(httpx.post(server.url + "/v1/flexselect/uploads", content=chunks()), 413, "upload_too_large")
     assert list(uploads.iterdir()) == []
 
@@ -120,7 +140,7 @@ def test_uploads(make_server):
     r = httpx.post(server.url + "/v1/flexselect/uploads?filename=mine.mp4", content=video.read_bytes())
     assert r.status_code == 200
     url = r.json()["url"]
-    assert url.startswith("upload:") and [p.name for p in uploads.iterdir()] == [url[len("upload:"):]]
+    assert url.startswith("upload:") and [p.name for p in uploads.iterdir()] == [url[len("upload:") :]]
     assert ask(server, url).status_code == 200
     assert httpx.get(f"{server.url}/v1/flexselect/media/{url}").content == video.read_bytes()
     assert_error(ask(server, "upload:../clip.mp4"), 404, "upload_not_found")
@@ -172,6 +192,7 @@ def test_a_crashing_run_does_not_take_the_server_down(make_server, controlled, m
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug deep inside the model")
+
     monkeypatch.setattr(controlled, "generate", broken)
     error = assert_error(ask(server), 500, "internal_error", "server_error")
     assert "bug" not in error["message"]  # internals stay in the server's log
@@ -197,10 +218,12 @@ def test_other_spellings_of_the_video_part(server, media_dir):
     import base64
 
     inline = "data:video/mp4;base64," + base64.b64encode((media_dir / "clip.mp4").read_bytes()).decode()
-    for part in ({"type": "input_video", "input_video": {"url": "clip.mp4"}},
-                 {"type": "input_video", "video_url": "sub/again.mp4"},
-                 {"type": "video_url", "video_url": {"url": inline}},
-                 {"type": "video_url", "video_url": {"url": f"file://{media_dir / 'clip.mp4'}"}}):
+    for part in (
+        {"type": "input_video", "input_video": {"url": "clip.mp4"}},
+        {"type": "input_video", "video_url": "sub/again.mp4"},
+        {"type": "video_url", "video_url": {"url": inline}},
+        {"type": "video_url", "video_url": {"url": f"file://{media_dir / 'clip.mp4'}"}},
+    ):
         body = {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "What is shown?"}]}], **SMALL}
         r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 200, (part["type"], r.text)
@@ -211,8 +234,11 @@ def test_disconnect_while_waiting_for_a_plain_answer(make_server, controlled):
     server = make_server()
     controlled.gate.clear()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/chat/completions", timeout=httpx.Timeout(30, read=3),
-                   json={"messages": video_message("clip.mp4", "What is shown?"), **SMALL, "max_tokens": 64})
+        httpx.post(
+            server.url + "/v1/chat/completions",
+            timeout=httpx.Timeout(30, read=3),
+            json={"messages": video_message("clip.mp4", "What is shown?"), **SMALL, "max_tokens": 64},
+        )
     controlled.gate.set()  # the run goes on to its next frame set or first token, sees the flag and stops there
     runs = server.app.state.runs
     wait_until(lambda: runs.status()["cancelled"] == 1 and runs.status()["running"] is None, what="the cancel")

@@ -17,7 +17,8 @@ async def burst(url: str, n: int) -> list[httpx.Response]:
     body = {"messages": video_message("clip.mp4", "What is shown?"), **QUICK}
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=n)) as client:
         return await asyncio.wait_for(
-            asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(n))), timeout=60)
+            asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(n))), timeout=60
+        )
 
 
 def test_twenty_concurrent_requests(make_server, controlled):
@@ -33,7 +34,8 @@ def test_twenty_concurrent_requests(make_server, controlled):
     async def held_burst():
         task = asyncio.ensure_future(burst(server.url, 20))
         await asyncio.get_running_loop().run_in_executor(
-            None, wait_until, lambda: runs.status()["rejected"] == 15, 30, "15 rejections")
+            None, wait_until, lambda: runs.status()["rejected"] == 15, 30, "15 rejections"
+        )
         controlled.gate.set()
         return await task
 

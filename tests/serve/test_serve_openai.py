@@ -11,8 +11,9 @@ KNOBS = {k: v for k, v in SMALL.items() if k != "max_tokens"}
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir, media_dir):
-    with cli_server("--model", str(tiny_model_dir), "--media-dir", str(media_dir), "--device", "cpu",
-                    "--dtype", "float32") as (url, _):
+    with cli_server(
+        "--model", str(tiny_model_dir), "--media-dir", str(media_dir), "--device", "cpu", "--dtype", "float32"
+    ) as (url, _):
         yield openai.OpenAI(base_url=url + "/v1", api_key="not-needed-on-loopback", max_retries=0, timeout=120)
 
 
@@ -35,8 +36,7 @@ def _check_report(fx: dict) -> None:
 
 def test_plain_streamed_and_follow_up(client):
     messages = video_message("clip.mp4", "What appears in the middle of the video?")
-    plain = client.chat.completions.create(model="tiny-qwen2_5_vl", messages=messages, max_tokens=8,
-                                           extra_body=KNOBS)
+    plain = client.chat.completions.create(model="tiny-qwen2_5_vl", messages=messages, max_tokens=8, extra_body=KNOBS)
     assert plain.object == "chat.completion" and plain.model == "tiny-qwen2_5_vl"
     choice = plain.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
@@ -47,8 +47,14 @@ def test_plain_streamed_and_follow_up(client):
     assert fx["video_cached"] is False and fx["seconds"]["encode"] > 0
 
     # the same question streamed: same greedy answer, now from the cached visual tokens
-    stream = client.chat.completions.create(model="tiny-qwen2_5_vl", messages=messages, max_tokens=8,
-                                            stream=True, stream_options={"include_usage": True}, extra_body=KNOBS)
+    stream = client.chat.completions.create(
+        model="tiny-qwen2_5_vl",
+        messages=messages,
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=KNOBS,
+    )
     text, stages, final, usage = "", set(), None, None
     for chunk in stream:
         assert chunk.object == "chat.completion.chunk" and chunk.id.startswith("chatcmpl-")
@@ -69,10 +75,11 @@ def test_plain_streamed_and_follow_up(client):
     assert usage.completion_tokens == plain.usage.completion_tokens
 
     # a follow-up names no video: the conversation's video is used, its tokens reused
-    follow = messages + [{"role": "assistant", "content": choice.message.content},
-                         {"role": "user", "content": "And what happens right after that?"}]
-    again = client.chat.completions.create(model="tiny-qwen2_5_vl", messages=follow, max_tokens=8,
-                                           extra_body=KNOBS)
+    follow = messages + [
+        {"role": "assistant", "content": choice.message.content},
+        {"role": "user", "content": "And what happens right after that?"},
+    ]
+    again = client.chat.completions.create(model="tiny-qwen2_5_vl", messages=follow, max_tokens=8, extra_body=KNOBS)
     assert again.model_extra["flexselect"]["video_cached"] is True
 
 
@@ -83,6 +90,10 @@ def test_errors_reach_the_client_as_openai_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=video_message("clip.mp4", "hi"))
     with pytest.raises(openai.APIError, match="budget"):  # found only after encoding: an error event mid-stream
-        for _ in client.chat.completions.create(model="tiny-qwen2_5_vl", messages=video_message("clip.mp4", "hi"),
-                                                stream=True, extra_body={**KNOBS, "budget": 10**6}):
+        for _ in client.chat.completions.create(
+            model="tiny-qwen2_5_vl",
+            messages=video_message("clip.mp4", "hi"),
+            stream=True,
+            extra_body={**KNOBS, "budget": 10**6},
+        ):
             pass

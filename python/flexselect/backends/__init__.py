@@ -36,14 +36,13 @@ def detect_family(path: str | os.PathLike) -> str:
     except json.JSONDecodeError as e:
         raise FlexSelectError(f"{config_file} is not valid JSON ({e}); the checkpoint looks damaged") from None
     if model_type not in SUPPORTED:
-        raise FlexSelectError(
-            f"model type {model_type!r} is not supported; supported: {', '.join(sorted(SUPPORTED))}"
-        )
+        raise FlexSelectError(f"model type {model_type!r} is not supported; supported: {', '.join(sorted(SUPPORTED))}")
     return SUPPORTED[model_type]
 
 
-def load_backend(path: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-                 positions: str = "original") -> Backend:
+def load_backend(
+    path: str | os.PathLike, device: str = "auto", dtype: str = "auto", positions: str = "original"
+) -> Backend:
     """Load a checkpoint folder's backend. `positions` (original / compact) applies to the M-RoPE families only:
     the 1-D RoPE families always give the kept tokens consecutive positions."""
     family = detect_family(path)  # a clear error for folders that are not a supported checkpoint

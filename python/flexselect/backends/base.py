@@ -7,8 +7,9 @@ frames become visual tokens, where they sit in the prompt, how positions work, w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -99,8 +100,13 @@ class Backend(Protocol):
         ...
 
     def generate(
-        self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt, config: GenerationConfig,
-        progress: Progress | None = None, on_token: OnToken | None = None,
+        self,
+        visual: VisualTokens,
+        kept: torch.Tensor,
+        prompt: Prompt,
+        config: GenerationConfig,
+        progress: Progress | None = None,
+        on_token: OnToken | None = None,
     ) -> Generation:
         """Answer from [prefix + the kept tokens (ascending global indices) + suffix]; `progress` is called after
         each new token (it may raise to cancel), `on_token` with that token's id (for streaming: see `decode`)."""

@@ -43,6 +43,7 @@ def inspect_gguf(path: str | os.PathLike) -> dict:
         recurrent = reader.fields.get(f"{arch}.attention.recurrent_layers")  # Qwen3.5: linear-attention layers
         if recurrent is not None:
             info["recurrent_layers"] = [i for i, j in enumerate(recurrent.data) if bool(recurrent.parts[j][0])]
-        info["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in \
-            reader.fields else None
+        info["vocab_size"] = (
+            len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
+        )
     return info

@@ -76,7 +76,6 @@ import torch.nn.functional as F
 
 from ..defaults import family_defaults, prompt_text
 from ..errors import FlexSelectError
-from .base import Generation, GenerationConfig, OnToken, Progress, Prompt, VisualTokens, sample
 from ..mrope import (
     PIXEL_FACTOR,
     compact_positions,
@@ -87,6 +86,7 @@ from ..mrope import (
     video_positions,
 )
 from ..selection import Aggregate, question_attention_scores
+from .base import Generation, GenerationConfig, OnToken, Progress, Prompt, VisualTokens, sample
 
 if TYPE_CHECKING:
     from ..video import Clip
@@ -218,7 +218,7 @@ class LlamaSetIndex:
     def nbytes(self) -> int:
         return self.state.nbytes + self.keys.numel() * self.keys.element_size()
 
-    def to(self, device) -> "LlamaSetIndex":
+    def to(self, device) -> LlamaSetIndex:
         return self
 
 
@@ -257,30 +257,42 @@ class LlamaCppBackend:
 
         text_info, proj_info = inspect_gguf(gguf_path), inspect_gguf(mmproj_path)
         if text_info["architecture"] == "clip":
-            raise FlexSelectError(f"{gguf_path} is a vision projector (mmproj), not a language model: pass the "
-                                  "language model GGUF as --gguf and this file as --mmproj")
+            raise FlexSelectError(
+                f"{gguf_path} is a vision projector (mmproj), not a language model: pass the "
+                "language model GGUF as --gguf and this file as --mmproj"
+            )
         arch = text_info["architecture"]
         if arch != TEXT_ARCH and arch not in QWEN3_ARCHS:
-            raise FlexSelectError(f"{gguf_path} is a {arch!r} model; the llama.cpp backend supports Qwen2.5-VL / "
-                                  f"Qwen2-VL ({TEXT_ARCH!r}), Qwen3-VL and Qwen3.5 ({', '.join(QWEN3_ARCHS)}) GGUFs")
+            raise FlexSelectError(
+                f"{gguf_path} is a {arch!r} model; the llama.cpp backend supports Qwen2.5-VL / "
+                f"Qwen2-VL ({TEXT_ARCH!r}), Qwen3-VL and Qwen3.5 ({', '.join(QWEN3_ARCHS)}) GGUFs"
+            )
         if proj_info["architecture"] != "clip" or not proj_info.get("has_vision"):
-            raise FlexSelectError(f"{mmproj_path} is not a vision projector (mmproj) GGUF; pass the mmproj "
-                                  "written next to the model (flexselect export gguf writes mmproj.gguf)")
+            raise FlexSelectError(
+                f"{mmproj_path} is not a vision projector (mmproj) GGUF; pass the mmproj "
+                "written next to the model (flexselect export gguf writes mmproj.gguf)"
+            )
         projector = proj_info["projector_type"]
         if arch in QWEN3_ARCHS:
             family = QWEN3_ARCHS[arch] if projector == QWEN3_PROJECTOR else None
             if family is None:
-                raise FlexSelectError(f"{mmproj_path} is a {projector!r} projector, but {gguf_path} is a {arch!r} "
-                                      f"model, which takes a {QWEN3_PROJECTOR!r} one: pass the mmproj of this model")
+                raise FlexSelectError(
+                    f"{mmproj_path} is a {projector!r} projector, but {gguf_path} is a {arch!r} "
+                    f"model, which takes a {QWEN3_PROJECTOR!r} one: pass the mmproj of this model"
+                )
             if proj_info["deepstack_layers"] != text_info["deepstack_layers"]:
-                raise FlexSelectError(f"{mmproj_path} gives {proj_info['deepstack_layers']} DeepStack levels but "
-                                      f"{gguf_path} takes {text_info['deepstack_layers']}: this mmproj belongs to "
-                                      "another model")
+                raise FlexSelectError(
+                    f"{mmproj_path} gives {proj_info['deepstack_layers']} DeepStack levels but "
+                    f"{gguf_path} takes {text_info['deepstack_layers']}: this mmproj belongs to "
+                    "another model"
+                )
         else:
             family = PROJECTORS.get(projector)
             if family is None:
-                raise FlexSelectError(f"{mmproj_path} is a {projector!r} projector; a {arch!r} model takes "
-                                      f"{' or '.join(map(repr, PROJECTORS))}: pass the mmproj of this model")
+                raise FlexSelectError(
+                    f"{mmproj_path} is a {projector!r} projector; a {arch!r} model takes "
+                    f"{' or '.join(map(repr, PROJECTORS))}: pass the mmproj of this model"
+                )
         if proj_info["projection_dim"] != text_info["embedding_length"]:
             raise FlexSelectError(
                 f"{mmproj_path} outputs {proj_info['projection_dim']}-wide embeddings but {gguf_path} takes "
@@ -331,8 +343,10 @@ class LlamaCppBackend:
         self.ctx = ll.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             self.close()
-            raise FlexSelectError(f"llama.cpp could not create a context of {self.n_ctx} tokens: "
-                                  f"{self._last_error()}; try a smaller --n-ctx")
+            raise FlexSelectError(
+                f"llama.cpp could not create a context of {self.n_ctx} tokens: "
+                f"{self._last_error()}; try a smaller --n-ctx"
+            )
         self.mem = ll.llama_get_memory(self.ctx)
 
         vparams = mtmd_cpp.mtmd_context_params_default()
@@ -349,8 +363,7 @@ class LlamaCppBackend:
         if not mtmd_cpp.mtmd_decode_use_mrope(self.mtmd):
             self.close()
             raise FlexSelectError(f"{mmproj_path} does not use M-RoPE; expected a Qwen2.5-VL / Qwen2-VL projector")
-        self.eos_token_ids = {t for t in range(self.vocab_size)
-                              if ll.llama_vocab_is_eog(self.vocab, t)}
+        self.eos_token_ids = {t for t in range(self.vocab_size) if ll.llama_vocab_is_eog(self.vocab, t)}
         if self.qwen3:
             self._labels: dict[str, list[int]] = {}
             self._vision_start, self._vision_end = (self._special_id(t) for t in ("<|vision_start|>", "<|vision_end|>"))
@@ -362,8 +375,10 @@ class LlamaCppBackend:
         if not gguf_path.is_file():
             raise FlexSelectError(f"GGUF not found: {gguf_path}")
         if mmproj_path is None:
-            raise FlexSelectError(f"{gguf_path} needs its vision projector: pass --mmproj mmproj.gguf "
-                                  "(flexselect export gguf writes it next to model.gguf)")
+            raise FlexSelectError(
+                f"{gguf_path} needs its vision projector: pass --mmproj mmproj.gguf "
+                "(flexselect export gguf writes it next to model.gguf)"
+            )
         if not Path(mmproj_path).is_file():
             raise FlexSelectError(f"mmproj not found: {mmproj_path}")
         for p in (gguf_path, Path(mmproj_path)):
@@ -376,6 +391,7 @@ class LlamaCppBackend:
         # freed backend never leaves llama.cpp calling into a released ctypes thunk (a crash at the next log line).
         global _LOG_CALLBACK
         if _LOG_CALLBACK is None:
+
             def on_log(level: int, text: bytes, _user) -> None:
                 msg = text.decode("utf-8", "replace").rstrip() if text else ""
                 if level >= LOG_ERROR and msg:
@@ -462,9 +478,12 @@ class LlamaCppBackend:
         # the family's rule from defaults.json (the GGUF does not carry it): Qwen2-VL steps by 1 per unit
         interval = time_interval(self.defaults.tokens_per_second, TEMPORAL_PATCH, clip.sample_fps)
         if interval < 1 and not self.qwen3:
-            log.warning("sampling at %.1f fps puts several frame pairs on one temporal position; llama.cpp masks "
-                        "attention by position, so its answers can differ slightly from transformers' (<= 4 fps "
-                        "avoids this)", clip.sample_fps)
+            log.warning(
+                "sampling at %.1f fps puts several frame pairs on one temporal position; llama.cpp masks "
+                "attention by position, so its answers can differ slightly from transformers' (<= 4 fps "
+                "avoids this)",
+                clip.sample_fps,
+            )
         embeds = np.empty((units * grid[0] * grid[1], self.row_width), dtype=np.float32)
         tpf = grid[0] * grid[1]
         for u in range(units):
@@ -489,8 +508,9 @@ class LlamaCppBackend:
             frames_per_unit=TEMPORAL_PATCH,
         )
 
-    def _deepstack_tokens(self, rows: np.ndarray, clip: Clip, units: int, grid: tuple[int, int],
-                          size: tuple[int, int]) -> VisualTokens:
+    def _deepstack_tokens(
+        self, rows: np.ndarray, clip: Clip, units: int, grid: tuple[int, int], size: tuple[int, int]
+    ) -> VisualTokens:
         """mtmd's [main | DeepStack level 0 | level 1 | ...] rows as transformers' Qwen3-VL visual tokens."""
         # one definition of the type and of the unit times: the transformers adapter's
         from .hf.qwen3_vl import DeepStackVisualTokens, unit_seconds
@@ -531,12 +551,20 @@ class LlamaCppBackend:
 
     def prompt(self, question: str) -> Prompt:
         prefix, suffix = prompt_text(self.family, question)
-        return Prompt(torch.tensor(self.tokenize(prefix), dtype=torch.long),
-                      torch.tensor(self.tokenize(suffix), dtype=torch.long), question)
+        return Prompt(
+            torch.tensor(self.tokenize(prefix), dtype=torch.long),
+            torch.tensor(self.tokenize(suffix), dtype=torch.long),
+            question,
+        )
 
     # -- decoding ------------------------------------------------------------------------------------------------
-    def _decode(self, positions: np.ndarray, tokens: np.ndarray | None = None, embeds: np.ndarray | None = None,
-                logits_last: bool = False) -> None:
+    def _decode(
+        self,
+        positions: np.ndarray,
+        tokens: np.ndarray | None = None,
+        embeds: np.ndarray | None = None,
+        logits_last: bool = False,
+    ) -> None:
         """Decode a run of tokens OR embeddings with M-RoPE positions [3, n], in pieces of at most n_batch."""
         ll = self._ll
         n_total = positions.shape[1]
@@ -596,23 +624,26 @@ class LlamaCppBackend:
 
     def _rows(self, visual: VisualTokens, index: torch.Tensor) -> np.ndarray:
         if visual.embeds.shape[1] != self.hidden_size:
-            raise FlexSelectError(f"these visual tokens are {visual.embeds.shape[1]}-wide but the model takes "
-                                  f"{self.hidden_size}: encode the video with this model")
+            raise FlexSelectError(
+                f"these visual tokens are {visual.embeds.shape[1]}-wide but the model takes "
+                f"{self.hidden_size}: encode the video with this model"
+            )
         index = index.to(visual.embeds.device)
         rows = visual.embeds[index].float().cpu()
         if self.row_width != self.hidden_size:  # Qwen3-VL: each row carries its DeepStack slices after it
             deepstack = getattr(visual, "deepstack", None)
             if deepstack is None or deepstack.shape[0] * self.hidden_size != self.row_width - self.hidden_size:
-                raise FlexSelectError("these visual tokens lack this model's DeepStack features: encode the video "
-                                      "with this model")
+                raise FlexSelectError(
+                    "these visual tokens lack this model's DeepStack features: encode the video with this model"
+                )
             slices = deepstack[:, index].float().cpu().transpose(0, 1).reshape(len(rows), -1)
             rows = torch.cat([rows, slices], dim=1)
         return rows.numpy()
 
     # -- Qwen3-VL / Qwen3.5: timestamps as text, positions restarting per unit ----------------------------------
-    def _qwen3_layout(self, visual: VisualTokens, units: list[int], tokens: list[torch.Tensor], prompt: Prompt,
-                      compact: bool) -> tuple[list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray]],
-                                              torch.Tensor, int]:
+    def _qwen3_layout(
+        self, visual: VisualTokens, units: list[int], tokens: list[torch.Tensor], prompt: Prompt, compact: bool
+    ) -> tuple[list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray]], torch.Tensor, int]:
         """The sequence of `hf/qwen3_vl.py`'s layout as decode runs [(token ids | None, rows | None, positions
         [3, n])], the sequence indices of the visual tokens, and the next position. The suffix is the last run."""
         rows_, cols = visual.grid
@@ -683,8 +714,9 @@ class LlamaCppBackend:
         return self._rows(visual, kept), positions, next_position
 
     # -- scoring pass --------------------------------------------------------------------------------------------
-    def reference_qk(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int,
-                     abort: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_qk(
+        self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, abort: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Post-RoPE queries of the suffix rows [H, T, d] and keys of all positions [H_kv, N, d] at `layer` (in
         range: the pipeline checks it)."""
         if self.qwen3:
@@ -724,15 +756,17 @@ class LlamaCppBackend:
                 f"model's full-attention layers are {', '.join(map(str, valid))}: pass one of them as --layer"
             )
 
-    def _qwen3_reference_qk(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int,
-                            abort: bool | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qwen3_reference_qk(
+        self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, abort: bool | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Qwen3-VL / Qwen3.5: (queries of the suffix rows, keys of all positions, visual columns) at `layer`."""
         self._check_attention_layer(layer)
         units = sorted(frames)
         if units != list(frames):
             raise FlexSelectError("a frame set must list its frames in time order")
-        runs, columns, _ = self._qwen3_layout(visual, units, [visual.frame_tokens([u]) for u in units], prompt,
-                                              compact=False)
+        runs, columns, _ = self._qwen3_layout(
+            visual, units, [visual.frame_tokens([u]) for u in units], prompt, compact=False
+        )
         n_total = sum(pos.shape[1] for _, _, pos in runs)
         self._check_fits(n_total, "scoring pass of one frame set")
         cap = self._capture
@@ -756,8 +790,9 @@ class LlamaCppBackend:
             raise FlexSelectError(f"captured keys for {k.shape[0]} of {n_total} positions")
         return q.transpose(0, 1), k.transpose(0, 1), columns
 
-    def score(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int,
-              aggregate: Aggregate = "max") -> torch.Tensor:
+    def score(
+        self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, aggregate: Aggregate = "max"
+    ) -> torch.Tensor:
         t0 = time.perf_counter()
         if self.qwen3:
             q, k, columns = self._qwen3_reference_qk(visual, frames, prompt, layer, None)
@@ -766,8 +801,7 @@ class LlamaCppBackend:
             return scores
         q, k = self.reference_qk(visual, frames, prompt, layer)
         start = len(prompt.prefix_ids)
-        scores = question_attention_scores(q, k, slice(start, start + len(frames) * visual.tokens_per_frame),
-                                           aggregate)
+        scores = question_attention_scores(q, k, slice(start, start + len(frames) * visual.tokens_per_frame), aggregate)
         self.last_score_stats = {"seconds": time.perf_counter() - t0, "tokens": k.shape[1]}
         return scores
 
@@ -786,11 +820,13 @@ class LlamaCppBackend:
     def _head_dim(self) -> int:
         return self._ll.llama_model_n_embd(self.model) // self._ll.llama_model_n_head(self.model)
 
-    def index_set(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int,
-                  device: str = "cpu") -> LlamaSetIndex:
+    def index_set(
+        self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, device: str = "cpu"
+    ) -> LlamaSetIndex:
         if not 0 <= layer < self.num_layers:
-            raise FlexSelectError(f"reference layer {layer} is out of range: this model has layers "
-                                  f"0..{self.num_layers - 1}")
+            raise FlexSelectError(
+                f"reference layer {layer} is out of range: this model has layers 0..{self.num_layers - 1}"
+            )
         t0 = time.perf_counter()
         embeds, positions = self.scoring_layout(visual, frames, prompt)
         self._check_fits(positions.shape[1], "scoring pass of one frame set")
@@ -806,8 +842,9 @@ class LlamaCppBackend:
             cap.stop()
             size = self._ll.llama_state_seq_get_size(self.ctx, 0)
             state = np.empty(size, dtype=np.uint8)
-            written = self._ll.llama_state_seq_get_data(self.ctx, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
-                                                        size, 0)
+            written = self._ll.llama_state_seq_get_data(
+                self.ctx, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, 0
+            )
         finally:
             cap.stop()
             self._ll.llama_memory_clear(self.mem, True)
@@ -820,8 +857,9 @@ class LlamaCppBackend:
             raise FlexSelectError(f"captured keys for {keys.shape[1]} of {p + v} context positions")
         return LlamaSetIndex(tuple(frames), state, keys, layer, time.perf_counter() - t0)
 
-    def score_indexed(self, entry: LlamaSetIndex, visual: VisualTokens, prompt: Prompt,
-                      aggregate: Aggregate = "max") -> torch.Tensor:
+    def score_indexed(
+        self, entry: LlamaSetIndex, visual: VisualTokens, prompt: Prompt, aggregate: Aggregate = "max"
+    ) -> torch.Tensor:
         t0 = time.perf_counter()
         frames = list(entry.frames)
         p, v, n = len(prompt.prefix_ids), len(frames) * visual.tokens_per_frame, entry.keys.shape[1]
@@ -835,7 +873,8 @@ class LlamaCppBackend:
         try:
             self._ll.llama_memory_clear(self.mem, True)
             read = self._ll.llama_state_seq_set_data(
-                self.ctx, entry.state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), entry.state.size, 0)
+                self.ctx, entry.state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), entry.state.size, 0
+            )
             if read != entry.state.size:
                 raise FlexSelectError(f"llama.cpp could not restore a frame set's state: {self._last_error()}")
             cap.want_q = True
@@ -854,8 +893,9 @@ class LlamaCppBackend:
     def index_tensors(self, entry: LlamaSetIndex) -> dict[str, torch.Tensor]:
         return {"state": torch.from_numpy(entry.state), "keys": entry.keys}
 
-    def index_from_tensors(self, frames: tuple[int, ...], layer: int, build_s: float,
-                           tensors: dict[str, torch.Tensor]) -> LlamaSetIndex:
+    def index_from_tensors(
+        self, frames: tuple[int, ...], layer: int, build_s: float, tensors: dict[str, torch.Tensor]
+    ) -> LlamaSetIndex:
         if "state" not in tensors or "keys" not in tensors:
             raise FlexSelectError("the index file lacks a frame set's saved state: it is damaged; rebuild it")
         return LlamaSetIndex(frames, tensors["state"].numpy(), tensors["keys"].float(), layer, build_s)
@@ -865,8 +905,13 @@ class LlamaCppBackend:
         from ..index import file_identity
 
         gguf, mmproj = self.paths
-        return {"family": self.family, "runtime": "llama.cpp", "layers": self.num_layers,
-                "gguf": file_identity(gguf), "mmproj": file_identity(mmproj)}
+        return {
+            "family": self.family,
+            "runtime": "llama.cpp",
+            "layers": self.num_layers,
+            "gguf": file_identity(gguf),
+            "mmproj": file_identity(mmproj),
+        }
 
     # -- answer pass ---------------------------------------------------------------------------------------------
     def _logits(self) -> torch.Tensor:
@@ -884,17 +929,27 @@ class LlamaCppBackend:
             n = self._ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
-    def generate(self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt,
-                 config: GenerationConfig, progress: Progress | None = None,
-                 on_token: OnToken | None = None) -> Generation:
+    def generate(
+        self,
+        visual: VisualTokens,
+        kept: torch.Tensor,
+        prompt: Prompt,
+        config: GenerationConfig,
+        progress: Progress | None = None,
+        on_token: OnToken | None = None,
+    ) -> Generation:
         start = time.perf_counter()
         kept = kept.to(torch.long).cpu()
         self._capture.stop()
         if self.qwen3:  # every unit keeps its timestamp and delimiters, with its kept tokens (possibly none)
             owner = kept // visual.tokens_per_frame
             runs, _, next_position = self._qwen3_layout(
-                visual, list(range(visual.num_frames)), [kept[owner == u] for u in range(visual.num_frames)], prompt,
-                compact=self.positions == "compact")
+                visual,
+                list(range(visual.num_frames)),
+                [kept[owner == u] for u in range(visual.num_frames)],
+                prompt,
+                compact=self.positions == "compact",
+            )
             n_prompt = sum(pos.shape[1] for _, _, pos in runs)
             self._check_fits(n_prompt + 1, "answer prompt")
             self._ll.llama_memory_clear(self.mem, True)
@@ -931,5 +986,10 @@ class LlamaCppBackend:
             position += 1
         text = self.decode(token_ids).strip()
         total = time.perf_counter() - start
-        return Generation(text=text, token_ids=token_ids, ttft_s=ttft, prompt_tokens=n_prompt,
-                          stats={"backend": "llama.cpp", "stopped": stopped, "seconds": total})
+        return Generation(
+            text=text,
+            token_ids=token_ids,
+            ttft_s=ttft,
+            prompt_tokens=n_prompt,
+            stats={"backend": "llama.cpp", "stopped": stopped, "seconds": total},
+        )

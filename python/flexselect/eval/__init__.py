@@ -13,5 +13,16 @@ from .harness import AnswerFn, format_comparison, run_eval, summarize
 from .prompt import build_prompt, extract_letter, item_prompt
 from .synthetic import make_mini_dataset
 
-__all__ = ["AnswerFn", "BENCHMARKS", "Item", "build_prompt", "extract_letter", "format_comparison", "item_prompt",
-           "load_benchmark", "make_mini_dataset", "run_eval", "summarize"]
+__all__ = [
+    "AnswerFn",
+    "BENCHMARKS",
+    "Item",
+    "build_prompt",
+    "extract_letter",
+    "format_comparison",
+    "item_prompt",
+    "load_benchmark",
+    "make_mini_dataset",
+    "run_eval",
+    "summarize",
+]

@@ -24,21 +24,32 @@ def add_eval_command(sub) -> None:
     from ..cli import add_model_arguments, add_sampling_arguments  # shared with `answer`; loaded by now
 
     p = sub.add_parser(
-        "eval", help="evaluate baseline / FlexSelect / Lite on VideoMME, MLVU, LongVideoBench or LVBench",
+        "eval",
+        help="evaluate baseline / FlexSelect / Lite on VideoMME, MLVU, LongVideoBench or LVBench",
         description="Answer a benchmark's multiple-choice questions with each method into a resumable JSONL file "
-                    "and print the accuracies side by side. The datasets are never downloaded: point DATA_ROOT at "
-                    "your local copy (see flexselect.eval.datasets for the layouts read).")
+        "and print the accuracies side by side. The datasets are never downloaded: point DATA_ROOT at "
+        "your local copy (see flexselect.eval.datasets for the layouts read).",
+    )
     p.add_argument("benchmark", choices=BENCHMARKS)
     p.add_argument("data_root", help="the benchmark's local folder (annotations + videos)")
     p.add_argument("-o", "--out", required=True, help="results JSONL; an existing file is resumed")
-    p.add_argument("--methods", nargs="+", choices=PREFERRED_ORDER, default=["baseline", "flexselect"],
-                   help="methods to run on every item (default: baseline flexselect; lite needs --ranker)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=PREFERRED_ORDER,
+        default=["baseline", "flexselect"],
+        help="methods to run on every item (default: baseline flexselect; lite needs --ranker)",
+    )
     p.add_argument("--limit", type=int, help="only the first N questions")
-    p.add_argument("--skip-missing-videos", action="store_true",
-                   help="drop questions whose video is missing instead of stopping (the table then says n)")
+    p.add_argument(
+        "--skip-missing-videos",
+        action="store_true",
+        help="drop questions whose video is missing instead of stopping (the table then says n)",
+    )
     p.add_argument("--summary-only", action="store_true", help="print the table of an existing results file")
-    p.add_argument("--common-only", action="store_true",
-                   help="score every method on only the items all of them answered")
+    p.add_argument(
+        "--common-only", action="store_true", help="score every method on only the items all of them answered"
+    )
     p.add_argument("--summary-json", help="also write the scores as JSON here")
     add_model_arguments(p)
     add_sampling_arguments(p)
@@ -46,8 +57,11 @@ def add_eval_command(sub) -> None:
     g.add_argument("--budget", type=int, help="visual tokens FlexSelect keeps (default: the model's)")
     g.add_argument("--layer", type=int, help="reference layer (default: the model's)")
     g.add_argument("--set-frames", type=int, help="frame units per frame set (default 64)")
-    g.add_argument("--baseline-frames", type=int,
-                   help="baseline frames (default: the frames whose tokens match the FlexSelect budget)")
+    g.add_argument(
+        "--baseline-frames",
+        type=int,
+        help="baseline frames (default: the frames whose tokens match the FlexSelect budget)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=16, help="reply length (a letter is enough; default 16)")
     p.set_defaults(run=run_eval_command)
 
@@ -68,8 +82,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
         write_atomic(Path(args.summary_json), json.dumps(summary, indent=1).encode())
     print(format_comparison(summary))
     if failed:
-        print(f"flexselect: {len(failed)} answer(s) failed and were not recorded (a rerun retries them):",
-              file=sys.stderr)
+        print(
+            f"flexselect: {len(failed)} answer(s) failed and were not recorded (a rerun retries them):", file=sys.stderr
+        )
         for what, why in failed.items():
             print(f"  {what}: {why}", file=sys.stderr)
         return 1
@@ -91,10 +106,18 @@ def _answer_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
     if args.baseline_frames is not None and args.baseline_frames < 1:
         raise FlexSelectError(f"--baseline-frames must be >= 1, got {args.baseline_frames}")
     items = load_benchmark(args.benchmark, Path(args.data_root), args.skip_missing_videos)
-    items = items if args.limit is None else items[:max(0, args.limit)]
+    items = items if args.limit is None else items[: max(0, args.limit)]
     # Reference-layer scoring never needs the ranker, so one pipeline with it serves every method.
-    pipe = FlexSelect.load(args.model, gguf=args.gguf, mmproj=args.mmproj, ranker=args.ranker, device=args.device,
-                           dtype=args.dtype, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers)
+    pipe = FlexSelect.load(
+        args.model,
+        gguf=args.gguf,
+        mmproj=args.mmproj,
+        ranker=args.ranker,
+        device=args.device,
+        dtype=args.dtype,
+        n_ctx=args.n_ctx,
+        n_gpu_layers=args.n_gpu_layers,
+    )
     sampling = Sampling(args.frames, args.fps, args.start, args.end, args.max_frames, args.max_side)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
     selector_of = {"flexselect": "reference", "lite": "lite"}
@@ -102,6 +125,7 @@ def _answer_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
 
     for item in tqdm(items, desc=f"{args.benchmark} questions", unit="q", leave=False):
         for method in args.methods:
+
             def reply(video: Path, prompt: str, method: str = method) -> str:
                 if method == "baseline":
                     frames = args.baseline_frames or _baseline_frames(pipe, video, sampling, args.budget)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import FlexSelectError
 
@@ -52,8 +53,11 @@ def load_benchmark(benchmark: str, data_root: Path, skip_missing_videos: bool = 
     drops those items: partial downloads are common, but a silently smaller test set would skew the table.
     """
     loaders: dict[str, Callable[[Path], list[Item]]] = {
-        "videomme": _load_videomme, "mlvu": _load_mlvu, "longvideobench": _load_longvideobench,
-        "lvbench": _load_lvbench}
+        "videomme": _load_videomme,
+        "mlvu": _load_mlvu,
+        "longvideobench": _load_longvideobench,
+        "lvbench": _load_lvbench,
+    }
     if benchmark not in loaders:
         raise FlexSelectError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
     root = Path(data_root)
@@ -68,12 +72,15 @@ def load_benchmark(benchmark: str, data_root: Path, skip_missing_videos: bool = 
     present = [item for item in items if item.video.is_file()]
     if len(present) < len(items) and not skip_missing_videos:
         first = next(item for item in items if not item.video.is_file())
-        raise FlexSelectError(f"{benchmark}: video {first.video} not found ({len(items) - len(present)} of "
-                              f"{len(items)} questions have no video); download them or skip those questions")
+        raise FlexSelectError(
+            f"{benchmark}: video {first.video} not found ({len(items) - len(present)} of "
+            f"{len(items)} questions have no video); download them or skip those questions"
+        )
     return present
 
 
 # ---- VideoMME ------------------------------------------------------------------------------------------------
+
 
 def _load_videomme(root: Path) -> list[Item]:
     rows = _read_table_dir(root, [root / "videomme", root], "videomme/test-00000-of-00001.parquet")
@@ -82,12 +89,18 @@ def _load_videomme(root: Path) -> list[Item]:
         where = f"VideoMME row {i}"
         vid = str(_field(row, "videoID", where))
         options = [re.sub(r"^\s*\(?[A-Z][.):]\s*", "", str(o)) for o in _field(row, "options", where)]
-        items.append(Item(
-            benchmark="videomme", item_id=str(_field(row, "question_id", where)),
-            video=_find_video(root, vid, ["data", "videos", "video", "."]),
-            question=str(_field(row, "question", where)).strip(), options=options,
-            answer=_check_letter(_field(row, "answer", where), len(options), where),
-            category=str(row.get("task_type") or ""), duration_group=_opt_str(row.get("duration"))))
+        items.append(
+            Item(
+                benchmark="videomme",
+                item_id=str(_field(row, "question_id", where)),
+                video=_find_video(root, vid, ["data", "videos", "video", "."]),
+                question=str(_field(row, "question", where)).strip(),
+                options=options,
+                answer=_check_letter(_field(row, "answer", where), len(options), where),
+                category=str(row.get("task_type") or ""),
+                duration_group=_opt_str(row.get("duration")),
+            )
+        )
     return items
 
 
@@ -114,8 +127,9 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
         try:
             import pandas as pd
         except ImportError:
-            raise FlexSelectError(f"reading {path} needs pyarrow (pip install pyarrow), or convert it to JSON "
-                                  "records next to it") from None
+            raise FlexSelectError(
+                f"reading {path} needs pyarrow (pip install pyarrow), or convert it to JSON records next to it"
+            ) from None
         return [_plain(r) for r in pd.read_parquet(path).to_dict(orient="records")]
     return [_plain(r) for r in pq.read_table(path).to_pylist()]
 
@@ -126,6 +140,7 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- MLVU ------------------------------------------------------------------------------------------------------
+
 
 def _load_mlvu(root: Path) -> list[Item]:
     if not (root / "json").is_dir() and (root / "MLVU" / "json").is_dir():
@@ -145,18 +160,25 @@ def _load_mlvu(root: Path) -> list[Item]:
             answer = str(_field(row, "answer", where)).strip()
             if answer not in options:
                 raise FlexSelectError(f"{where}: answer {answer!r} is not one of the candidates {options}")
-            items.append(Item(
-                benchmark="mlvu", item_id=f"{task_dir}/{i}",
-                video=_find_video(root, str(_field(row, "video", where)), [f"video/{task_dir}", "video", "."]),
-                question=str(_field(row, "question", where)).strip(), options=options,
-                answer=LETTERS[options.index(answer)],
-                category=str(row.get("question_type") or re.sub(r"^\d+_", "", task_dir)), duration_group=None))
+            items.append(
+                Item(
+                    benchmark="mlvu",
+                    item_id=f"{task_dir}/{i}",
+                    video=_find_video(root, str(_field(row, "video", where)), [f"video/{task_dir}", "video", "."]),
+                    question=str(_field(row, "question", where)).strip(),
+                    options=options,
+                    answer=LETTERS[options.index(answer)],
+                    category=str(row.get("question_type") or re.sub(r"^\d+_", "", task_dir)),
+                    duration_group=None,
+                )
+            )
     if not items:
         raise FlexSelectError(f"no multiple-choice question in {root / 'json'}")
     return items
 
 
 # ---- LongVideoBench --------------------------------------------------------------------------------------------
+
 
 def _load_longvideobench(root: Path) -> list[Item]:
     path = root / "lvb_val.json"
@@ -168,17 +190,27 @@ def _load_longvideobench(root: Path) -> list[Item]:
         options = [str(c) for c in _field(row, "candidates", where)]
         choice = _field(row, "correct_choice", where)
         if not isinstance(choice, int) or not 0 <= choice < len(options):
-            raise FlexSelectError(f"{where}: correct_choice {choice!r} is not an index into its {len(options)} "
-                                  "candidates (the test set has no answers; use lvb_val.json)")
-        items.append(Item(
-            benchmark="longvideobench", item_id=str(_field(row, "id", where)),
-            video=_find_video(root, str(_field(row, "video_path", where)), ["videos", "."]),
-            question=str(_field(row, "question", where)).strip(), options=options, answer=LETTERS[choice],
-            category=str(row.get("question_category") or ""), duration_group=_opt_str(row.get("duration_group"))))
+            raise FlexSelectError(
+                f"{where}: correct_choice {choice!r} is not an index into its {len(options)} "
+                "candidates (the test set has no answers; use lvb_val.json)"
+            )
+        items.append(
+            Item(
+                benchmark="longvideobench",
+                item_id=str(_field(row, "id", where)),
+                video=_find_video(root, str(_field(row, "video_path", where)), ["videos", "."]),
+                question=str(_field(row, "question", where)).strip(),
+                options=options,
+                answer=LETTERS[choice],
+                category=str(row.get("question_category") or ""),
+                duration_group=_opt_str(row.get("duration_group")),
+            )
+        )
     return items
 
 
 # ---- LVBench ---------------------------------------------------------------------------------------------------
+
 
 def _load_lvbench(root: Path) -> list[Item]:
     path = root / "video_info.meta.jsonl"
@@ -192,16 +224,23 @@ def _load_lvbench(root: Path) -> list[Item]:
             uid = str(_field(qa, "uid", where))
             question, options = _split_inline_options(str(_field(qa, "question", where)), f"{where} uid {uid}")
             types = qa.get("question_type") or []
-            items.append(Item(
-                benchmark="lvbench", item_id=f"{key}/{uid}", video=_find_video(root, key, ["videos", "video", "."]),
-                question=question, options=options,
-                answer=_check_letter(_field(qa, "answer", where), len(options), where),
-                category=CATEGORY_SEP.join([types] if isinstance(types, str) else types), duration_group=None))
+            items.append(
+                Item(
+                    benchmark="lvbench",
+                    item_id=f"{key}/{uid}",
+                    video=_find_video(root, key, ["videos", "video", "."]),
+                    question=question,
+                    options=options,
+                    answer=_check_letter(_field(qa, "answer", where), len(options), where),
+                    category=CATEGORY_SEP.join([types] if isinstance(types, str) else types),
+                    duration_group=None,
+                )
+            )
     return items
 
 
 def _split_inline_options(text: str, where: str) -> tuple[str, list[str]]:
-    """"Q?\n(A) x\n(B) y" -> ("Q?", ["x", "y"]); letters are found in order, so a later option may quote "(A)"."""
+    """ "Q?\n(A) x\n(B) y" -> ("Q?", ["x", "y"]); letters are found in order, so a later option may quote "(A)"."""
     starts = []
     pos = 0
     for letter in LETTERS:
@@ -213,10 +252,11 @@ def _split_inline_options(text: str, where: str) -> tuple[str, list[str]]:
     if len(starts) < 2:
         raise FlexSelectError(f"{where}: no '(A) ... (B) ...' options in question {text!r}")
     ends = [m.start() for m in starts[1:]] + [len(text)]
-    return text[:starts[0].start()].strip(), [text[m.end():end].strip() for m, end in zip(starts, ends)]
+    return text[: starts[0].start()].strip(), [text[m.end() : end].strip() for m, end in zip(starts, ends)]
 
 
 # ---- shared helpers --------------------------------------------------------------------------------------------
+
 
 def _find_video(root: Path, name: str, subdirs: list[str]) -> Path:
     """The first existing `root/<subdir>/<name>[ext]`, else the first subdir's path (then reported as missing)."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import FlexSelectError
 from .datasets import CATEGORY_SEP, Item
@@ -24,8 +25,9 @@ PREFERRED_ORDER = ("baseline", "flexselect", "lite")
 DURATION_ORDER = ("short", "medium", "long")
 
 
-def run_eval(items: Sequence[Item], answer_fn: AnswerFn, out_path: Path, limit: int | None = None,
-             method: str = "flexselect") -> int:
+def run_eval(
+    items: Sequence[Item], answer_fn: AnswerFn, out_path: Path, limit: int | None = None, method: str = "flexselect"
+) -> int:
     """Answer the first `limit` items (all when None) with `answer_fn`, appending one line per item to `out_path`.
 
     Items this method already has in the file are skipped; a last line cut short by a crash is dropped and its item
@@ -43,8 +45,14 @@ def run_eval(items: Sequence[Item], answer_fn: AnswerFn, out_path: Path, limit: 
         raise FlexSelectError(f"{out_path} would mix benchmarks {sorted(benchmarks)}; use one results file each")
     done = {r["item_id"] for r in records if r["method"] == method}
     pending = [i for i in todo if i.item_id not in done]
-    log.info("%s on %d items: %d already in %s, %d to answer", method, len(todo), len(todo) - len(pending),
-             out_path, len(pending))
+    log.info(
+        "%s on %d items: %d already in %s, %d to answer",
+        method,
+        len(todo),
+        len(todo) - len(pending),
+        out_path,
+        len(pending),
+    )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for n, item in enumerate(pending, 1):
         prompt = item_prompt(item)
@@ -54,14 +62,24 @@ def run_eval(items: Sequence[Item], answer_fn: AnswerFn, out_path: Path, limit: 
         if not isinstance(reply, str):
             raise FlexSelectError(f"answer_fn returned {type(reply).__name__} for {item.item_id}, not text")
         pred = extract_letter(reply, len(item.options), item.options)
-        record = {"benchmark": item.benchmark, "item_id": item.item_id, "method": method, "prompt": prompt,
-                  "reply": reply, "pred": pred, "answer": item.answer, "correct": pred == item.answer,
-                  "category": item.category, "duration_group": item.duration_group,
-                  "seconds": round(seconds, 3)}
+        record = {
+            "benchmark": item.benchmark,
+            "item_id": item.item_id,
+            "method": method,
+            "prompt": prompt,
+            "reply": reply,
+            "pred": pred,
+            "answer": item.answer,
+            "correct": pred == item.answer,
+            "category": item.category,
+            "duration_group": item.duration_group,
+            "seconds": round(seconds, 3),
+        }
         with out_path.open("a", encoding="utf-8") as f:  # opened per answer: no file until there is one
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        log.info("[%d/%d] %s %s: %s (answer %s), %.1f s", n, len(pending), method, item.item_id, pred,
-                 item.answer, seconds)
+        log.info(
+            "[%d/%d] %s %s: %s (answer %s), %.1f s", n, len(pending), method, item.item_id, pred, item.answer, seconds
+        )
     return len(pending)
 
 
@@ -119,7 +137,7 @@ def _score(records: list[dict[str, Any]], benchmark: str) -> dict[str, Any]:
     categories: dict[str, list[bool]] = {}
     durations: dict[str, list[bool]] = {}
     for r in records:
-        for cat in (r["category"].split(CATEGORY_SEP) if r.get("category") else []):
+        for cat in r["category"].split(CATEGORY_SEP) if r.get("category") else []:
             categories.setdefault(cat, []).append(r["correct"])
         if r.get("duration_group") is not None:
             durations.setdefault(str(r["duration_group"]), []).append(r["correct"])
@@ -161,8 +179,10 @@ def format_comparison(summary: dict[str, Any], markdown: bool = True) -> str:
     """The methods side by side (one column each, accuracies in %): headline rows, then durations, categories."""
     methods = summary["methods"]
     names = list(methods)
-    rows: list[tuple[str, list[str]]] = [("items", [str(methods[m]["n"]) for m in names]),
-                                         ("overall", [_pct(methods[m]["accuracy"]) for m in names])]
+    rows: list[tuple[str, list[str]]] = [
+        ("items", [str(methods[m]["n"]) for m in names]),
+        ("overall", [_pct(methods[m]["accuracy"]) for m in names]),
+    ]
     if summary["benchmark"] == "mlvu":
         rows.append(("M-Avg", [_pct(methods[m].get("m_avg")) for m in names]))
     rows.append(("no option named", [str(methods[m]["no_answer"]) for m in names]))
@@ -180,8 +200,11 @@ def format_comparison(summary: dict[str, Any], markdown: bool = True) -> str:
         padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
         return ("| " + " | ".join(padded) + " |") if markdown else "  ".join(padded)
 
-    rule = ("|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|") if markdown \
+    rule = (
+        ("|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|")
+        if markdown
         else "  ".join("-" * w for w in widths)
+    )
     return "\n".join([line(header), rule] + [line(r) for r in table[1:]])
 
 

@@ -42,29 +42,55 @@ def _number(value, kind):
 
 
 class FlexSelectLMM(lmms):
-    def __init__(self, model=None, gguf=None, mmproj=None, ranker=None, device="auto", dtype="auto", frames=None,
-                 fps=None, max_frames=None, max_side=None, budget=None, layer=None, set_frames=None, selector=None,
-                 max_new_tokens=16, n_ctx=32768, batch_size=1, max_batch_size=None, **unknown) -> None:
+    def __init__(
+        self,
+        model=None,
+        gguf=None,
+        mmproj=None,
+        ranker=None,
+        device="auto",
+        dtype="auto",
+        frames=None,
+        fps=None,
+        max_frames=None,
+        max_side=None,
+        budget=None,
+        layer=None,
+        set_frames=None,
+        selector=None,
+        max_new_tokens=16,
+        n_ctx=32768,
+        batch_size=1,
+        max_batch_size=None,
+        **unknown,
+    ) -> None:
         from accelerate import Accelerator  # lmms-eval's own dependency: what its data-parallel launch runs on
 
         from ..pipeline import FlexSelect, Sampling, SelectOptions  # here: lmms-eval imports this module for every run
 
         if unknown:  # lmms-eval passes every model_args key through: a typo must not silently use a default
             known = [p for p in inspect.signature(FlexSelectLMM.__init__).parameters if p not in ("self", "unknown")]
-            raise FlexSelectError(f"unknown FlexSelect model_args: {', '.join(sorted(unknown))}; "
-                                  f"known: {', '.join(known)}")
+            raise FlexSelectError(
+                f"unknown FlexSelect model_args: {', '.join(sorted(unknown))}; known: {', '.join(known)}"
+            )
         if _number(batch_size, int) not in (None, 1):
             log.warning("FlexSelect answers one request at a time; batch_size=%s is ignored", batch_size)
         super().__init__()
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         self._device = self.accelerator.device if device == "auto" else _device_of(device, self.accelerator)
-        self.pipe = FlexSelect.load(model, gguf=gguf, mmproj=mmproj, ranker=ranker, device=str(self._device),
-                                    dtype=dtype, n_ctx=int(n_ctx))
-        self.sampling = Sampling(_number(frames, int), _number(fps, float), max_frames=_number(max_frames, int),
-                                 max_side=_number(max_side, int))
-        self.options = SelectOptions(_number(budget, int), _number(layer, int), _number(set_frames, int),
-                                     selector=selector or None)
+        self.pipe = FlexSelect.load(
+            model, gguf=gguf, mmproj=mmproj, ranker=ranker, device=str(self._device), dtype=dtype, n_ctx=int(n_ctx)
+        )
+        self.sampling = Sampling(
+            _number(frames, int),
+            _number(fps, float),
+            max_frames=_number(max_frames, int),
+            max_side=_number(max_side, int),
+        )
+        self.options = SelectOptions(
+            _number(budget, int), _number(layer, int), _number(set_frames, int), selector=selector or None
+        )
         self.max_new_tokens = int(max_new_tokens)
 
     @property
@@ -101,8 +127,9 @@ class FlexSelectLMM(lmms):
         return videos[0]
 
     def loglikelihood(self, requests):
-        raise NotImplementedError("FlexSelect generates answers: use generation tasks (videomme, mlvu_dev, "
-                                  "longvideobench_val_v, lvbench)")
+        raise NotImplementedError(
+            "FlexSelect generates answers: use generation tasks (videomme, mlvu_dev, longvideobench_val_v, lvbench)"
+        )
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("FlexSelect answers single-round questions")

@@ -51,9 +51,15 @@ def extract_letter(reply: str, n_options: int, options: list[str] | None = None)
     if by_text is not None:
         return by_text[0]
     # A sentence-initial "A" before a lower-case word is the article ("A man opens the door"), not option A.
-    lone = {m.group(1) for m in re.finditer(rf"\b({up})\b", text)
-            if not (m.group(1) == "A" and re.search(r"(?:^|[.!?]\s)$", text[:m.start()])
-                    and re.match(r"\s+(?!(?:is|was|and|or|seems|would)\b)[a-z]", text[m.end():]))}
+    lone = {
+        m.group(1)
+        for m in re.finditer(rf"\b({up})\b", text)
+        if not (
+            m.group(1) == "A"
+            and re.search(r"(?:^|[.!?]\s)$", text[: m.start()])
+            and re.match(r"\s+(?!(?:is|was|and|or|seems|would)\b)[a-z]", text[m.end() :])
+        )
+    }
     return _single(lone)
 
 

@@ -35,7 +35,7 @@ def n_options_for(benchmark: str, i: int) -> int:
 def options_for(benchmark: str, i: int) -> list[str]:
     n = n_options_for(benchmark, i)
     right = COLOURS[i % len(COLOURS)]
-    wrong = [c for c in COLOURS if c != right][:n - 1]
+    wrong = [c for c in COLOURS if c != right][: n - 1]
     k = correct_index(i, n)
     return [f"{c} ball" for c in wrong[:k] + [right] + wrong[k:]]
 
@@ -73,12 +73,21 @@ def _videomme(root: Path, n: int) -> None:
         video_idx = i // 3  # three questions per video, as in VideoMME
         video_id = f"vid{video_idx:05d}"
         options = options_for("videomme", i)
-        rows.append({"video_id": f"{video_idx + 1:03d}", "duration": VIDEOMME_DURATIONS[video_idx % 3],
-                     "domain": "Knowledge", "sub_category": "Humanity & History",
-                     "url": f"https://www.youtube.com/watch?v={video_id}", "videoID": video_id,
-                     "question_id": f"{video_idx + 1:03d}-{i % 3 + 1}", "task_type": VIDEOMME_TASKS[i % 3],
-                     "question": _question(i), "options": [f"{LETTERS[k]}. {o}" for k, o in enumerate(options)],
-                     "answer": LETTERS[correct_index(i, len(options))]})
+        rows.append(
+            {
+                "video_id": f"{video_idx + 1:03d}",
+                "duration": VIDEOMME_DURATIONS[video_idx % 3],
+                "domain": "Knowledge",
+                "sub_category": "Humanity & History",
+                "url": f"https://www.youtube.com/watch?v={video_id}",
+                "videoID": video_id,
+                "question_id": f"{video_idx + 1:03d}-{i % 3 + 1}",
+                "task_type": VIDEOMME_TASKS[i % 3],
+                "question": _question(i),
+                "options": [f"{LETTERS[k]}. {o}" for k, o in enumerate(options)],
+                "answer": LETTERS[correct_index(i, len(options))],
+            }
+        )
         _video(root / "data" / f"{video_id}.mp4")
     _write_json(root / "videomme" / "test-00000-of-00001.json", rows)
 
@@ -89,16 +98,32 @@ def _mlvu(root: Path, n: int) -> None:
         task = MLVU_TASKS[i % len(MLVU_TASKS)]
         options = options_for("mlvu", i)
         video = f"clip_{i}.mp4"
-        tasks[task].append({"video": video, "duration": 300 + i, "question": _question(i), "candidates": options,
-                            "answer": options[correct_index(i, len(options))],
-                            "question_type": task.split("_", 1)[1]})
+        tasks[task].append(
+            {
+                "video": video,
+                "duration": 300 + i,
+                "question": _question(i),
+                "candidates": options,
+                "answer": options[correct_index(i, len(options))],
+                "question_type": task.split("_", 1)[1],
+            }
+        )
         _video(root / "video" / task / video)
     for task, entries in tasks.items():
         if entries:
             _write_json(root / "json" / f"{task}.json", entries)
-    _write_json(root / "json" / "9_summary.json",
-                [{"video": "clip_0.mp4", "duration": 300, "question": "Summarize the video.",
-                  "answer": "A ball rolls.", "question_type": "summary"}])
+    _write_json(
+        root / "json" / "9_summary.json",
+        [
+            {
+                "video": "clip_0.mp4",
+                "duration": 300,
+                "question": "Summarize the video.",
+                "answer": "A ball rolls.",
+                "question_type": "summary",
+            }
+        ],
+    )
 
 
 def _longvideobench(root: Path, n: int) -> None:
@@ -106,12 +131,25 @@ def _longvideobench(root: Path, n: int) -> None:
     for i in range(n):
         video_id = f"lvb{i:05d}"
         options = options_for("longvideobench", i)
-        rows.append({"video_id": video_id, "question": _question(i), "question_wo_referring_query": _question(i),
-                     "candidates": options, "correct_choice": correct_index(i, len(options)), "position": [0],
-                     "topic_category": "NP-News-Programs", "question_category": LVB_CATEGORIES[i % 3],
-                     "level": "L1-Perception", "id": f"{video_id}_0", "video_path": f"{video_id}.mp4",
-                     "subtitle_path": f"{video_id}_en.json", "duration_group": LVB_DURATIONS[i % 4],
-                     "starting_timestamp_for_subtitles": 0, "duration": float(LVB_DURATIONS[i % 4])})
+        rows.append(
+            {
+                "video_id": video_id,
+                "question": _question(i),
+                "question_wo_referring_query": _question(i),
+                "candidates": options,
+                "correct_choice": correct_index(i, len(options)),
+                "position": [0],
+                "topic_category": "NP-News-Programs",
+                "question_category": LVB_CATEGORIES[i % 3],
+                "level": "L1-Perception",
+                "id": f"{video_id}_0",
+                "video_path": f"{video_id}.mp4",
+                "subtitle_path": f"{video_id}_en.json",
+                "duration_group": LVB_DURATIONS[i % 4],
+                "starting_timestamp_for_subtitles": 0,
+                "duration": float(LVB_DURATIONS[i % 4]),
+            }
+        )
         _video(root / "videos" / f"{video_id}.mp4")
     _write_json(root / "lvb_val.json", rows)
 
@@ -121,12 +159,18 @@ def _lvbench(root: Path, n: int) -> None:
     for i in range(n):
         if i % 2 == 0:  # two questions per video
             key = f"lvbench{i // 2:04d}"
-            videos.append({"key": key, "type": "documentary", "video_info": {"duration_minutes": 70.0},
-                           "qa": []})
+            videos.append({"key": key, "type": "documentary", "video_info": {"duration_minutes": 70.0}, "qa": []})
             _video(root / "videos" / f"{key}.mp4")
         options = options_for("lvbench", i)
         text = _question(i) + "".join(f"\n({LETTERS[k]}) {o}" for k, o in enumerate(options))
         types = [LVBENCH_TYPES[i % 3]] + ([LVBENCH_TYPES[(i + 1) % 3]] if i % 4 == 3 else [])
-        videos[-1]["qa"].append({"uid": str(i), "question": text, "answer": LETTERS[correct_index(i, len(options))],
-                                 "question_type": types, "time_reference": "00:10-00:20"})
+        videos[-1]["qa"].append(
+            {
+                "uid": str(i),
+                "question": text,
+                "answer": LETTERS[correct_index(i, len(options))],
+                "question_type": types,
+                "time_reference": "00:10-00:20",
+            }
+        )
     (root / "video_info.meta.jsonl").write_text("".join(json.dumps(v) + "\n" for v in videos), encoding="utf-8")

@@ -120,14 +120,22 @@ def ranker_from_manifest(manifest: dict) -> LiteRanker:
     host = HostInfo(**manifest["host"])
     layout = manifest.get("layout", "host_embeds")  # version 1 had only that layout
     config = decoder_config(layout, manifest["ranker_config"], host.vocab_size)
-    return LiteRanker(config, host, layout, manifest.get("vision_dim", host.hidden_size), manifest["scoring_layer"],
-                      manifest.get("aggregate", "max"), manifest.get("special_ids"))
+    return LiteRanker(
+        config,
+        host,
+        layout,
+        manifest.get("vision_dim", host.hidden_size),
+        manifest["scoring_layer"],
+        manifest.get("aggregate", "max"),
+        manifest.get("special_ids"),
+    )
 
 
 def upgrade_v1_state(state: dict) -> dict:
     """Version-1 bundles named the host_embeds projector's MLP `projector.N`; it is `projector.mlp.N` now."""
-    return {k.replace("projector.", "projector.mlp.", 1) if k.startswith("projector.") else k: v
-            for k, v in state.items()}
+    return {
+        k.replace("projector.", "projector.mlp.", 1) if k.startswith("projector.") else k: v for k, v in state.items()
+    }
 
 
 def load_weights(ranker: LiteRanker, path: Path, version: int = FORMAT_VERSION) -> None:
@@ -138,8 +146,9 @@ def load_weights(ranker: LiteRanker, path: Path, version: int = FORMAT_VERSION) 
     try:
         state = load_file(path)
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-        raise FlexSelectError(f"{path} is not a readable safetensors file ({e}); the ranker bundle looks damaged") \
-            from None
+        raise FlexSelectError(
+            f"{path} is not a readable safetensors file ({e}); the ranker bundle looks damaged"
+        ) from None
     if version == 1:
         state = upgrade_v1_state(state)
     try:
@@ -148,8 +157,9 @@ def load_weights(ranker: LiteRanker, path: Path, version: int = FORMAT_VERSION) 
         raise FlexSelectError(f"{path} does not fit the ranker its manifest describes: {str(e)[:300]}") from None
 
 
-def load_torch_ranker(folder: str | os.PathLike, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32) -> LiteRanker:
+def load_torch_ranker(
+    folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LiteRanker:
     """The torch ranker of a bundle folder, unbound to a model (see `load_ranker`)."""
     folder = Path(folder)
     manifest = read_manifest(folder / MANIFEST)
@@ -162,7 +172,7 @@ def load_torch_ranker(folder: str | os.PathLike, device: str | torch.device = "c
     return ranker.to(device=device, dtype=dtype).eval()
 
 
-def load_ranker(path: str | os.PathLike, backend: "Backend") -> "LiteRanker | OnnxRanker":
+def load_ranker(path: str | os.PathLike, backend: Backend) -> LiteRanker | OnnxRanker:
     """A ranker for `backend` from a bundle folder, its manifest.json or ranker.safetensors, a .onnx file, or the
     folder of one of the authors' released rankers (released.py).
 

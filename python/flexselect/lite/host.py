@@ -10,8 +10,9 @@ A ranker reads one of two things of its host (`reads`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ..errors import FlexSelectError
 
@@ -32,7 +33,7 @@ class HostInfo:
         return asdict(self)
 
 
-def host_vocab_size(backend: "Backend") -> int | None:
+def host_vocab_size(backend: Backend) -> int | None:
     """The host's vocabulary size: a backend's `vocab_size`, or its transformers input embedding table."""
     size = getattr(backend, "vocab_size", None)
     if isinstance(size, int):
@@ -41,12 +42,12 @@ def host_vocab_size(backend: "Backend") -> int | None:
     return text_model.get_input_embeddings().num_embeddings if text_model is not None else None
 
 
-def vision_feature_dim(backend: "Backend") -> int | None:
+def vision_feature_dim(backend: Backend) -> int | None:
     """Width of the backend's pre-merger vision features, or None when it cannot give them (llama.cpp)."""
     return getattr(backend, "vision_feature_dim", None) if hasattr(backend, "encode_with_vision_features") else None
 
 
-def host_info(backend: "Backend", reads: str = "embeds") -> HostInfo:
+def host_info(backend: Backend, reads: str = "embeds") -> HostInfo:
     vocab = host_vocab_size(backend)
     if vocab is None:
         raise FlexSelectError(f"cannot tell the vocabulary size of the {backend.family} backend")
@@ -58,7 +59,7 @@ def host_info(backend: "Backend", reads: str = "embeds") -> HostInfo:
     return HostInfo(backend.family, backend.hidden_size, vocab, reads)
 
 
-def host_tokenizer(backend: "Backend") -> Callable[[str], list[int]]:
+def host_tokenizer(backend: Backend) -> Callable[[str], list[int]]:
     """The question's own ids as the host tokenizes them (no special tokens added), as the C++ runtime passes them."""
     if hasattr(backend, "tokenize"):  # llama.cpp backend
         return backend.tokenize
@@ -66,7 +67,7 @@ def host_tokenizer(backend: "Backend") -> Callable[[str], list[int]]:
     return lambda text: list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def check_host(expected: HostInfo, backend: "Backend", what: str = "the ranker") -> None:
+def check_host(expected: HostInfo, backend: Backend, what: str = "the ranker") -> None:
     """FlexSelectError naming both values if the backend is not the host the ranker was made for."""
     if expected.reads == "vision_features":
         width = vision_feature_dim(backend)
@@ -79,8 +80,7 @@ def check_host(expected: HostInfo, backend: "Backend", what: str = "the ranker")
             )
         labels = {"family": "family", "hidden_size": "vision feature width"}
     else:
-        actual = {"family": backend.family, "hidden_size": backend.hidden_size,
-                  "vocab_size": host_vocab_size(backend)}
+        actual = {"family": backend.family, "hidden_size": backend.hidden_size, "vocab_size": host_vocab_size(backend)}
         labels = {"family": "family", "hidden_size": "hidden size", "vocab_size": "vocab size"}
     for key, have in actual.items():
         want = getattr(expected, key)

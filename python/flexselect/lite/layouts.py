@@ -22,8 +22,9 @@ and the question rows: all rows after the video (the last T rows), as in the ref
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ class RankerInputs:
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, name) for name in INPUTS)
 
-    def to(self, device: torch.device | str) -> "RankerInputs":
+    def to(self, device: torch.device | str) -> RankerInputs:
         return RankerInputs(*(t.to(device) for t in self.as_tuple()))
 
 
@@ -101,8 +102,9 @@ class NormedProjector(nn.Module):
 
     def __init__(self, vision_dim: int, hidden: int) -> None:
         super().__init__()
-        self.mlp1 = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, hidden), nn.GELU(),
-                                  nn.Linear(hidden, hidden))
+        self.mlp1 = nn.Sequential(
+            nn.LayerNorm(vision_dim), nn.Linear(vision_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp1(features).reshape(-1, self.mlp1[-1].out_features)
@@ -120,7 +122,9 @@ class EmbedsProjector(nn.Module):
 
 
 PROJECTORS: dict[str, type[nn.Module]] = {
-    "qwen2_5_vl": PatchMerger, "llava_onevision": PooledProjector, "internvl": NormedProjector,
+    "qwen2_5_vl": PatchMerger,
+    "llava_onevision": PooledProjector,
+    "internvl": NormedProjector,
     "host_embeds": EmbedsProjector,
 }
 
@@ -148,16 +152,27 @@ Retokenize = Callable[[torch.Tensor], torch.Tensor]  # host ids -> ranker ids (i
 TextIds = Callable[[str], list[int]]  # text -> ranker ids
 
 
-def build_inputs(layout: str, visual: "VisualTokens", frames: list[int], prompt: "Prompt", retokenize: Retokenize,
-                 text_ids: TextIds, special_ids: dict[str, int]) -> RankerInputs:
+def build_inputs(
+    layout: str,
+    visual: VisualTokens,
+    frames: list[int],
+    prompt: Prompt,
+    retokenize: Retokenize,
+    text_ids: TextIds,
+    special_ids: dict[str, int],
+) -> RankerInputs:
     """The ranker's view of one frame set (see module docstring)."""
     features = set_features(layout, visual, frames)
     per_frame = projected_tokens_per_frame(layout, features)
     n_visual = len(frames) * per_frame
     if layout == "host_embeds":
         question = torch.tensor(text_ids(prompt.question), dtype=torch.long)
-        return _sequence([torch.zeros(n_visual, dtype=torch.long), question], features, torch.arange(n_visual),
-                         torch.arange(n_visual))
+        return _sequence(
+            [torch.zeros(n_visual, dtype=torch.long), question],
+            features,
+            torch.arange(n_visual),
+            torch.arange(n_visual),
+        )
     prefix, suffix = retokenize(prompt.prefix_ids), retokenize(prompt.suffix_ids)
     p = len(prefix)
     if layout == "qwen2_5_vl":
@@ -166,14 +181,16 @@ def build_inputs(layout: str, visual: "VisualTokens", frames: list[int], prompt:
         rows = p + torch.arange(n_visual)
         offsets = video_positions(len(frames), visual.grid, visual.time_interval)
         positions, _ = layout_positions(p, offsets, int(offsets.max()), len(suffix))
-        return _sequence([prefix, torch.zeros(n_visual, dtype=torch.long), suffix], features, rows, rows,
-                         positions.long())
+        return _sequence(
+            [prefix, torch.zeros(n_visual, dtype=torch.long), suffix], features, rows, rows, positions.long()
+        )
     if layout == "llava_onevision":
         rows = p + torch.arange(n_visual)
         cols = visual.grid[1]
         grid = torch.arange(n_visual).view(len(frames), visual.grid[0], cols + 1)[:, :, :cols]
-        return _sequence([prefix, torch.zeros(n_visual, dtype=torch.long), suffix], features, rows,
-                         p + grid.reshape(-1))
+        return _sequence(
+            [prefix, torch.zeros(n_visual, dtype=torch.long), suffix], features, rows, p + grid.reshape(-1)
+        )
     if layout == "internvl":
         pieces, rows, cols, at = [prefix], [], [], p
         start, end = special_ids["<img>"], special_ids["</img>"]
@@ -190,8 +207,13 @@ def build_inputs(layout: str, visual: "VisualTokens", frames: list[int], prompt:
     raise FlexSelectError(f"unknown ranker layout {layout!r}; known: {', '.join(LAYOUTS)}")
 
 
-def _sequence(pieces: list[torch.Tensor], features: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-              positions: torch.Tensor | None = None) -> RankerInputs:
+def _sequence(
+    pieces: list[torch.Tensor],
+    features: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    positions: torch.Tensor | None = None,
+) -> RankerInputs:
     ids = torch.cat(pieces).long()
     if positions is None:
         positions = torch.arange(len(ids))[None]
@@ -199,15 +221,17 @@ def _sequence(pieces: list[torch.Tensor], features: torch.Tensor, rows: torch.Te
     return RankerInputs(ids, features, rows.long(), positions, cols.long(), torch.arange(after_video, len(ids)))
 
 
-def set_features(layout: str, visual: "VisualTokens", frames: list[int]) -> torch.Tensor:
+def set_features(layout: str, visual: VisualTokens, frames: list[int]) -> torch.Tensor:
     """The vision features of the set's frames, [F, R, D] (host_embeds: the frames' embedding rows)."""
     if layout == "host_embeds":
         rows = visual.embeds[visual.frame_tokens(frames).to(visual.embeds.device)]
         return rows.view(len(frames), -1, rows.shape[-1])
     features = getattr(visual, "vision_features", None)
     if features is None:
-        raise FlexSelectError("this ranker reads the vision tower's features, but the video was encoded without them: "
-                              "encode it with a pipeline that has the ranker (FlexSelect.load(..., ranker=...))")
+        raise FlexSelectError(
+            "this ranker reads the vision tower's features, but the video was encoded without them: "
+            "encode it with a pipeline that has the ranker (FlexSelect.load(..., ranker=...))"
+        )
     features = features[torch.tensor(frames, device=features.device)]
     if layout == "llava_onevision":  # the SigLIP patches as their square grid
         side = math.isqrt(features.shape[1])

@@ -62,8 +62,9 @@ def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tenso
     return (a * b).sum() / (a.norm() * b.norm()).clamp_min(eps)
 
 
-def spearman_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float = DEFAULT_TAU,
-                  chunk: int = CHUNK) -> torch.Tensor:
+def spearman_loss(
+    student: torch.Tensor, teacher: torch.Tensor, tau: float = DEFAULT_TAU, chunk: int = CHUNK
+) -> torch.Tensor:
     """1 - Pearson(soft_rank(student), hard_rank(teacher)); computed in float32 (or float64 if given)."""
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     return 1.0 - pearson(soft_rank(student.to(dtype), tau, chunk), hard_rank(teacher.detach()).to(dtype))

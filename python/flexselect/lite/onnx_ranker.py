@@ -56,11 +56,12 @@ class OnnxRanker:
             else:
                 raise FlexSelectError(f"ranker {self.source}: unexpected input {io.name!r} {io.type} {io.shape}")
         if self.features is None or self.ids is None:
-            raise FlexSelectError(f"ranker {self.source} needs a float visual-token input and an integer "
-                                  "question-id input")
+            raise FlexSelectError(
+                f"ranker {self.source} needs a float visual-token input and an integer question-id input"
+            )
 
     @classmethod
-    def load(cls, path: str | Path) -> "OnnxRanker":
+    def load(cls, path: str | Path) -> OnnxRanker:
         from .bundle import MANIFEST, TOKENIZER, read_manifest
 
         path = Path(path)
@@ -69,8 +70,9 @@ class OnnxRanker:
         manifest_file = path.parent / MANIFEST
         manifest = read_manifest(manifest_file) if manifest_file.is_file() else None
         if manifest is None:
-            log.warning("%s has no %s beside it: only the visual width can be checked against the model",
-                        path, MANIFEST)
+            log.warning(
+                "%s has no %s beside it: only the visual width can be checked against the model", path, MANIFEST
+            )
         tokenizer = None
         if (path.parent / TOKENIZER).is_dir():
             from transformers import AutoTokenizer
@@ -90,7 +92,7 @@ class OnnxRanker:
         d = self.features.shape[-1]
         return d if isinstance(d, int) else None
 
-    def check_compatible(self, backend: "Backend") -> None:
+    def check_compatible(self, backend: Backend) -> None:
         if self.host is not None:
             check_host(self.host, backend, f"the ranker {self.source}")
         if not self.generic and self.feature_dim is not None and self.feature_dim != backend.hidden_size:
@@ -100,20 +102,29 @@ class OnnxRanker:
             )
         self.retokenize, self.text_ids = ranker_tokenization(self.tokenizer, backend)
 
-    def score(self, visual: "VisualTokens", frames: list[int], prompt: "Prompt") -> torch.Tensor:
+    def score(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> torch.Tensor:
         if self.text_ids is None:
             raise FlexSelectError("the ranker is not bound to a model yet: load it with load_ranker(path, backend)")
         if self.generic:
-            inputs = build_inputs(self.layout, visual, frames, prompt, self.retokenize, self.text_ids,
-                                  self.manifest.get("special_ids") or {})
+            inputs = build_inputs(
+                self.layout,
+                visual,
+                frames,
+                prompt,
+                self.retokenize,
+                self.text_ids,
+                self.manifest.get("special_ids") or {},
+            )
             check_inputs(inputs, self.host.vocab_size, self.manifest["vision_dim"])
             return self.run_inputs(inputs)
         ids = np.asarray(self.text_ids(prompt.question), dtype=np.int64)
         if ids.size == 0:
             raise FlexSelectError("the ranker needs a non-empty question")
         if self.host is not None and int(ids.max()) >= self.host.vocab_size:
-            raise FlexSelectError(f"the question has token id {int(ids.max())} but the ranker's vocabulary has "
-                                  f"{self.host.vocab_size} entries: the ranker was trained for another tokenizer")
+            raise FlexSelectError(
+                f"the question has token id {int(ids.max())} but the ranker's vocabulary has "
+                f"{self.host.vocab_size} entries: the ranker was trained for another tokenizer"
+            )
         tokens = visual.frame_tokens(frames).to(visual.embeds.device)
         return self.run(visual.embeds[tokens].float().cpu().numpy(), ids)
 
@@ -122,7 +133,8 @@ class OnnxRanker:
         feeds = {name: t.cpu().numpy() for name, t in zip(INPUTS, inputs.as_tuple())}
         float_type = next(io.type for io in self.session.get_inputs() if io.name == "vision_features")
         feeds["vision_features"] = feeds["vision_features"].astype(
-            np.float16 if float_type == "tensor(float16)" else np.float32)
+            np.float16 if float_type == "tensor(float16)" else np.float32
+        )
         out = self.session.run([self.output], feeds)[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32).reshape(-1))
 
@@ -149,9 +161,12 @@ def make_session(path: Path, target: str = "cpu"):
     else:
         providers = ["CPUExecutionProvider"]
         if target == "cuda":
-            log.warning("ONNX ranker %s was exported for CUDA, but onnxruntime has no CUDAExecutionProvider here "
-                        "(install onnxruntime-gpu): running its float16 graph on the CPU is slow; re-export it "
-                        "with --target cpu", path)
+            log.warning(
+                "ONNX ranker %s was exported for CUDA, but onnxruntime has no CUDAExecutionProvider here "
+                "(install onnxruntime-gpu): running its float16 graph on the CPU is slow; re-export it "
+                "with --target cpu",
+                path,
+            )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:

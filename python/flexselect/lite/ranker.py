@@ -21,8 +21,9 @@ computes exactly what scoring needs. tests/test_lite*.py check that both give th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -54,8 +55,14 @@ DEFAULT_CONFIG = {
 MROPE_SECTION_PER_128 = (16, 24, 24)  # Qwen2.5-VL's (t, h, w) split of a 128-wide head; scaled for other widths
 
 
-def attention_capture(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, **kwargs):
+def attention_capture(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+):
     """Attention-interface function: SDPA, except on a module that holds a `flexselect_capture` dict, where the
     post-RoPE query [1, H, L, d] and key [1, H_kv, L, d] are stored instead and a zero output is returned."""
     capture = getattr(module, "flexselect_capture", None)
@@ -81,7 +88,7 @@ def mrope_section(head_dim: int) -> list[int]:
     return section
 
 
-def decoder_config(layout: str, overrides: dict | None, vocab_size: int) -> "PretrainedConfig":
+def decoder_config(layout: str, overrides: dict | None, vocab_size: int) -> PretrainedConfig:
     """The decoder's transformers config: Qwen2 (1-D RoPE) or Qwen2.5-VL's text model (M-RoPE) for Qwen layouts."""
     fields = {**DEFAULT_CONFIG, **(overrides or {}), "vocab_size": vocab_size}
     if layout == "qwen2_5_vl":
@@ -102,9 +109,16 @@ def decoder_config(layout: str, overrides: dict | None, vocab_size: int) -> "Pre
 class LiteRanker(nn.Module):
     """Projector + decoder scoring a frame set's visual tokens (see module docstring)."""
 
-    def __init__(self, config: "PretrainedConfig", host: HostInfo, layout: str, vision_dim: int,
-                 scoring_layer: int | None = None, aggregate: Aggregate = "max",
-                 special_ids: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        host: HostInfo,
+        layout: str,
+        vision_dim: int,
+        scoring_layer: int | None = None,
+        aggregate: Aggregate = "max",
+        special_ids: dict[str, int] | None = None,
+    ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise FlexSelectError(f"unknown ranker layout {layout!r}; known: {', '.join(LAYOUTS)}")
@@ -123,14 +137,14 @@ class LiteRanker(nn.Module):
         self.projector = make_projector(layout, vision_dim, config.hidden_size)
         self.llm = self._decoder(config)
         self.llm.norm = nn.Identity()  # never reached: scoring stops inside the scoring layer
-        del self.llm.layers[self.scoring_layer + 1:]  # layers after the scoring one never run
+        del self.llm.layers[self.scoring_layer + 1 :]  # layers after the scoring one never run
         # Bound by check_compatible: host ids -> ranker ids, and text -> ranker ids.
         self.retokenize: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.text_ids: Callable[[str], list[int]] | None = None
         self.tokenizer = None  # the ranker's own tokenizer, when it differs from the host's (InternVL)
 
     @staticmethod
-    def _decoder(config: "PretrainedConfig") -> nn.Module:
+    def _decoder(config: PretrainedConfig) -> nn.Module:
         if config.model_type == "qwen2_5_vl_text":
             from transformers import Qwen2_5_VLTextModel
 
@@ -144,8 +158,13 @@ class LiteRanker(nn.Module):
         """Whether the video must be encoded with the vision tower's features (`encode_with_vision_features`)."""
         return self.layout != "host_embeds"
 
-    def embed(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
-              position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        vision_features: torch.Tensor,
+        visual_rows: torch.Tensor,
+        position_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The input sequence [1, L, hidden] (token embeddings, projected visual tokens at visual_rows) and the
         decoder's position ids ([3, 1, L] for M-RoPE, [1, L] otherwise)."""
         weight = self.llm.embed_tokens.weight
@@ -153,19 +172,38 @@ class LiteRanker(nn.Module):
         x = self.llm.embed_tokens(input_ids).index_put((visual_rows,), visual.to(weight.dtype))[None]
         return x, position_ids[:, None, :] if position_ids.shape[0] == 3 else position_ids
 
-    def forward(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
-                position_ids: torch.Tensor, score_columns: torch.Tensor, question_rows: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        vision_features: torch.Tensor,
+        visual_rows: torch.Tensor,
+        position_ids: torch.Tensor,
+        score_columns: torch.Tensor,
+        question_rows: torch.Tensor,
+    ) -> torch.Tensor:
         """RankerInputs (see layouts.py) -> scores [S] float32 of the score columns (question_rows: the last T)."""
         from ..backends.hf.shared import attention_scores
 
         x, positions = self.embed(input_ids, vision_features, visual_rows, position_ids)
-        scores = attention_scores(self.llm, [self.scoring_layer], question_rows.shape[0], self.aggregate,
-                                  inputs_embeds=x, position_ids=positions)
+        scores = attention_scores(
+            self.llm,
+            [self.scoring_layer],
+            question_rows.shape[0],
+            self.aggregate,
+            inputs_embeds=x,
+            position_ids=positions,
+        )
         return scores[self.scoring_layer][score_columns]
 
-    def graph_forward(self, input_ids: torch.Tensor, vision_features: torch.Tensor, visual_rows: torch.Tensor,
-                      position_ids: torch.Tensor, score_columns: torch.Tensor,
-                      question_rows: torch.Tensor) -> torch.Tensor:
+    def graph_forward(
+        self,
+        input_ids: torch.Tensor,
+        vision_features: torch.Tensor,
+        visual_rows: torch.Tensor,
+        position_ids: torch.Tensor,
+        score_columns: torch.Tensor,
+        question_rows: torch.Tensor,
+    ) -> torch.Tensor:
         """`forward` as an exportable graph: the same scores, without stopping the pass by an exception."""
         x, positions = self.embed(input_ids, vision_features, visual_rows, position_ids)
         rotary = self.llm.rotary_emb(x, positions)
@@ -182,11 +220,11 @@ class LiteRanker(nn.Module):
         return question_attention_scores(queries, capture["key"][0], score_columns, self.aggregate)
 
     # -- the pipeline's Ranker interface -------------------------------------------------------------------------
-    def check_compatible(self, backend: "Backend") -> None:
+    def check_compatible(self, backend: Backend) -> None:
         check_host(self.host, backend)
         self.retokenize, self.text_ids = ranker_tokenization(self.tokenizer, backend)
 
-    def inputs(self, visual: "VisualTokens", frames: list[int], prompt: "Prompt") -> RankerInputs:
+    def inputs(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> RankerInputs:
         """The set as this ranker reads it, checked against its vocabulary and feature width."""
         if self.retokenize is None:
             raise FlexSelectError("the ranker is not bound to a model yet: load it with load_ranker(path, backend)")
@@ -195,25 +233,46 @@ class LiteRanker(nn.Module):
         return inputs
 
     @torch.inference_mode()
-    def score(self, visual: "VisualTokens", frames: list[int], prompt: "Prompt") -> torch.Tensor:
+    def score(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> torch.Tensor:
         """Scores of `visual.frame_tokens(frames)` (in that order) for the prompt's question."""
         inputs = self.inputs(visual, frames, prompt).to(self.llm.embed_tokens.weight.device)
         return self(*inputs.as_tuple()).float().cpu()
 
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
-    def for_host(cls, host: HostInfo, vision_dim: int, overrides: dict | None = None, layout: str | None = None,
-                 scoring_layer: int | None = None, aggregate: Aggregate = "max",
-                 special_ids: dict[str, int] | None = None) -> "LiteRanker":
+    def for_host(
+        cls,
+        host: HostInfo,
+        vision_dim: int,
+        overrides: dict | None = None,
+        layout: str | None = None,
+        scoring_layer: int | None = None,
+        aggregate: Aggregate = "max",
+        special_ids: dict[str, int] | None = None,
+    ) -> LiteRanker:
         """A randomly initialised ranker of the host family's layout (the default) and the given decoder shape."""
         layout = layout or default_layout(host.family)
-        return cls(decoder_config(layout, overrides, host.vocab_size), host, layout, vision_dim, scoring_layer,
-                   aggregate, special_ids)
+        return cls(
+            decoder_config(layout, overrides, host.vocab_size),
+            host,
+            layout,
+            vision_dim,
+            scoring_layer,
+            aggregate,
+            special_ids,
+        )
 
     @classmethod
-    def from_small_llm(cls, path: str | Path, host: HostInfo, vision_dim: int, layout: str | None = None,
-                       scoring_layer: int | None = None, aggregate: Aggregate = "max",
-                       special_ids: dict[str, int] | None = None) -> "LiteRanker":
+    def from_small_llm(
+        cls,
+        path: str | Path,
+        host: HostInfo,
+        vision_dim: int,
+        layout: str | None = None,
+        scoring_layer: int | None = None,
+        aggregate: Aggregate = "max",
+        special_ids: dict[str, int] | None = None,
+    ) -> LiteRanker:
         """Initialise the decoder from a local Qwen2-style checkpoint folder (config.json + *.safetensors).
 
         The embedding table is resized to the host vocabulary; rows of ids both vocabularies have are copied (the
@@ -251,8 +310,17 @@ class LiteRanker(nn.Module):
         return ranker
 
 
-DECODER_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "head_dim", "rope_parameters")
+DECODER_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "head_dim",
+    "rope_parameters",
+)
 
 
 def decoder_fields(raw: dict) -> dict:
@@ -273,7 +341,7 @@ def default_layout(family: str) -> str:
     return FAMILY_LAYOUT.get(family, "host_embeds")
 
 
-def ranker_tokenization(tokenizer, backend: "Backend"):
+def ranker_tokenization(tokenizer, backend: Backend):
     """(host ids -> ranker ids, text -> ranker ids): the host's own ids, or re-tokenized through text when the
     ranker has its own tokenizer (the authors' InternVL ranker: InternLM2 ids -> Qwen2 ids)."""
     host_text_ids = host_tokenizer(backend)
@@ -281,8 +349,9 @@ def ranker_tokenization(tokenizer, backend: "Backend"):
         return (lambda ids: ids.long()), host_text_ids
     host_tok = getattr(backend, "tokenizer", None)
     if host_tok is None:
-        raise FlexSelectError("this ranker re-tokenizes the prompt with its own tokenizer, which needs a "
-                              "transformers backend")
+        raise FlexSelectError(
+            "this ranker re-tokenizes the prompt with its own tokenizer, which needs a transformers backend"
+        )
 
     def text_ids(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False).input_ids)

@@ -44,35 +44,56 @@ class Release:
 
 
 RELEASES = (
-    Release("qwen2_5_vl", "Qwen2.5-VL-7B-Instruct", "yunzhuyunzhu/flexselect_qwen2.5vl", "", {
-        "merger_token_selector.mlp.0.weight": "projector.mlp.0.weight",
-        "merger_token_selector.mlp.0.bias": "projector.mlp.0.bias",
-        "merger_token_selector.mlp.2.weight": "projector.mlp.2.weight",
-        "merger_token_selector.mlp.2.bias": "projector.mlp.2.bias",
-        "merger_token_selector.ln_q.weight": "projector.ln_q.weight",
-    }),
-    Release("llava_onevision", "LLaVA-Video-7B-Qwen2", "yunzhuyunzhu/flexselect_llava_video", "", {
-        "mm_projector.0.weight": "projector.mm_projector.0.weight",
-        "mm_projector.0.bias": "projector.mm_projector.0.bias",
-        "mm_projector.2.weight": "projector.mm_projector.2.weight",
-        "mm_projector.2.bias": "projector.mm_projector.2.bias",
-        "image_newline": "projector.image_newline",
-    }),
-    Release("internvl", "InternVL2_5-8B", "yunzhuyunzhu/flexselect_internvl2.5", "language_model.model.", {
-        "mlp1.1.weight": "projector.mlp1.1.weight",
-        "mlp1.1.bias": "projector.mlp1.1.bias",
-        "mlp1.0.weight": "projector.mlp1.0.weight",
-        "mlp1.0.bias": "projector.mlp1.0.bias",
-        "mlp1.3.weight": "projector.mlp1.3.weight",
-        "mlp1.3.bias": "projector.mlp1.3.bias",
-    }),
+    Release(
+        "qwen2_5_vl",
+        "Qwen2.5-VL-7B-Instruct",
+        "yunzhuyunzhu/flexselect_qwen2.5vl",
+        "",
+        {
+            "merger_token_selector.mlp.0.weight": "projector.mlp.0.weight",
+            "merger_token_selector.mlp.0.bias": "projector.mlp.0.bias",
+            "merger_token_selector.mlp.2.weight": "projector.mlp.2.weight",
+            "merger_token_selector.mlp.2.bias": "projector.mlp.2.bias",
+            "merger_token_selector.ln_q.weight": "projector.ln_q.weight",
+        },
+    ),
+    Release(
+        "llava_onevision",
+        "LLaVA-Video-7B-Qwen2",
+        "yunzhuyunzhu/flexselect_llava_video",
+        "",
+        {
+            "mm_projector.0.weight": "projector.mm_projector.0.weight",
+            "mm_projector.0.bias": "projector.mm_projector.0.bias",
+            "mm_projector.2.weight": "projector.mm_projector.2.weight",
+            "mm_projector.2.bias": "projector.mm_projector.2.bias",
+            "image_newline": "projector.image_newline",
+        },
+    ),
+    Release(
+        "internvl",
+        "InternVL2_5-8B",
+        "yunzhuyunzhu/flexselect_internvl2.5",
+        "language_model.model.",
+        {
+            "mlp1.1.weight": "projector.mlp1.1.weight",
+            "mlp1.1.bias": "projector.mlp1.1.bias",
+            "mlp1.0.weight": "projector.mlp1.0.weight",
+            "mlp1.0.bias": "projector.mlp1.0.bias",
+            "mlp1.3.weight": "projector.mlp1.3.weight",
+            "mlp1.3.bias": "projector.mlp1.3.bias",
+        },
+    ),
 )
 UNUSED = ("norm.weight", "lm_head.weight")  # the final norm and LM head are never reached by scoring
 
 
 def expected_layouts() -> str:
-    return "; ".join(f"{r.host} ({r.repo}): config.json + *.safetensors with {r.decoder_prefix}embed_tokens.weight, "
-                     f"{r.decoder_prefix}layers.N.*, {', '.join(r.projector)}" for r in RELEASES)
+    return "; ".join(
+        f"{r.host} ({r.repo}): config.json + *.safetensors with {r.decoder_prefix}embed_tokens.weight, "
+        f"{r.decoder_prefix}layers.N.*, {', '.join(r.projector)}"
+        for r in RELEASES
+    )
 
 
 def is_release(folder: Path) -> bool:
@@ -104,8 +125,10 @@ def identify(state: dict[str, torch.Tensor], folder: Path) -> Release:
                 raise FlexSelectError(f"{folder} looks like the {release.host} ranker but lacks {missing}")
             return release
     names = ", ".join(sorted(state)[:6])
-    raise FlexSelectError(f"{folder} is not a released FlexSelect-Lite ranker (its weights start {names}); "
-                          f"expected one of: {expected_layouts()}")
+    raise FlexSelectError(
+        f"{folder} is not a released FlexSelect-Lite ranker (its weights start {names}); "
+        f"expected one of: {expected_layouts()}"
+    )
 
 
 def import_release(path: str | Path) -> LiteRanker:
@@ -128,27 +151,37 @@ def import_release(path: str | Path) -> LiteRanker:
     absent = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if k not in fields]
     if absent:
         raise FlexSelectError(f"{config_file} lacks {absent}: not the config of a released ranker")
-    vision_dim = {"qwen2_5_vl": lambda: 4 * state["merger_token_selector.ln_q.weight"].shape[0],
-                  "llava_onevision": lambda: state["mm_projector.0.weight"].shape[1],
-                  "internvl": lambda: state["mlp1.0.weight"].shape[0]}[release.family]()
+    vision_dim = {
+        "qwen2_5_vl": lambda: 4 * state["merger_token_selector.ln_q.weight"].shape[0],
+        "llava_onevision": lambda: state["mm_projector.0.weight"].shape[1],
+        "internvl": lambda: state["mlp1.0.weight"].shape[0],
+    }[release.family]()
     tokenizer, special = None, None
     if release.family == "internvl":
         tokenizer, special = release_tokenizer(folder)
     host = HostInfo(release.family, vision_dim, table.shape[0], "vision_features")
     aggregate = "mean" if "mean" in str(raw.get("drop_func_name", "")) else "max"
-    ranker = LiteRanker(decoder_config(release.family, fields, table.shape[0]), host, release.family, vision_dim,
-                        None, aggregate, special)
+    ranker = LiteRanker(
+        decoder_config(release.family, fields, table.shape[0]),
+        host,
+        release.family,
+        vision_dim,
+        None,
+        aggregate,
+        special,
+    )
     ours = {}
     for name, tensor in state.items():
         if name in release.projector:
             ours[release.projector[name]] = tensor
-        elif name.startswith(prefix) and name[len(prefix):] not in UNUSED:
-            ours["llm." + name[len(prefix):]] = tensor
+        elif name.startswith(prefix) and name[len(prefix) :] not in UNUSED:
+            ours["llm." + name[len(prefix) :]] = tensor
     expected = set(ranker.state_dict())
     missing, extra = sorted(expected - set(ours)), sorted(set(ours) - expected)
     if missing or extra:
-        raise FlexSelectError(f"{folder}: the weights do not fit its config.json (missing {missing[:4]}, "
-                              f"unexpected {extra[:4]})")
+        raise FlexSelectError(
+            f"{folder}: the weights do not fit its config.json (missing {missing[:4]}, unexpected {extra[:4]})"
+        )
     try:
         ranker.load_state_dict({k: v.float() for k, v in ours.items()}, strict=True)
     except RuntimeError as e:
@@ -164,8 +197,9 @@ def release_tokenizer(folder: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # transformers raises many types for a missing or broken tokenizer
-        raise FlexSelectError(f"{folder}: the InternVL ranker needs its tokenizer files beside the weights ({e})") \
-            from None
+        raise FlexSelectError(
+            f"{folder}: the InternVL ranker needs its tokenizer files beside the weights ({e})"
+        ) from None
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<img>", "</img>")}
     if any(i is None or i == tokenizer.unk_token_id for i in ids.values()):
         raise FlexSelectError(f"{folder}: the tokenizer has no <img> / </img> tokens: not the InternVL ranker's")
@@ -178,5 +212,6 @@ def import_to_bundle(path: str | Path, out: str | Path) -> Path:
 
     ranker = import_release(path)
     release = next(r for r in RELEASES if r.family == ranker.layout)
-    return save_bundle(ranker, out, {"imported_from": str(Path(path).resolve()), "release": release.repo,
-                                     "trained_for": release.host})
+    return save_bundle(
+        ranker, out, {"imported_from": str(Path(path).resolve()), "release": release.repo, "trained_for": release.host}
+    )

@@ -22,9 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -95,8 +96,9 @@ def shard_examples(path: Path) -> list[dict]:
             meta = f.metadata() or {}
         examples = json.loads(meta["examples"])
     except Exception as e:  # a shard is only ever renamed into place whole, so this is outside damage
-        raise FlexSelectError(f"{path} is not a readable teacher shard ({e}); delete it and run lite-teacher again") \
-            from None
+        raise FlexSelectError(
+            f"{path} is not a readable teacher shard ({e}); delete it and run lite-teacher again"
+        ) from None
     return examples
 
 
@@ -108,14 +110,15 @@ def check_settings(folder: Path, settings: dict) -> None:
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            raise FlexSelectError(f"{folder} holds teacher data made with other settings ({detail}); "
-                                  "use a new output folder")
+            raise FlexSelectError(
+                f"{folder} holds teacher data made with other settings ({detail}); use a new output folder"
+            )
     else:
         write_atomic(path, json.dumps(settings, indent=2).encode())
 
 
 def build_teacher_data(
-    backend: "Backend",
+    backend: Backend,
     pairs_file: str | os.PathLike,
     video_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -152,8 +155,19 @@ def build_teacher_data(
     reads = "embeds" if layout == "host_embeds" else "vision_features"
     host = host_info(backend, reads)
     special = special_token_ids(backend) if layout == "internvl" else {}
-    check_settings(out, {"format": FORMAT, "host": host.to_dict(), "layout": layout, "special_ids": special,
-                         "layer": layer, "aggregate": aggregate, "frames": frames, "set_frames": SET_FRAMES})
+    check_settings(
+        out,
+        {
+            "format": FORMAT,
+            "host": host.to_dict(),
+            "layout": layout,
+            "special_ids": special,
+            "layer": layer,
+            "aggregate": aggregate,
+            "frames": frames,
+            "set_frames": SET_FRAMES,
+        },
+    )
     encode = backend.encode if reads == "embeds" else backend.encode_with_vision_features
     done = {ex["key"] for shard in shard_files(out) for ex in shard_examples(shard)}
     pairs = read_pairs(Path(pairs_file))
@@ -217,8 +231,10 @@ class TeacherData:
             raise FlexSelectError(f"{self.folder} has no {SETTINGS}: make teacher data with flexselect lite-teacher")
         self.settings = json.loads(settings_file.read_text())
         if self.settings.get("format") != FORMAT:
-            raise FlexSelectError(f"{self.folder} holds teacher data of format {self.settings.get('format')!r}; this "
-                                  f"flexselect trains on {FORMAT!r}: run flexselect lite-teacher into a new folder")
+            raise FlexSelectError(
+                f"{self.folder} holds teacher data of format {self.settings.get('format')!r}; this "
+                f"flexselect trains on {FORMAT!r}: run flexselect lite-teacher into a new folder"
+            )
         self.host = HostInfo(**self.settings["host"])
         self.layout: str = self.settings["layout"]
         self.special_ids: dict[str, int] = self.settings.get("special_ids") or {}
@@ -238,7 +254,7 @@ class TeacherData:
             return {name: f.get_tensor(f"{key}.{name}") for name in (*INPUTS, "scores")}
 
 
-def special_token_ids(backend: "Backend") -> dict[str, int]:
+def special_token_ids(backend: Backend) -> dict[str, int]:
     """The host's own ids of InternVL's frame delimiters (a trained InternVL ranker shares the host's tokenizer)."""
     ids = backend.tokenizer.convert_tokens_to_ids(["<img>", "</img>"])
     return {"<img>": ids[0], "</img>": ids[1]}

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FlexSelectError
 from ..backends.hf.shared import resolve_device
+from ..errors import FlexSelectError
 from ..selection import top_k
 from .bundle import MANIFEST, load_torch_ranker, save_bundle
 from .layouts import INPUTS
@@ -81,12 +81,16 @@ class TrainSummary:
     resumed_from_step: int = 0
 
     def text(self) -> str:
-        lines = [f"trained {self.steps} optimizer steps over {self.epochs} epoch(s) on {self.train_examples} "
-                 f"examples in {self.seconds:.0f}s" + (f" (resumed at step {self.resumed_from_step})"
-                                                       if self.resumed_from_step else "")]
+        lines = [
+            f"trained {self.steps} optimizer steps over {self.epochs} epoch(s) on {self.train_examples} "
+            f"examples in {self.seconds:.0f}s"
+            + (f" (resumed at step {self.resumed_from_step})" if self.resumed_from_step else "")
+        ]
         if self.initial is not None:
-            lines.append(f"held-out ({self.initial.examples} ex) at start: Spearman {self.initial.spearman:.3f}, "
-                         f"Recall@{KEEP_RATIO:.2%} {self.initial.recall:.3f}")
+            lines.append(
+                f"held-out ({self.initial.examples} ex) at start: Spearman {self.initial.spearman:.3f}, "
+                f"Recall@{KEEP_RATIO:.2%} {self.initial.recall:.3f}"
+            )
         for i, e in enumerate(self.evals, 1):
             lines.append(f"held-out after epoch {i}: Spearman {e.spearman:.3f}, Recall@{KEEP_RATIO:.2%} {e.recall:.3f}")
         if self.bundle is not None:
@@ -108,8 +112,14 @@ def split(data: TeacherData, eval_fraction: float) -> tuple[list[int], list[int]
 
 
 @torch.no_grad()
-def evaluate(ranker: LiteRanker, data: TeacherData, indices: list[int], device: torch.device, autocast,
-             keep_ratio: float = KEEP_RATIO) -> EvalResult | None:
+def evaluate(
+    ranker: LiteRanker,
+    data: TeacherData,
+    indices: list[int],
+    device: torch.device,
+    autocast,
+    keep_ratio: float = KEEP_RATIO,
+) -> EvalResult | None:
     if not indices:
         return None
     was_training = ranker.training
@@ -143,8 +153,12 @@ def ranker_args(example: dict[str, torch.Tensor], device: torch.device) -> list[
 
 def new_ranker(cfg: TrainConfig, data: TeacherData) -> LiteRanker:
     """A ranker of the teacher data's layout, reading the features it stored (width = host.hidden_size)."""
-    kwargs = {"layout": data.layout, "scoring_layer": cfg.scoring_layer,
-              "aggregate": data.settings.get("aggregate", "max"), "special_ids": data.special_ids or None}
+    kwargs = {
+        "layout": data.layout,
+        "scoring_layer": cfg.scoring_layer,
+        "aggregate": data.settings.get("aggregate", "max"),
+        "special_ids": data.special_ids or None,
+    }
     if cfg.init is not None:
         return LiteRanker.from_small_llm(cfg.init, data.host, data.host.hidden_size, **kwargs)
     return LiteRanker.for_host(data.host, data.host.hidden_size, cfg.ranker_config, **kwargs)
@@ -197,8 +211,10 @@ def train(cfg: TrainConfig) -> TrainSummary:
     if ckpt is not None:
         ranker = load_torch_ranker(ckpt)
         if ranker.host != data.host:
-            raise FlexSelectError(f"{ckpt} is a ranker for {ranker.host}, but {cfg.data} was made with "
-                                  f"{data.host}: use another --out folder")
+            raise FlexSelectError(
+                f"{ckpt} is a ranker for {ranker.host}, but {cfg.data} was made with "
+                f"{data.host}: use another --out folder"
+            )
         state = torch.load(ckpt / TRAINER_STATE, weights_only=True)
     else:
         ranker, state = new_ranker(cfg, data), None
@@ -223,12 +239,23 @@ def train(cfg: TrainConfig) -> TrainSummary:
     resumed_from = step
 
     def checkpoint_state() -> dict:
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "epoch": epoch, "offset": offset, "evals": [asdict(e) for e in evals],
-                "initial": asdict(initial) if initial else None}
+        return {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "offset": offset,
+            "evals": [asdict(e) for e in evals],
+            "initial": asdict(initial) if initial else None,
+        }
 
-    bar = tqdm(total=cfg.epochs * len(train_idx), initial=epoch * len(train_idx) + offset, desc="lite-train",
-               unit="ex", disable=not cfg.show_progress or None)
+    bar = tqdm(
+        total=cfg.epochs * len(train_idx),
+        initial=epoch * len(train_idx) + offset,
+        desc="lite-train",
+        unit="ex",
+        disable=not cfg.show_progress or None,
+    )
     while epoch < cfg.epochs:
         # The epoch's order depends only on (seed, epoch), so a resumed run continues the same sequence.
         order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
@@ -263,9 +290,11 @@ def train(cfg: TrainConfig) -> TrainSummary:
     bar.close()
 
     summary = TrainSummary(step, cfg.epochs, len(train_idx), initial, evals, out, resumed_from_step=resumed_from)
-    notes = {"teacher": data.settings, "train": {k: str(v) if isinstance(v, Path) else v
-                                                 for k, v in asdict(cfg).items()},
-             "held_out": {"initial": asdict(initial) if initial else None, "epochs": [asdict(e) for e in evals]}}
+    notes = {
+        "teacher": data.settings,
+        "train": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "held_out": {"initial": asdict(initial) if initial else None, "epochs": [asdict(e) for e in evals]},
+    }
     save_bundle(ranker, out, notes)
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -20,14 +20,26 @@ from ..errors import FlexSelectError
 def add_serve_command(sub) -> None:
     from ..cli import add_model_arguments
 
-    p = sub.add_parser("serve", help="a local video QA web page and an OpenAI-compatible API",
-                       description="Serve one model: a page at / and POST /v1/chat/completions with video parts.")
+    p = sub.add_parser(
+        "serve",
+        help="a local video QA web page and an OpenAI-compatible API",
+        description="Serve one model: a page at / and POST /v1/chat/completions with video parts.",
+    )
     add_model_arguments(p)
-    p.add_argument("--positions", choices=["original", "compact"], default="original",
-                   help="answer-pass positions of kept tokens: original (paper) or compact re-gridding")
+    p.add_argument(
+        "--positions",
+        choices=["original", "compact"],
+        default="original",
+        help="answer-pass positions of kept tokens: original (paper) or compact re-gridding",
+    )
     g = p.add_argument_group("server")
-    g.add_argument("--media-dir", action="append", required=True, metavar="DIR",
-                   help="folder the server may read videos from (repeat for more); nothing else is readable")
+    g.add_argument(
+        "--media-dir",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="folder the server may read videos from (repeat for more); nothing else is readable",
+    )
     g.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; others need --api-key)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
@@ -43,8 +55,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
         from .app import Settings, create_app
     except ImportError as e:
-        raise FlexSelectError(f"flexselect serve needs the serve extra ({e.name} is missing): "
-                              "pip install 'flexselect[serve]'") from None
+        raise FlexSelectError(
+            f"flexselect serve needs the serve extra ({e.name} is missing): pip install 'flexselect[serve]'"
+        ) from None
     from ..pipeline import FlexSelect
     from .security import check_listen
 
@@ -63,12 +76,29 @@ def run_serve(args: argparse.Namespace) -> int:
         sock.bind((args.host, args.port))  # bound before the model loads: a busy port fails in a second, not later
     except OSError as e:
         raise FlexSelectError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
-    pipe = FlexSelect.load(args.model, gguf=args.gguf, mmproj=args.mmproj, ranker=args.ranker, device=args.device,
-                           dtype=args.dtype, positions=args.positions, n_ctx=args.n_ctx,
-                           n_gpu_layers=args.n_gpu_layers)
+    pipe = FlexSelect.load(
+        args.model,
+        gguf=args.gguf,
+        mmproj=args.mmproj,
+        ranker=args.ranker,
+        device=args.device,
+        dtype=args.dtype,
+        positions=args.positions,
+        n_ctx=args.n_ctx,
+        n_gpu_layers=args.n_gpu_layers,
+    )
     model_id = args.model_id or Path(args.model or args.gguf).name.removesuffix(".gguf")
-    app = create_app(pipe, Settings(model_id=model_id, media_dirs=args.media_dir, host=args.host,
-                                    api_key=args.api_key, max_waiting=args.queue, max_upload_mb=args.max_upload_mb))
+    app = create_app(
+        pipe,
+        Settings(
+            model_id=model_id,
+            media_dirs=args.media_dir,
+            host=args.host,
+            api_key=args.api_key,
+            max_waiting=args.queue,
+            max_upload_mb=args.max_upload_mb,
+        ),
+    )
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"flexselect serve: http://{shown}:{port}/ (model {model_id})", file=sys.stderr, flush=True)

@@ -1,13 +1,13 @@
 """The ASGI app: the OpenAI-compatible API, FlexSelect's own endpoints for the page, and the page itself.
 
-    POST /v1/chat/completions               a question about a video (plain JSON or `stream: true` SSE)
-    GET  /v1/models                         the one loaded model
-    GET  /v1/flexselect/media               videos in the media folders
-    GET  /v1/flexselect/media/{name}        one of them (or an upload), for the page's player (Range requests)
-    POST /v1/flexselect/uploads             raw video bytes -> {"url": "upload:ID"}
-    GET  /v1/flexselect/runs/{id}/heatmap.png   contact sheet of a recent run's kept tokens (flexselect.show)
-    GET  /v1/flexselect/status              the run queue
-    GET  /                                  the page (static/index.html)
+POST /v1/chat/completions               a question about a video (plain JSON or `stream: true` SSE)
+GET  /v1/models                         the one loaded model
+GET  /v1/flexselect/media               videos in the media folders
+GET  /v1/flexselect/media/{name}        one of them (or an upload), for the page's player (Range requests)
+POST /v1/flexselect/uploads             raw video bytes -> {"url": "upload:ID"}
+GET  /v1/flexselect/runs/{id}/heatmap.png   contact sheet of a recent run's kept tokens (flexselect.show)
+GET  /v1/flexselect/status              the run queue
+GET  /                                  the page (static/index.html)
 """
 
 from __future__ import annotations
@@ -76,8 +76,11 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
         if request.url.path == "/" and "api_key" in request.query_params:
             given = request.query_params["api_key"]  # the page's login link; answered with a cookie below
         if not key_matches(given, settings.api_key):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'"
-                           if not given else "wrong API key", "invalid_api_key")
+            raise ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY'" if not given else "wrong API key",
+                "invalid_api_key",
+            )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -85,8 +88,14 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
         runs.close()  # cancels the running question and stops the worker
         media.close()  # uploads go with the server
 
-    app = FastAPI(title="flexselect serve", dependencies=[Depends(check_key)], docs_url=None, redoc_url=None,
-                  openapi_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="flexselect serve",
+        dependencies=[Depends(check_key)],
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+    )
     if is_loopback(settings.host):
         # a page on another site can reach 127.0.0.1 through DNS rebinding; its requests carry a foreign Host
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"])
@@ -102,14 +111,16 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return await _api_error(request, ApiError(e.status_code, str(e.detail), "not_found" if e.status_code == 404
-                                                  else None))
+        return await _api_error(
+            request, ApiError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None)
+        )
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> JSONResponse:
         log.exception("request %s failed", request.url.path)
-        return await _api_error(request, ApiError(500, "internal server error (see the server's log)",
-                                                  "internal_error"))
+        return await _api_error(
+            request, ApiError(500, "internal server error (see the server's log)", "internal_error")
+        )
 
     # -- the page --------------------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -124,22 +135,29 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
     def static(name: str) -> Response:
         if name not in STATIC_FILES:
             raise ApiError(404, f"no static file {name!r}", "not_found")
-        return Response((STATIC / name).read_bytes(), media_type=STATIC_FILES[name],
-                        headers={"Cache-Control": "no-cache"})
+        return Response(
+            (STATIC / name).read_bytes(), media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"}
+        )
 
     # -- OpenAI-compatible -----------------------------------------------------------------------------------------
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": 0,
-                                            "owned_by": "flexselect"}]}
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_id, "object": "model", "created": 0, "owned_by": "flexselect"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await read_json(request, media.max_upload_bytes * 4 // 3 + 2**20)
         model = body.get("model")
         if model not in (None, settings.model_id, "flexselect"):
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {settings.model_id!r} "
-                           "(GET /v1/models)", "model_not_found", "model")
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; this server serves {settings.model_id!r} (GET /v1/models)",
+                "model_not_found",
+                "model",
+            )
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false", "invalid_value", "stream")
@@ -152,23 +170,29 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
             await run_in_threadpool(probe, video)  # an unreadable file is refused before it waits for the model
         except FlexSelectError as e:
             raise ApiError(400, str(e).replace(str(video), url), "invalid_video", "messages") from None
-        run = Run(Job(video, question, sampling, options, generation), asyncio.get_running_loop(),
-                  api.completion_id())
+        run = Run(Job(video, question, sampling, options, generation), asyncio.get_running_loop(), api.completion_id())
         try:
             runs.submit(run)
         except QueueFull as e:
-            raise ApiError(429, f"the server is busy ({runs.max_waiting} questions already wait); retry in "
-                           f"{e.retry_after}s", "queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+            raise ApiError(
+                429,
+                f"the server is busy ({runs.max_waiting} questions already wait); retry in {e.retry_after}s",
+                "queue_full",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if stream:
-            return StreamingResponse(sse(request, run, generation.max_new_tokens, include_usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                sse(request, run, generation.max_new_tokens, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         result = await wait_for_result(request, run)
         if result is None:
             return Response(status_code=499)  # the client went away; nobody reads this
-        return JSONResponse(api.completion(run.id, settings.model_id, result, generation.max_new_tokens,
-                                           report(run, result)))
+        return JSONResponse(
+            api.completion(run.id, settings.model_id, result, generation.max_new_tokens, report(run, result))
+        )
 
     def report(run: Run, result: dict) -> dict:
         # the heatmap needs the token layout, not the embeddings (hundreds of MiB for a long video on a real model)
@@ -226,8 +250,11 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
                 kind = event["type"]
                 if kind == "progress":
                     now = time.monotonic()
-                    if (event["stage"] == last_progress[0] and event["done"] < event["total"]
-                            and now - last_progress[1] < PROGRESS_INTERVAL_S):
+                    if (
+                        event["stage"] == last_progress[0]
+                        and event["done"] < event["total"]
+                        and now - last_progress[1] < PROGRESS_INTERVAL_S
+                    ):
                         continue
                     last_progress = (event["stage"], now)
                     progress = {k: event[k] for k in ("stage", "done", "total")}
@@ -236,8 +263,11 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
                     yield data(api.chunk(run.id, model, {"content": event["delta"]}))
                 elif kind == "done":
                     result = event["result"]
-                    yield data(api.chunk(run.id, model, {}, api.finish_reason(result, max_tokens),
-                                         flexselect=report(run, result)))
+                    yield data(
+                        api.chunk(
+                            run.id, model, {}, api.finish_reason(result, max_tokens), flexselect=report(run, result)
+                        )
+                    )
                     if include_usage:
                         yield data(api.chunk(run.id, model, None, usage=api.usage(result)))
                     break
@@ -263,8 +293,11 @@ def create_app(pipe: FlexSelect, settings: Settings) -> FastAPI:
     @app.post("/v1/flexselect/uploads")
     async def upload(request: Request) -> dict:
         declared = request.headers.get("content-length")
-        url = await media.save_upload(request.stream(), request.query_params.get("filename", ""),
-                                      int(declared) if declared and declared.isdigit() else None)
+        url = await media.save_upload(
+            request.stream(),
+            request.query_params.get("filename", ""),
+            int(declared) if declared and declared.isdigit() else None,
+        )
         return {"object": "upload", "url": url}
 
     @app.get("/v1/flexselect/runs/{run_id}/heatmap.png")

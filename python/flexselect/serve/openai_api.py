@@ -29,8 +29,15 @@ VIDEO_PART_TYPES = ("video_url", "input_video", "video")
 class ApiError(Exception):
     """An error answered as OpenAI does: `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 type_: str | None = None, headers: dict | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        type_: str | None = None,
+        headers: dict | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.type = type_ or _error_type(status)
@@ -45,9 +52,14 @@ class ApiError(Exception):
 
 
 def _error_type(status: int) -> str:
-    return {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "invalid_request_error",
-            429: "rate_limit_error", 503: "server_error"}.get(status, "invalid_request_error" if status < 500
-                                                                 else "server_error")
+    return {
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "server_error",
+    }.get(status, "invalid_request_error" if status < 500 else "server_error")
 
 
 def video_url_of(part: dict) -> str | None:
@@ -58,8 +70,12 @@ def video_url_of(part: dict) -> str | None:
     if isinstance(value, dict):
         value = value.get("url")
     if not isinstance(value, str):
-        raise ApiError(400, f"the {part['type']} part needs a url: "
-                       '{"type": "video_url", "video_url": {"url": "clip.mp4"}}', "invalid_video", "messages")
+        raise ApiError(
+            400,
+            f'the {part["type"]} part needs a url: {{"type": "video_url", "video_url": {{"url": "clip.mp4"}}}}',
+            "invalid_video",
+            "messages",
+        )
     return value
 
 
@@ -70,17 +86,22 @@ def conversation_video_and_question(messages: Any) -> tuple[str, str]:
     video = None
     for message in messages:
         if not isinstance(message, dict):
-            raise ApiError(400, "each message must be an object with a role and content", "invalid_messages",
-                           "messages")
+            raise ApiError(
+                400, "each message must be an object with a role and content", "invalid_messages", "messages"
+            )
         content = message.get("content")
         if isinstance(content, list):
             for part in content:
                 if isinstance(part, dict) and (url := video_url_of(part)) is not None:
                     video = url
     if video is None:
-        raise ApiError(400, "no video in the conversation: add a content part "
-                       '{"type": "video_url", "video_url": {"url": "clip.mp4"}} to a user message',
-                       "missing_video", "messages")
+        raise ApiError(
+            400,
+            "no video in the conversation: add a content part "
+            '{"type": "video_url", "video_url": {"url": "clip.mp4"}} to a user message',
+            "missing_video",
+            "messages",
+        )
     last = messages[-1]
     if last.get("role") != "user":
         raise ApiError(400, "the last message must be the user's question", "invalid_messages", "messages")
@@ -88,8 +109,11 @@ def conversation_video_and_question(messages: Any) -> tuple[str, str]:
     if isinstance(content, str):
         question = content
     elif isinstance(content, list):
-        question = "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") in
-                             ("text", "input_text") and isinstance(p.get("text"), str))
+        question = "\n".join(
+            p.get("text", "")
+            for p in content
+            if isinstance(p, dict) and p.get("type") in ("text", "input_text") and isinstance(p.get("text"), str)
+        )
     else:
         question = ""
     if not question.strip():
@@ -97,8 +121,9 @@ def conversation_video_and_question(messages: Any) -> tuple[str, str]:
     return video, question.strip()
 
 
-def _number(body: dict, name: str, kind: type, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> Any:
+def _number(
+    body: dict, name: str, kind: type, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> Any:
     value = body.get(name)
     if value is None:
         return None
@@ -110,10 +135,19 @@ def _number(body: dict, name: str, kind: type, low: float | None = None, high: f
     if ok and high is not None:
         ok = value <= high
     if not ok:
-        bounds = f" in {'(' if low_open else '['}{low}, {high}]" if high is not None else \
-            (f" > {low}" if low_open else f" >= {low}") if low is not None else ""
-        raise ApiError(400, f"{name} must be {'a whole number' if kind is int else 'a number'}{bounds}, got {value!r}",
-                       "invalid_value", name)
+        bounds = (
+            f" in {'(' if low_open else '['}{low}, {high}]"
+            if high is not None
+            else (f" > {low}" if low_open else f" >= {low}")
+            if low is not None
+            else ""
+        )
+        raise ApiError(
+            400,
+            f"{name} must be {'a whole number' if kind is int else 'a number'}{bounds}, got {value!r}",
+            "invalid_value",
+            name,
+        )
     return kind(value)
 
 
@@ -122,14 +156,24 @@ def parse_options(body: dict) -> tuple[Sampling, SelectOptions, GenerationConfig
     frames, fps = _number(body, "frames", int, 1), _number(body, "fps", float, 0, low_open=True)
     if frames is not None and fps is not None:
         raise ApiError(400, "give frames or fps, not both", "invalid_value", "frames")
-    sampling = Sampling(frames=frames, fps=fps, start=_number(body, "start", float, 0),
-                        end=_number(body, "end", float, 0, low_open=True),
-                        max_frames=_number(body, "max_frames", int, 1), max_side=_number(body, "max_side", int, 28))
+    sampling = Sampling(
+        frames=frames,
+        fps=fps,
+        start=_number(body, "start", float, 0),
+        end=_number(body, "end", float, 0, low_open=True),
+        max_frames=_number(body, "max_frames", int, 1),
+        max_side=_number(body, "max_side", int, 28),
+    )
     if sampling.start is not None and sampling.end is not None and sampling.end <= sampling.start:
         raise ApiError(400, "end must be after start", "invalid_value", "end")
     try:
-        options = SelectOptions(budget=body.get("budget"), layer=body.get("layer"), set_frames=body.get("set_frames"),
-                                aggregate=body.get("aggregate"), selector=body.get("selector"))
+        options = SelectOptions(
+            budget=body.get("budget"),
+            layer=body.get("layer"),
+            set_frames=body.get("set_frames"),
+            aggregate=body.get("aggregate"),
+            selector=body.get("selector"),
+        )
     except FlexSelectError as e:
         param = next((k for k in ("budget", "layer", "set_frames", "aggregate", "selector") if k in str(e)), None)
         raise ApiError(400, str(e), "invalid_value", param) from None
@@ -162,9 +206,18 @@ def finish_reason(result: dict, max_tokens: int) -> str:
 
 def completion(run_id: str, model: str, result: dict, max_tokens: int, extra: dict) -> dict:
     return {
-        "id": run_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                     "finish_reason": finish_reason(result, max_tokens), "logprobs": None}],
+        "id": run_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result["text"]},
+                "finish_reason": finish_reason(result, max_tokens),
+                "logprobs": None,
+            }
+        ],
         "usage": usage(result),
         "flexselect": extra,
     }
@@ -172,8 +225,14 @@ def completion(run_id: str, model: str, result: dict, max_tokens: int, extra: di
 
 def chunk(run_id: str, model: str, delta: dict | None = None, finish: str | None = None, **extra: Any) -> dict:
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-    return {"id": run_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": choices, **extra}
+    return {
+        "id": run_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        **extra,
+    }
 
 
 def flexselect_report(result: dict, sheet_url: str) -> dict:
@@ -201,8 +260,10 @@ def flexselect_report(result: dict, sheet_url: str) -> dict:
         "evidence": [r.to_dict() for r in evidence],  # ranked; see flexselect.evidence
         "evidence_text": describe(evidence, len(kept), visual.num_tokens),
         # kept-token density over time: one entry per temporal unit, for the page's timeline
-        "timeline": [{"start": round(float(starts[u]), 3), "end": round(float(ends[u]), 3), "kept": int(per_unit[u])}
-                     for u in range(visual.num_frames)],
+        "timeline": [
+            {"start": round(float(starts[u]), 3), "end": round(float(ends[u]), 3), "kept": int(per_unit[u])}
+            for u in range(visual.num_frames)
+        ],
         # the kept-token grid of each unit as a 0/1 string (rows x cols, row-major), for the player overlay
         "heatmap": {"grid": [rows, cols], "units": _unit_masks(kept, visual)},
         "heatmap_sheet": sheet_url,

@@ -97,8 +97,12 @@ class RunQueue:
 
     def status(self) -> dict:
         running = self.running
-        return {"running": running.id if running else None, "waiting": self._active - (running is not None),
-                "max_waiting": self.max_waiting, **self.counts}
+        return {
+            "running": running.id if running else None,
+            "waiting": self._active - (running is not None),
+            "max_waiting": self.max_waiting,
+            **self.counts,
+        }
 
     def close(self) -> None:
         if self.running is not None:
@@ -125,13 +129,22 @@ class RunQueue:
                 self.counts["failed"] += 1
             except (MemoryError, torch.OutOfMemoryError):
                 _free_memory()
-                run.emit("error", status=503, code="out_of_memory", message="out of memory on this run: ask for "
-                         "fewer frames, a smaller max_side or budget; the server keeps running")
+                run.emit(
+                    "error",
+                    status=503,
+                    code="out_of_memory",
+                    message="out of memory on this run: ask for "
+                    "fewer frames, a smaller max_side or budget; the server keeps running",
+                )
                 self.counts["failed"] += 1
             except Exception:  # a bug in one run must not take the server down: log it, report it, go on
                 log.exception("run %s failed", run.id)
-                run.emit("error", status=500, code="internal_error",
-                         message="the run failed inside the server (see the server's log); the server keeps running")
+                run.emit(
+                    "error",
+                    status=500,
+                    code="internal_error",
+                    message="the run failed inside the server (see the server's log); the server keeps running",
+                )
                 self.counts["failed"] += 1
             finally:
                 with self._lock:
@@ -173,13 +186,19 @@ def execute(pipe: FlexSelect, run: Run) -> dict:
         text = backend.decode(token_ids).lstrip()
         stable = text[: max(text.rfind(" "), text.rfind("\n")) + 1]
         if len(stable) > len(sent) and stable.startswith(sent):
-            run.emit("text", delta=stable[len(sent):])
+            run.emit("text", delta=stable[len(sent) :])
             sent = stable
 
-    generated = backend.generate(visual, selection.kept, prompt, job.generation,
-                                 lambda done, total: progress("answer", done, total), on_token=on_token)
+    generated = backend.generate(
+        visual,
+        selection.kept,
+        prompt,
+        job.generation,
+        lambda done, total: progress("answer", done, total),
+        on_token=on_token,
+    )
     if generated.text.startswith(sent) and len(generated.text) > len(sent):
-        run.emit("text", delta=generated.text[len(sent):])
+        run.emit("text", delta=generated.text[len(sent) :])
     end = time.perf_counter()
     return {
         "text": generated.text,
@@ -188,8 +207,12 @@ def execute(pipe: FlexSelect, run: Run) -> dict:
         "generation": generated,
         "encoded": encoded,
         "seconds": {
-            "decode": encoded["decode_s"], "encode": encoded["encode_s"], "select": selection.seconds,
-            "ttft_answer": generated.ttft_s, "answer": end - t_answer, "total": end - t0,
+            "decode": encoded["decode_s"],
+            "encode": encoded["encode_s"],
+            "select": selection.seconds,
+            "ttft_answer": generated.ttft_s,
+            "answer": end - t_answer,
+            "total": end - t0,
         },
         "peak_memory_mb": peak_memory_mb(),
     }

@@ -110,18 +110,24 @@ class Media:
             raise Refused(400, "the video part has no url", "invalid_video", param)
         url = url.strip()
         if url.startswith(UPLOAD_SCHEME):
-            name = url[len(UPLOAD_SCHEME):]
+            name = url[len(UPLOAD_SCHEME) :]
             path = self.uploads / name
             if "/" in name or "\\" in name or name.startswith(".") or not path.is_file():
-                raise Refused(404, f"no upload {name!r} (uploads are kept only while the server runs)",
-                              "upload_not_found", param)
+                raise Refused(
+                    404, f"no upload {name!r} (uploads are kept only while the server runs)", "upload_not_found", param
+                )
             return path
         parsed = urlparse(url)
         if parsed.scheme == "file":
             candidate = Path(unquote(parsed.path))
         elif parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, not a scheme
-            raise Refused(400, f"video URLs with scheme {parsed.scheme!r} are not accepted: name a file in the media "
-                          "folder, or upload the video first", "unsupported_url_scheme", param)
+            raise Refused(
+                400,
+                f"video URLs with scheme {parsed.scheme!r} are not accepted: name a file in the media "
+                "folder, or upload the video first",
+                "unsupported_url_scheme",
+                param,
+            )
         else:
             candidate = Path(url)
         if not candidate.is_absolute():
@@ -148,8 +154,12 @@ class Media:
         suffix = Path(filename or "").suffix.lower()
         if suffix not in VIDEO_SUFFIXES:
             suffix = ".mp4"  # the decoders sniff the container; the suffix only helps people reading the folder
-        too_big = Refused(413, f"the upload is larger than the server's limit of {self.max_upload_bytes // 2**20} MiB "
-                          "(start the server with a larger --max-upload-mb)", "upload_too_large")
+        too_big = Refused(
+            413,
+            f"the upload is larger than the server's limit of {self.max_upload_bytes // 2**20} MiB "
+            "(start the server with a larger --max-upload-mb)",
+            "upload_too_large",
+        )
         if declared_size is not None and declared_size > self.max_upload_bytes:
             raise too_big
         name = secrets.token_hex(8) + suffix
@@ -176,8 +186,12 @@ class Media:
         if not header.startswith("data:video/") or not header.endswith(";base64"):
             raise Refused(400, "a data: video URL must be data:video/<type>;base64,...", "invalid_video", param)
         if len(payload) * 3 // 4 > self.max_upload_bytes:
-            raise Refused(413, f"the inline video is larger than the limit of {self.max_upload_bytes // 2**20} MiB",
-                          "upload_too_large", param)
+            raise Refused(
+                413,
+                f"the inline video is larger than the limit of {self.max_upload_bytes // 2**20} MiB",
+                "upload_too_large",
+                param,
+            )
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
@@ -194,7 +208,8 @@ class Media:
 
     def _evict(self) -> None:
         """Keep the newest `max_uploads` uploads: a long-running server does not fill the disk."""
-        files = sorted((p for p in self.uploads.iterdir() if not p.name.startswith(".")),
-                       key=lambda p: p.stat().st_mtime_ns)
+        files = sorted(
+            (p for p in self.uploads.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime_ns
+        )
         for old in files[: max(0, len(files) - self.max_uploads)]:
             old.unlink(missing_ok=True)

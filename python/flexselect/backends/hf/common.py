@@ -7,8 +7,9 @@ Kept apart from any family's module, so that no adapter imports another family's
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,8 +22,9 @@ if TYPE_CHECKING:  # only for type hints: the models never decode video themselv
     from ...video import Clip
 
 
-def read_preprocessor(path: Path, names: tuple[str, ...] = ("video_preprocessor_config.json",
-                                                           "preprocessor_config.json")) -> dict:
+def read_preprocessor(
+    path: Path, names: tuple[str, ...] = ("video_preprocessor_config.json", "preprocessor_config.json")
+) -> dict:
     """The checkpoint's first preprocessor settings file of `names` (video before image by default), or {}."""
     for name in names:
         if (path / name).is_file():
@@ -33,16 +35,22 @@ def read_preprocessor(path: Path, names: tuple[str, ...] = ("video_preprocessor_
 ENCODE_CHUNK_FRAMES = 16  # frames per vision-tower call: bounds activation memory on long videos
 
 
-def encode_square_frames(backend, clip: Clip, features: Callable[[torch.Tensor], torch.Tensor],
-                         progress: Progress | None = None, visual_class: type[VisualTokens] = VisualTokens):
+def encode_square_frames(
+    backend,
+    clip: Clip,
+    features: Callable[[torch.Tensor], torch.Tensor],
+    progress: Progress | None = None,
+    visual_class: type[VisualTokens] = VisualTokens,
+):
     """Frames -> visual tokens for the towers that take square frames (LLaVA-OneVision, InternVL): chunks of frames
     resized to `backend.side` and normalised with its mean/std; `features(pixels)` gives the chunk's token rows.
     One unit per frame, 1-D positions (time_interval 1)."""
     n = len(clip.frames)
     chunks = []
     for start in range(0, n, ENCODE_CHUNK_FRAMES):
-        pixels = square_pixels(clip.frames[start : start + ENCODE_CHUNK_FRAMES], backend.side, backend.mean,
-                               backend.std)
+        pixels = square_pixels(
+            clip.frames[start : start + ENCODE_CHUNK_FRAMES], backend.side, backend.mean, backend.std
+        )
         chunks.append(features(pixels.to(backend.device)))
         if progress:
             progress(min(start + ENCODE_CHUNK_FRAMES, n), n)
@@ -74,6 +82,7 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 def template_prompt(tokenizer, family: str, question: str) -> Prompt:
     """The family's chat template (`defaults.prompt_text`) around the question, tokenized without added specials."""
+
     def ids(text: str) -> torch.Tensor:
         return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
 

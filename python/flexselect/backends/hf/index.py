@@ -44,9 +44,10 @@ class SetIndex:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in _tensors(self.cache))
 
-    def to(self, device: torch.device | str) -> "SetIndex":
-        return SetIndex(self.frames, _cache_to(self.cache, device), self.n_context, self.columns, self.layer,
-                        self.build_s)
+    def to(self, device: torch.device | str) -> SetIndex:
+        return SetIndex(
+            self.frames, _cache_to(self.cache, device), self.n_context, self.columns, self.layer, self.build_s
+        )
 
 
 def _tensors(cache) -> list[torch.Tensor]:
@@ -102,13 +103,15 @@ class IndexedScoring:
         return sum(rows[len(frames)] * per_row for frames in sets)
 
     @torch.inference_mode()
-    def index_set(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int,
-                  device: str = "cpu") -> SetIndex:
+    def index_set(
+        self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, device: str = "cpu"
+    ) -> SetIndex:
         from transformers import DynamicCache
 
         if not 0 <= layer < self.num_layers:
-            raise FlexSelectError(f"reference layer {layer} is out of range: this model has layers "
-                                  f"0..{self.num_layers - 1}")
+            raise FlexSelectError(
+                f"reference layer {layer} is out of range: this model has layers 0..{self.num_layers - 1}"
+            )
         t0 = time.perf_counter()
         inputs = self.scoring_inputs(visual, frames, prompt)
         self._check_fits(inputs.embeds.shape[1], "scoring pass of a frame set")
@@ -133,8 +136,9 @@ class IndexedScoring:
         return entry if entry.device == str(device) else entry.to(device)
 
     @torch.inference_mode()
-    def score_indexed(self, entry: SetIndex, visual: VisualTokens, prompt: Prompt,
-                      aggregate: Aggregate = "max") -> torch.Tensor:
+    def score_indexed(
+        self, entry: SetIndex, visual: VisualTokens, prompt: Prompt, aggregate: Aggregate = "max"
+    ) -> torch.Tensor:
         from .shared import attention_scores
 
         inputs = self.scoring_inputs(visual, list(entry.frames), prompt)
@@ -144,8 +148,9 @@ class IndexedScoring:
         self._check_fits(inputs.embeds.shape[1], "scoring pass of a frame set")
         _, suffix = _split(inputs, n_context)
         cache = _cache_to(entry.cache, self.device, for_a_question=True)
-        scores = attention_scores(self.text_model, [entry.layer], len(prompt.suffix_ids), aggregate,
-                                  past_key_values=cache, **suffix)[entry.layer]
+        scores = attention_scores(
+            self.text_model, [entry.layer], len(prompt.suffix_ids), aggregate, past_key_values=cache, **suffix
+        )[entry.layer]
         return scores[entry.columns.to(scores.device)]
 
     # -- on disk --------------------------------------------------------------------------------------------------
@@ -154,13 +159,16 @@ class IndexedScoring:
         out = {"columns": entry.columns}
         for i, layer in enumerate(entry.cache.layers[: entry.layer + 1]):
             if getattr(layer, "keys", None) is None or not hasattr(layer, "values"):
-                raise FlexSelectError(f"layer {i}'s cache ({type(layer).__name__}) is not a key/value cache: this "
-                                      "model's index can be kept in memory but not written to disk")
+                raise FlexSelectError(
+                    f"layer {i}'s cache ({type(layer).__name__}) is not a key/value cache: this "
+                    "model's index can be kept in memory but not written to disk"
+                )
             out[f"k{i}"], out[f"v{i}"] = layer.keys, layer.values
         return out
 
-    def index_from_tensors(self, frames: tuple[int, ...], layer: int, build_s: float,
-                           tensors: dict[str, torch.Tensor]) -> SetIndex:
+    def index_from_tensors(
+        self, frames: tuple[int, ...], layer: int, build_s: float, tensors: dict[str, torch.Tensor]
+    ) -> SetIndex:
         from transformers import DynamicCache
 
         names = ("columns", *(f"{kv}{i}" for i in range(layer + 1) for kv in "kv"))
@@ -177,8 +185,16 @@ class IndexedScoring:
         """What an on-disk index must match: family, shape, dtype and a hash of some of the weights."""
         h = hashlib.sha256()
         tm = self.text_model
-        for t in (tm.embed_tokens.weight[:64], tm.layers[0].self_attn.k_proj.weight,
-                  tm.layers[-1].self_attn.k_proj.weight):
+        for t in (
+            tm.embed_tokens.weight[:64],
+            tm.layers[0].self_attn.k_proj.weight,
+            tm.layers[-1].self_attn.k_proj.weight,
+        ):
             h.update(t.detach().float().cpu().numpy().tobytes())
-        return {"family": self.family, "layers": self.num_layers, "hidden": self.hidden_size,
-                "dtype": str(self.model.dtype).removeprefix("torch."), "weights_sha256": h.hexdigest()}
+        return {
+            "family": self.family,
+            "layers": self.num_layers,
+            "hidden": self.hidden_size,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "weights_sha256": h.hexdigest(),
+        }

@@ -80,7 +80,7 @@ class InternVLBackend(HFBackend):
         self._labels: dict[int, list[int]] = {}
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> "InternVLBackend":
+    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> InternVLBackend:
         from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
         path = Path(path)
@@ -95,8 +95,9 @@ class InternVLBackend(HFBackend):
         def features(pixels: torch.Tensor) -> torch.Tensor:  # <img> tokens </img> per frame
             tokens = self.model.model.get_image_features(pixel_values=pixels).pooler_output
             f = tokens.shape[0]
-            blocks = torch.cat([start_emb.expand(f, 1, -1).to(tokens.dtype), tokens,
-                                end_emb.expand(f, 1, -1).to(tokens.dtype)], dim=1)
+            blocks = torch.cat(
+                [start_emb.expand(f, 1, -1).to(tokens.dtype), tokens, end_emb.expand(f, 1, -1).to(tokens.dtype)], dim=1
+            )
             return blocks.reshape(-1, blocks.shape[-1])
 
         return encode_square_frames(self, clip, features, progress, FramedVisualTokens)
@@ -112,7 +113,8 @@ class InternVLBackend(HFBackend):
         """`encode`, also keeping the input of the host's projector: [frames, grid tokens, vision_feature_dim]."""
         chunks: list[torch.Tensor] = []
         handle = self.model.model.multi_modal_projector.register_forward_pre_hook(
-            lambda module, args: chunks.append(args[0].reshape(-1, *args[0].shape[-2:])))
+            lambda module, args: chunks.append(args[0].reshape(-1, *args[0].shape[-2:]))
+        )
         try:
             visual = self.encode(clip, progress)
         finally:

@@ -52,7 +52,7 @@ class LlavaOnevisionBackend(HFBackend):
         self.defaults = family_defaults(self.family)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> "LlavaOnevisionBackend":
+    def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto") -> LlavaOnevisionBackend:
         from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
         path = Path(path)
@@ -79,7 +79,8 @@ class LlavaOnevisionBackend(HFBackend):
         """`encode`, also keeping the input of the host's projector per frame: [frames, patches, vision_feature_dim]."""
         chunks: list[torch.Tensor] = []
         handle = self.model.model.multi_modal_projector.register_forward_pre_hook(
-            lambda module, args: chunks.append(args[0].reshape(-1, *args[0].shape[-2:])))
+            lambda module, args: chunks.append(args[0].reshape(-1, *args[0].shape[-2:]))
+        )
         try:
             visual = self.encode(clip, progress)
         finally:
@@ -91,11 +92,14 @@ class LlavaOnevisionBackend(HFBackend):
 
     def _layout(self, visual_embeds: torch.Tensor, prompt: Prompt) -> LayoutedInput:
         newline = self.model.model.image_newline.to(visual_embeds.dtype)[None]
-        embeds = torch.cat([self.embed_ids(prompt.prefix_ids), visual_embeds, newline, self.embed_ids(prompt.suffix_ids)])
+        embeds = torch.cat(
+            [self.embed_ids(prompt.prefix_ids), visual_embeds, newline, self.embed_ids(prompt.suffix_ids)]
+        )
         start = len(prompt.prefix_ids)
         columns = torch.arange(start, start + len(visual_embeds))
-        return LayoutedInput(embeds[None], consecutive_positions(embeds.shape[0], self.device), embeds.shape[0],
-                             columns)
+        return LayoutedInput(
+            embeds[None], consecutive_positions(embeds.shape[0], self.device), embeds.shape[0], columns
+        )
 
     def scoring_inputs(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> LayoutedInput:
         return self._layout(visual.embeds[visual.frame_tokens(frames).to(self.device)], prompt)

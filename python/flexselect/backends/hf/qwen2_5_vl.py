@@ -6,8 +6,8 @@ with the M-RoPE layout of `flexselect.mrope` (the one the models were trained wi
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,8 +18,15 @@ import torch.nn.functional as F
 
 from ...defaults import family_defaults
 from ...errors import FlexSelectError
-from ...mrope import (PIXEL_FACTOR, compact_positions, frame_size, full_video_extent, layout_positions, time_interval,
-                      video_positions)
+from ...mrope import (
+    PIXEL_FACTOR,
+    compact_positions,
+    frame_size,
+    full_video_extent,
+    layout_positions,
+    time_interval,
+    video_positions,
+)
 from ..base import Progress, Prompt, VisualTokens
 from .common import eos_ids, read_preprocessor, template_prompt
 from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
@@ -51,8 +58,9 @@ def patchify(frames: torch.Tensor, patch: int, temporal_patch: int, merge: int) 
 class Qwen25VLBackend(HFBackend):
     """Qwen2.5-VL / Qwen2-VL via `Qwen2_5_VLForConditionalGeneration` / `Qwen2VLForConditionalGeneration`."""
 
-    def __init__(self, model, tokenizer, preprocessor: dict, family: str = "qwen2_5_vl",
-                 positions: str = "original") -> None:
+    def __init__(
+        self, model, tokenizer, preprocessor: dict, family: str = "qwen2_5_vl", positions: str = "original"
+    ) -> None:
         if positions not in ("original", "compact"):
             raise FlexSelectError(f"positions must be 'original' or 'compact', got {positions!r}")
         self.model = model.eval()
@@ -68,9 +76,13 @@ class Qwen25VLBackend(HFBackend):
         # carry it. Qwen2-VL has none: its temporal position steps by 1 per unit, whatever the fps.
         self.tokens_per_second = self.defaults.tokens_per_second
         if getattr(vision, "tokens_per_second", None) not in (None, self.tokens_per_second):
-            log.warning("%s: the checkpoint's tokens_per_second %s differs from the family's %s in defaults.json; "
-                        "using defaults.json's, as every runtime does", family, vision.tokens_per_second,
-                        self.tokens_per_second)
+            log.warning(
+                "%s: the checkpoint's tokens_per_second %s differs from the family's %s in defaults.json; "
+                "using defaults.json's, as every runtime does",
+                family,
+                vision.tokens_per_second,
+                self.tokens_per_second,
+            )
         self.mean = torch.tensor(preprocessor.get("image_mean", [0.48145466, 0.4578275, 0.40821073]))
         self.std = torch.tensor(preprocessor.get("image_std", [0.26862954, 0.26130258, 0.27577711]))
         self.eos_token_ids = eos_ids(model, tokenizer)
@@ -145,8 +157,11 @@ class Qwen25VLBackend(HFBackend):
                 from transformers.vision_utils import get_vision_window_index
 
                 window_index, _ = get_vision_window_index(
-                    kwargs["grid_thw"], spatial_merge_size=module.spatial_merge_size, window_size=module.window_size,
-                    patch_size=module.patch_size)
+                    kwargs["grid_thw"],
+                    spatial_merge_size=module.spatial_merge_size,
+                    window_size=module.window_size,
+                    patch_size=module.patch_size,
+                )
                 hidden = hidden[torch.argsort(window_index)]
             chunks.append(hidden)
 

@@ -42,8 +42,9 @@ FULL_ATTENTION = "full_attention"
 class Qwen35Backend(Qwen3VLBackend):
     """Qwen3.5 / Qwen3.5-MoE via `Qwen3_5ForConditionalGeneration` / `Qwen3_5MoeForConditionalGeneration`."""
 
-    def __init__(self, model, tokenizer, preprocessor: dict, family: str = "qwen3_5",
-                 positions: str = "original") -> None:
+    def __init__(
+        self, model, tokenizer, preprocessor: dict, family: str = "qwen3_5", positions: str = "original"
+    ) -> None:
         super().__init__(model, tokenizer, preprocessor, family, positions)
         if not self.attention_layers:
             raise FlexSelectError("this Qwen3.5 model has no full-attention layer: FlexSelect has nothing to score")

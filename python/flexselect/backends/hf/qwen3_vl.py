@@ -79,8 +79,9 @@ def unit_seconds(timestamps: np.ndarray, temporal_patch: int) -> np.ndarray:
 class Qwen3VLBackend(Qwen25VLBackend):
     """Qwen3-VL / Qwen3-VL-MoE via `Qwen3VLForConditionalGeneration` / `Qwen3VLMoeForConditionalGeneration`."""
 
-    def __init__(self, model, tokenizer, preprocessor: dict, family: str = "qwen3_vl",
-                 positions: str = "original") -> None:
+    def __init__(
+        self, model, tokenizer, preprocessor: dict, family: str = "qwen3_vl", positions: str = "original"
+    ) -> None:
         preprocessor = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], **preprocessor}
         super().__init__(model, tokenizer, preprocessor, family, positions)
         ids = tokenizer.convert_tokens_to_ids([VISION_START, VISION_END])
@@ -147,8 +148,9 @@ class Qwen3VLBackend(Qwen25VLBackend):
             self._labels[label] = self.tokenizer(label, add_special_tokens=False).input_ids
         return self._labels[label]
 
-    def _layout(self, visual: DeepStackVisualTokens, units: list[int], tokens: list[torch.Tensor], prompt: Prompt,
-                compact: bool) -> LayoutedInput:
+    def _layout(
+        self, visual: DeepStackVisualTokens, units: list[int], tokens: list[torch.Tensor], prompt: Prompt, compact: bool
+    ) -> LayoutedInput:
         """[prefix] (<t seconds> <|vision_start|> unit tokens <|vision_end|>)* [suffix]; `tokens[i]` holds global
         token indices of `units[i]` (any subset, in order). Positions as in the module docstring."""
         rows, cols = visual.grid
@@ -188,8 +190,13 @@ class Qwen3VLBackend(Qwen25VLBackend):
         mask = torch.zeros(1, len(embeds), dtype=torch.bool, device=self.device)
         mask[0, on_device] = True
         extra = {"visual_pos_masks": mask, "deepstack_visual_embeds": list(visual.deepstack[:, kept_all].unbind(0))}
-        return LayoutedInput(embeds[None], torch.cat(positions, dim=1)[:, None, :].to(self.device), pos, columns,
-                             extra=extra if len(visual.deepstack) else {})
+        return LayoutedInput(
+            embeds[None],
+            torch.cat(positions, dim=1)[:, None, :].to(self.device),
+            pos,
+            columns,
+            extra=extra if len(visual.deepstack) else {},
+        )
 
     def scoring_inputs(self, visual: VisualTokens, frames: list[int], prompt: Prompt) -> LayoutedInput:
         units = sorted(frames)
@@ -201,5 +208,4 @@ class Qwen3VLBackend(Qwen25VLBackend):
         kept = kept.cpu()
         owner = kept // visual.tokens_per_frame
         tokens = [kept[owner == u] for u in range(visual.num_frames)]
-        return self._layout(visual, list(range(visual.num_frames)), tokens, prompt,
-                            compact=self.positions == "compact")
+        return self._layout(visual, list(range(visual.num_frames)), tokens, prompt, compact=self.positions == "compact")

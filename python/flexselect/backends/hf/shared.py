@@ -46,9 +46,16 @@ class _Capture:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, *, flexselect_capture: _Capture | None = None,
-                       **kwargs: Any) -> tuple[torch.Tensor, None]:
+def _capture_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    flexselect_capture: _Capture | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """The attention function of the scoring pass: query [1, H, Nq, d], key [1, H_kv, Nk, d] as the layer uses them."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -158,8 +165,10 @@ def check_checkpoint_files(path: Path) -> None:
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
         problems.append("the tokenizer (tokenizer.json) is missing")
     if problems:
-        raise FlexSelectError(f"the checkpoint {path} is incomplete: {'; '.join(problems)}. Download the whole "
-                              "model folder again (e.g. `hf download <repo> --local-dir <folder>`)")
+        raise FlexSelectError(
+            f"the checkpoint {path} is incomplete: {'; '.join(problems)}. Download the whole "
+            "model folder again (e.g. `hf download <repo> --local-dir <folder>`)"
+        )
 
 
 def _safetensors_complete(path: Path) -> bool:
@@ -192,8 +201,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}[dtype]
+        return {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[dtype]
     except KeyError:
         raise FlexSelectError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
 
@@ -269,8 +284,13 @@ class HFBackend(IndexedScoring):
     # -- answer pass --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(
-        self, visual: VisualTokens, kept: torch.Tensor, prompt: Prompt, config: GenerationConfig,
-        progress: Progress | None = None, on_token: OnToken | None = None,
+        self,
+        visual: VisualTokens,
+        kept: torch.Tensor,
+        prompt: Prompt,
+        config: GenerationConfig,
+        progress: Progress | None = None,
+        on_token: OnToken | None = None,
     ) -> Generation:
         from transformers import DynamicCache
 
@@ -301,12 +321,15 @@ class HFBackend(IndexedScoring):
             if inputs.position_ids.dim() == 3:
                 pos = pos.expand(inputs.position_ids.shape[0], 1, 1)
             hidden = self.text_model(
-                inputs_embeds=self.embed_ids(torch.tensor([[token]])), position_ids=pos,
-                past_key_values=cache, use_cache=True,
+                inputs_embeds=self.embed_ids(torch.tensor([[token]])),
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
             ).last_hidden_state
             position += 1
-        return Generation(text=self.decode(token_ids).strip(), token_ids=token_ids, ttft_s=ttft,
-                          prompt_tokens=inputs.embeds.shape[1])
+        return Generation(
+            text=self.decode(token_ids).strip(), token_ids=token_ids, ttft_s=ttft, prompt_tokens=inputs.embeds.shape[1]
+        )
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
