@@ -7,7 +7,13 @@ import pytest
 from flexselect import FlexSelectError, plan
 from flexselect.cli import main
 from flexselect.pipeline import FlexSelect, Sampling, SelectOptions
-from flexselect.tiny import build_tiny_internvl, build_tiny_llava_onevision
+from flexselect.tiny import (
+    build_tiny_internvl,
+    build_tiny_llava_onevision,
+    build_tiny_qwen2_vl,
+    build_tiny_qwen3_5,
+    build_tiny_qwen3_vl,
+)
 
 QWEN_7B = {  # Qwen2.5-VL-7B-Instruct's published shape
     "model_type": "qwen2_5_vl",
@@ -48,6 +54,17 @@ def test_every_family_has_a_shape(builder, tmp_path):
     shape = plan.model_shape(builder(tmp_path / "m"))
     req = plan.request(shape, num_frames=8, width=320, height=240)
     assert shape.fixed_tokens_per_unit == req.tokens_per_unit > 0 and req.units == 8
+
+
+@pytest.mark.parametrize("builder", [build_tiny_qwen2_vl, build_tiny_qwen3_vl, build_tiny_qwen3_5])
+def test_the_qwen_families_count_tokens_from_the_frame_size(builder, tmp_path):
+    shape = plan.model_shape(builder(tmp_path / "m"))
+    req = plan.request(shape, num_frames=8, width=320, height=240)
+    side = shape.pixels_per_token  # 28 for Qwen2-VL, 32 for Qwen3-VL / Qwen3.5 (patch 16)
+    assert req.units == 4 and req.tokens_per_unit == round(240 / side) * round(320 / side)
+    assert plan.estimate(shape, req, 4, materialised_attention=True).peak_device_bytes > 0
+    if builder is build_tiny_qwen3_5:  # only its full-attention layers hold a KV cache
+        assert 0 < len(shape.attention_layers) < shape.num_layers
 
 
 def test_a_request_that_cannot_fit_is_refused_with_the_setting_to_change():
