@@ -484,7 +484,7 @@ class FlexSelect:
         from .video import output_size, probe, sample_indices
 
         model = getattr(self.backend, "model", None)
-        if model is None or isinstance(video, Clip):
+        if not isinstance(model, torch.nn.Module) or isinstance(video, Clip):  # llama.cpp's `model` is a handle
             return
         d = self.defaults
         fps = sampling.fps if sampling.frames is not None or sampling.fps is not None else d.fps
