@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from flexselect.errors import FlexSelectError
+from flexselect.outputs import check_output_dir
 from flexselect.lite.bundle import MANIFEST, ONNX, load_torch_ranker, make_manifest, write_atomic
 from flexselect.lite.ranker import LiteRanker
 
@@ -45,7 +46,7 @@ EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB
 def export_ranker(ranker: LiteRanker, out_dir: str | os.PathLike, opset: int = OPSET,
                   notes: dict | None = None) -> Path:
     """Write `out_dir/ranker.onnx` (and `manifest.json`) for a float32 CPU copy of `ranker`; returns the .onnx path."""
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ranker = ranker.float().cpu().eval()
     # Example sizes only seed the trace; both axes stay symbolic (min 2 avoids torch.export's 0/1 specialisation).
@@ -85,5 +86,6 @@ def export_bundle(bundle: str | os.PathLike, out_dir: str | os.PathLike | None =
     from flexselect.lite.bundle import read_manifest
 
     bundle = Path(bundle)
+    check_output_dir(out_dir or bundle)  # before loading and tracing the ranker
     notes = read_manifest(bundle / MANIFEST).get("notes", {})
     return export_ranker(load_torch_ranker(bundle), out_dir or bundle, opset, notes)

@@ -9,8 +9,9 @@ import sys
 
 import torch
 
-from .errors import FlexSelectError
+from .errors import FlexSelectError, check_positive
 from .evidence import describe
+from .outputs import check_output_file
 from .eval.cli import add_eval_command
 from .layer_scan import add_layer_scan_command
 from .lite import add_lite_commands
@@ -82,6 +83,7 @@ def run_answer(args: argparse.Namespace) -> int:
     from . import demo as demo_module
     from .backends.base import GenerationConfig
     from .pipeline import FlexSelect, Sampling
+    from .video import probe
 
     demo = args.video is None and args.model is None and args.gguf is None
     if demo:
@@ -100,17 +102,19 @@ def run_answer(args: argparse.Namespace) -> int:
             "no model given: pass --model /path/to/Qwen2.5-VL-7B-Instruct (or --gguf + --mmproj); "
             "run `flexselect answer` with no arguments for the offline demo"
         )
+    # Every value and the video are checked before the model loads (seconds here, minutes for a 7B).
+    sampling = Sampling(args.frames, args.fps, args.start, args.end, args.max_frames, args.max_side)
+    options = select_options(args)
+    generation = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    if not args.question.strip():
+        raise FlexSelectError("the question is empty: ask something about the video")
+    probe(args.video)
     pipe = FlexSelect.load(args.model, gguf=args.gguf, mmproj=args.mmproj, ranker=args.ranker, device=args.device,
                            dtype=args.dtype, positions=args.positions, n_ctx=args.n_ctx,
                            n_gpu_layers=args.n_gpu_layers)
     with ProgressBars(disable=args.json) as progress:
-        result = pipe.answer(
-            args.video, args.question,
-            sampling=Sampling(args.frames, args.fps, args.start, args.end, args.max_frames, args.max_side),
-            options=select_options(args),
-            generation=GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed),
-            progress=progress,
-        )
+        result = pipe.answer(args.video, args.question, sampling=sampling, options=options, generation=generation,
+                             progress=progress)
     evidence = describe(result.evidence, result.stats["kept_tokens"], result.stats["visual_tokens"])
     heatmap = demo_module.write_heatmap(result) if demo else None
     if args.json:
@@ -147,20 +151,23 @@ def add_show_command(sub) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from PIL import Image
 
     from .pipeline import FlexSelect, Sampling
     from .show import selection_sheet, write_animation
-    from .video import load_clip
+    from .video import load_clip, probe
 
     if args.model is None and args.gguf is None:
         raise FlexSelectError("no model given: pass --model PATH (or --gguf + --mmproj)")
     if not args.question.strip():
         raise FlexSelectError("the question is empty: ask something about the video")
-    if args.animate and Path(args.animate).suffix.lower() not in (".gif", ".mp4"):
-        raise FlexSelectError(f"--animate {args.animate}: the animation is a .gif or an .mp4")
+    Sampling(args.frames, args.fps, args.start, args.end, args.max_frames, args.max_side)  # checks the values
+    options = select_options(args)
+    check_positive("--sheet-frames", args.sheet_frames, whole=True)
+    check_positive("--animate-fps", args.animate_fps)
+    out = check_output_file(args.out, (".png",))
+    animation = check_output_file(args.animate, (".gif", ".mp4")) if args.animate else None
+    probe(args.video)  # a bad video is reported before the model loads
     pipe = FlexSelect.load(args.model, gguf=args.gguf, mmproj=args.mmproj, ranker=args.ranker, device=args.device,
                            dtype=args.dtype, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers)
     d = pipe.defaults
@@ -168,15 +175,17 @@ def run_show(args: argparse.Namespace) -> int:
                      end=args.end, max_frames=args.max_frames or d.max_frames, max_side=args.max_side or d.max_side)
     with ProgressBars() as progress:
         visual, _ = pipe.encode(clip, progress=progress)
-        selection = pipe.select(visual, pipe.backend.prompt(args.question.strip()), select_options(args), progress)
+        selection = pipe.select(visual, pipe.backend.prompt(args.question.strip()), options, progress)
     sheet = selection_sheet(clip.frames, visual, selection, max_frames=args.sheet_frames, timestamps=clip.timestamps)
-    out = Path(args.out)
+    # The animation first: when it fails, no PNG is left behind either (each file is written under a temporary name)
+    animated = animation and write_animation(animation, clip.frames, visual, selection, args.animate_fps,
+                                             clip.timestamps)
     partial = out.with_name(out.name + ".partial.png")
     Image.fromarray(sheet).save(partial)
     partial.replace(out)  # never a half-written PNG at the destination
     print(f"{out}: {describe(selection.evidence(visual), len(selection.kept), visual.num_tokens)}")
-    if args.animate:
-        print(write_animation(args.animate, clip.frames, visual, selection, args.animate_fps, clip.timestamps))
+    if animated:
+        print(animated)
     return 0
 
 
@@ -259,18 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="flexselect: %(message)s")
-    if not args.verbose:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # weight loading/writing bars: noise next to our own per-stage bars
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="flexselect: %(message)s")
+        if not args.verbose:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # weight loading/writing bars: noise next to our own per-stage bars
         return args.run(args)
     except FlexSelectError as e:
         print(f"flexselect: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C at any point, the imports included: one line, the shell's 128 + SIGINT
         print("flexselect: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, torch.OutOfMemoryError):

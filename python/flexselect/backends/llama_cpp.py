@@ -232,7 +232,7 @@ class LlamaCppBackend:
             )
         self.family = family
         self.defaults = family_defaults(family)
-        self.n_ctx = int(n_ctx)
+        self.n_ctx = self.context_length = int(n_ctx)
         self.n_batch = int(min(n_batch, n_ctx))
         self.n_threads = int(n_threads or os.cpu_count() or 1)
         _LOG_TAIL.clear()
