@@ -19,10 +19,10 @@ from .errors import FlexSelectError
 def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...] = ()) -> Path:
     """`path` can be written as a file with one of `suffixes` (any when empty); its folder must exist."""
     p = Path(path)
-    if suffixes and p.suffix.lower() not in suffixes:
-        raise FlexSelectError(f"cannot write {p}: the file name must end in {' or '.join(suffixes)}")
     if p.is_dir():
         raise FlexSelectError(f"cannot write {p}: it is a directory; give a file name inside it")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise FlexSelectError(f"cannot write {p}: the file name must end in {' or '.join(suffixes)}")
     folder = p.parent
     if not folder.exists():
         raise FlexSelectError(f"cannot write {p}: the folder {folder} does not exist; create it first")
