@@ -81,7 +81,7 @@ CLI_CASES = [
     ("video-text", ["answer", "{text}", "What?", "--model", "{model}"], "cannot read"),
     ("question-empty", ["answer", "{video}", "  ", "--model", "{model}"], "the question is empty"),
     ("question-100k", ["answer", "{video}", LONG_QUESTION, "--model", "{model}", "--device", "cpu"],
-     "the question is too long"),
+     "tokens; shorten the question"),
     ("budget-over-video", [*ANSWER[:-1], "4", "--budget", "100000"], "larger than the video's"),
     ("show-out-missing-dir", [*SHOW, "-o", "{tmp}/no/dir/x.png"], "does not exist"),
     ("show-out-readonly", [*SHOW, "-o", "{readonly}/x.png"], "not writable"),

@@ -23,8 +23,8 @@ def test_fps_sampling_start_end_and_cap():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"num_frames": 0}, "positive"), ({"fps": -1.0}, "positive"), ({"start": 11.0}, "beyond"),
-    ({"start": 5.0, "end": 4.0}, "after start"), ({"max_frames": 0}, "positive"), ({"start": -1.0}, "negative"),
+    ({"num_frames": 0}, "> 0"), ({"fps": -1.0}, "> 0"), ({"start": 11.0}, "beyond"),
+    ({"start": 5.0, "end": 4.0}, "after start"), ({"max_frames": 0}, "> 0"), ({"start": -1.0}, ">= 0"),
 ])
 def test_bad_sampling_requests(kwargs, message):
     with pytest.raises(FlexSelectError, match=message):
@@ -96,7 +96,7 @@ def test_bad_files(tmp_path, test_video):
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "cut.mp4").write_bytes(test_video.read_bytes()[: test_video.stat().st_size // 2])
     cases = {"missing.mp4": "not found", "text.mp4": "cannot read", "empty.mp4": "empty", "cut.mp4": "cannot read",
-             ".": "not a file"}
+             ".": "is a directory, not a video"}
     for name, message in cases.items():
         with pytest.raises(FlexSelectError, match=message):
             load_clip(tmp_path / name, num_frames=4)

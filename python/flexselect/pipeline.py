@@ -289,9 +289,11 @@ class FlexSelect:
         text = len(prompt.prefix_ids) + len(prompt.suffix_ids)
         limit = self.backend.context_length
         if text + generation.max_new_tokens >= limit:
+            hint = "shorten the question" if text >= limit // 2 else "generate fewer tokens (max_new_tokens)"
             raise FlexSelectError(
-                f"the question is too long: {text} tokens with the chat template, plus {generation.max_new_tokens} "
-                f"to generate, fill this model's context of {limit} tokens before any video; shorten the question"
+                f"the question takes {text} tokens with the chat template and the answer up to "
+                f"{generation.max_new_tokens}: no room is left for the video in this model's context of {limit} "
+                f"tokens; {hint}"
             )
 
     def answer(
