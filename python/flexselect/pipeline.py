@@ -266,8 +266,8 @@ class FlexSelect:
         from . import plan
         from .video import output_size, probe, sample_indices
 
-        model = getattr(self.backend, "model", None)
-        if model is None or isinstance(video, Clip):
+        model = getattr(self.backend, "model", None)  # the llama.cpp backend's `model` is a C pointer: skipped
+        if not isinstance(model, torch.nn.Module) or isinstance(video, Clip):
             return
         d = self.defaults
         fps = sampling.fps if sampling.frames is not None or sampling.fps is not None else d.fps
