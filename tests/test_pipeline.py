@@ -71,7 +71,8 @@ def test_context_overflow_is_refused_before_the_pass(pipe, test_video, monkeypat
                                               r"question, 96 visual\) but this model takes at most 90: keep fewer"):
         pipe.answer(test_video, "What?", sampling=sampling, options=SelectOptions(budget=24, set_frames=8),
                     generation=generation)
-    with pytest.raises(FlexSelectError, match=r"answer needs \d+ tokens \(\d+ of prompt and question, 96 visual, 8 new"):
+    with pytest.raises(FlexSelectError,
+                       match=r"answer needs \d+ tokens \(\d+ of prompt and question, 96 visual, 8 new"):
         pipe.answer(test_video, "What?", sampling=sampling, options=SelectOptions(selector="none"),
                     generation=generation)
     with pytest.raises(FlexSelectError, match="no room is left for the video.*generate fewer tokens"):

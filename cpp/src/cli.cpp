@@ -95,8 +95,8 @@ int to_int_at_least(const std::string & flag, const char * v, int low) {
 double to_double_above(const std::string & flag, const char * v, double low, bool allow_equal) {
     const double x = to_double(flag, v);
     if (x < low || (x == low && !allow_equal)) {
-        throw Error(flag + " must be a number " + (allow_equal ? ">= " : "> ") + std::to_string((int) low) +
-                    ", got " + v);
+        throw Error(flag + " must be a number " + (allow_equal ? ">= " : "> ") + std::to_string((int) low) + ", got " +
+                    v);
     }
     return x;
 }
