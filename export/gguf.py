@@ -30,6 +30,7 @@ does, with the reference layer rescaled to the model's depth by `reference_layer
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -39,6 +40,7 @@ from pathlib import Path
 
 from flexselect.backends.gguf_info import inspect_gguf
 from flexselect.errors import FlexSelectError
+from flexselect.outputs import check_output_dir, check_output_file, output_dir
 
 OUTTYPES = ("f16", "q8_0", "f32")
 # model_type -> (mmproj projector type, llama.cpp architecture of the language model)
@@ -192,7 +194,12 @@ def export_gguf(
     """
     if outtype not in OUTTYPES:
         raise FlexSelectError(f"unknown --outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = Path(model_dir), check_output_dir(out_dir)
+    if out_dir.is_dir():  # e.g. a folder named model.gguf inside it would fail only after the conversion
+        for name in ("model.gguf", "mmproj.gguf"):
+            check_output_file(out_dir / name)
+    if importlib.util.find_spec("gguf") is None:  # needed to check the result: say so before converting
+        raise FlexSelectError("the gguf package is missing: pip install 'flexselect[gguf]' (or pip install gguf)")
     config = _read_config(model_dir)
     if llama_dir is None:
         from .llama_cpp_source import llama_cpp_source
@@ -205,23 +212,25 @@ def export_gguf(
     if not (llama_dir / "convert_hf_to_gguf.py").is_file():
         raise FlexSelectError(f"{llama_dir} has no convert_hf_to_gguf.py")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     final_model, final_mmproj = out_dir / "model.gguf", out_dir / "mmproj.gguf"
-    staging = Path(tempfile.mkdtemp(prefix=".gguf-export-", dir=out_dir))
-    tmp_model, tmp_mmproj = staging / "model.gguf", staging / "mmproj.gguf"
-    try:
-        model_type = config["model_type"]
-        _run_converter(llama_dir, model_dir, model_type, tmp_model, outtype, mmproj=False)
-        _run_converter(llama_dir, model_dir, model_type, tmp_mmproj, "f32" if outtype == "f32" else "f16", mmproj=True)
-        text = inspect_gguf(tmp_model)
-        _check_text(text, config)
-        _check_mmproj(inspect_gguf(tmp_mmproj), config, text["embedding_length"])
-        os.replace(tmp_mmproj, final_mmproj)
-        os.replace(tmp_model, final_model)
-    finally:
-        for leftover in staging.iterdir():
-            leftover.unlink()
-        staging.rmdir()
+    with output_dir(out_dir):  # folders it had to create are removed again if the conversion fails
+        staging = Path(tempfile.mkdtemp(prefix=".gguf-export-", dir=out_dir))
+        tmp_model, tmp_mmproj = staging / "model.gguf", staging / "mmproj.gguf"
+        try:
+            model_type = config["model_type"]
+            _run_converter(llama_dir, model_dir, model_type, tmp_model, outtype, mmproj=False)
+            _run_converter(
+                llama_dir, model_dir, model_type, tmp_mmproj, "f32" if outtype == "f32" else "f16", mmproj=True
+            )
+            text = inspect_gguf(tmp_model)
+            _check_text(text, config)
+            _check_mmproj(inspect_gguf(tmp_mmproj), config, text["embedding_length"])
+            os.replace(tmp_mmproj, final_mmproj)
+            os.replace(tmp_model, final_model)
+        finally:
+            for leftover in staging.iterdir():
+                leftover.unlink()
+            staging.rmdir()
     return final_model, final_mmproj
 
 

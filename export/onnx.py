@@ -42,6 +42,7 @@ from flexselect.errors import FlexSelectError
 from flexselect.lite.bundle import MANIFEST, ONNX, load_torch_ranker, make_manifest, write_atomic
 from flexselect.lite.layouts import INPUTS, RankerInputs
 from flexselect.lite.ranker import LiteRanker
+from flexselect.outputs import check_output_dir
 
 OPSET = 23
 OPSETS = (18, 23)
@@ -124,7 +125,7 @@ def export_ranker(
         raise FlexSelectError(f"--opset must be one of {OPSETS}, got {opset}")
     if target not in TARGETS:
         raise FlexSelectError(f"--target must be one of {TARGETS}, got {target!r}")
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if target == "cuda" else torch.float32
     ranker = ranker.to(device="cpu", dtype=dtype).eval()
@@ -178,5 +179,6 @@ def export_bundle(
     from flexselect.lite.bundle import read_manifest
 
     bundle = Path(bundle)
+    check_output_dir(out_dir or bundle)  # before loading and tracing the ranker
     notes = read_manifest(bundle / MANIFEST).get("notes", {})
     return export_ranker(load_torch_ranker(bundle), out_dir or bundle, opset, target, notes)

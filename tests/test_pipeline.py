@@ -78,7 +78,6 @@ def test_bad_select_options_are_refused_when_made(kwargs, message):
         ({"question": "   "}, "question is empty"),
         ({"options": SelectOptions(budget=10_000)}, "larger than the video"),
         ({"options": SelectOptions(layer=4)}, "out of range"),
-        ({"sampling": Sampling(frames=0)}, "frame"),
     ],
 )
 def test_bad_input_is_a_clear_error(pipe, test_video, kwargs, message):
@@ -91,14 +90,27 @@ def test_context_overflow_is_refused_before_the_pass(pipe, test_video, monkeypat
     config = pipe.backend.text_model.config
     sampling = Sampling(frames=16, max_side=112)  # 8 units x 12 tokens
     monkeypatch.setattr(config, "max_position_embeddings", 90)
+    generation = GenerationConfig(max_new_tokens=8)
     with pytest.raises(
         FlexSelectError,
-        match=r"scoring pass of a frame set needs \d+ tokens but this model takes "
-        r"at most 90",
+        match=r"scoring pass of a frame set needs \d+ tokens \(\d+ of prompt and "
+        r"question, 96 visual\) but this model takes at most 90: keep fewer",
     ):
-        pipe.answer(test_video, "What?", sampling=sampling, options=SelectOptions(budget=24, set_frames=8))
-    with pytest.raises(FlexSelectError, match=r"answer \(prompt \+ --max-new-tokens\) needs \d+ tokens"):
-        pipe.answer(test_video, "What?", sampling=sampling, options=SelectOptions(selector="none"))
+        pipe.answer(
+            test_video,
+            "What?",
+            sampling=sampling,
+            options=SelectOptions(budget=24, set_frames=8),
+            generation=generation,
+        )
+    with pytest.raises(
+        FlexSelectError, match=r"answer needs \d+ tokens \(\d+ of prompt and question, 96 visual, 8 new"
+    ):
+        pipe.answer(
+            test_video, "What?", sampling=sampling, options=SelectOptions(selector="none"), generation=generation
+        )
+    with pytest.raises(FlexSelectError, match="no room is left for the video.*generate fewer tokens"):
+        pipe.answer(test_video, "What?", sampling=sampling)  # 128 new tokens alone exceed the 90
 
 
 def test_one_call_form_keeps_only_the_most_recent_models_loaded(monkeypatch, test_video):

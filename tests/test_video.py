@@ -25,12 +25,12 @@ def test_fps_sampling_start_end_and_cap():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"num_frames": 0}, "positive"),
-        ({"fps": -1.0}, "positive"),
+        ({"num_frames": 0}, "> 0"),
+        ({"fps": -1.0}, "> 0"),
         ({"start": 11.0}, "beyond"),
         ({"start": 5.0, "end": 4.0}, "after start"),
-        ({"max_frames": 0}, "positive"),
-        ({"start": -1.0}, "negative"),
+        ({"max_frames": 0}, "> 0"),
+        ({"start": -1.0}, ">= 0"),
     ],
 )
 def test_bad_sampling_requests(kwargs, message):
@@ -107,7 +107,7 @@ def test_bad_files(tmp_path, test_video):
         "text.mp4": "cannot read",
         "empty.mp4": "empty",
         "cut.mp4": "cannot read",
-        ".": "not a file",
+        ".": "is a directory, not a video",
     }
     for name, message in cases.items():
         with pytest.raises(FlexSelectError, match=message):

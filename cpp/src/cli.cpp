@@ -5,7 +5,10 @@
 
 #include <sys/resource.h>
 
+#include <cerrno>
 #include <chrono>
+#include <climits>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -33,7 +36,8 @@ const char * kUsage =
     "      --max-frames N       cap on sampled frames (default %d)\n"
     "      --max-side N         longest frame side in pixels (default %d)\n"
     "selection:\n"
-    "      --budget K           visual tokens kept for the whole video (default %d)\n"
+    "      --budget K           visual tokens kept for the whole video (default %d, capped at the video's\n"
+    "                           tokens; a larger explicit K is an error)\n"
     "      --layer L            reference layer, 0-based (default %d for a 28-layer model, same depth otherwise)\n"
     "      --set-frames S       frame units per frame set (default %d)\n"
     "      --aggregate max|mean over heads and question tokens (default %s)\n"
@@ -75,15 +79,35 @@ bool is_blank(const std::string & s) { return s.find_first_not_of(" \t\r\n") == 
 
 int to_int(const std::string & flag, const char * v) {
     char * end = nullptr;
+    errno = 0;
     const long x = std::strtol(v, &end, 10);
-    if (!*v || *end) throw Error(flag + " expects an integer, got '" + v + "'");
+    if (!*v || *end || errno == ERANGE || x < INT_MIN || x > INT_MAX) {
+        throw Error(flag + " expects an integer, got '" + v + "'");
+    }
     return (int) x;
 }
 
 double to_double(const std::string & flag, const char * v) {
     char * end = nullptr;
     const double x = std::strtod(v, &end);
-    if (!*v || *end) throw Error(flag + " expects a number, got '" + v + "'");
+    if (!*v || *end || !std::isfinite(x)) throw Error(flag + " expects a finite number, got '" + v + "'");
+    return x;
+}
+
+// A flag's value is checked where it is read: internally 0 / -1 mean "the default", so an explicit 0, a negative
+// value or NaN must never reach the options and silently become the default.
+int to_int_at_least(const std::string & flag, const char * v, int low) {
+    const int x = to_int(flag, v);
+    if (x < low) throw Error(flag + " must be a whole number >= " + std::to_string(low) + ", got " + v);
+    return x;
+}
+
+double to_double_above(const std::string & flag, const char * v, double low, bool allow_equal) {
+    const double x = to_double(flag, v);
+    if (x < low || (x == low && !allow_equal)) {
+        throw Error(flag + " must be a number " + (allow_equal ? ">= " : "> ") + std::to_string((int) low) + ", got " +
+                    v);
+    }
     return x;
 }
 
@@ -107,22 +131,22 @@ Args parse(int argc, char ** argv) {
         else if (f == "--ranker") a.ranker = val();
         else if (f == "--video") a.video = val();
         else if (f == "-p" || f == "--prompt") a.questions.push_back(val());
-        else if (f == "--frames") a.sampling.frames = to_int(f, val());
-        else if (f == "--fps") a.sampling.fps = to_double(f, val());
-        else if (f == "--start") a.sampling.start = to_double(f, val());
-        else if (f == "--end") a.sampling.end = to_double(f, val());
-        else if (f == "--max-frames") a.sampling.max_frames = to_int(f, val());
-        else if (f == "--max-side") a.sampling.max_side = to_int(f, val());
-        else if (f == "--budget") a.select.budget = to_int(f, val());
-        else if (f == "--layer") a.select.layer = to_int(f, val());
-        else if (f == "--set-frames") a.select.set_frames = to_int(f, val());
+        else if (f == "--frames") a.sampling.frames = to_int_at_least(f, val(), 1);
+        else if (f == "--fps") a.sampling.fps = to_double_above(f, val(), 0, false);
+        else if (f == "--start") a.sampling.start = to_double_above(f, val(), 0, true);
+        else if (f == "--end") a.sampling.end = to_double_above(f, val(), 0, false);
+        else if (f == "--max-frames") a.sampling.max_frames = to_int_at_least(f, val(), 1);
+        else if (f == "--max-side") a.sampling.max_side = to_int_at_least(f, val(), 28);
+        else if (f == "--budget") a.select.budget = to_int_at_least(f, val(), 1);
+        else if (f == "--layer") a.select.layer = to_int_at_least(f, val(), 0);
+        else if (f == "--set-frames") a.select.set_frames = to_int_at_least(f, val(), 1);
         else if (f == "--aggregate") a.select.aggregate = parse_aggregate(val());
-        else if (f == "--max-new-tokens") a.gen.max_new_tokens = to_int(f, val());
-        else if (f == "--temp") a.gen.temperature = (float) to_double(f, val());
+        else if (f == "--max-new-tokens") a.gen.max_new_tokens = to_int_at_least(f, val(), 1);
+        else if (f == "--temp") a.gen.temperature = (float) to_double_above(f, val(), 0, true);
         else if (f == "--seed") a.gen.seed = (uint32_t) to_int(f, val());
-        else if (f == "-ngl" || f == "--n-gpu-layers") a.llm.n_gpu_layers = to_int(f, val());
-        else if (f == "-t" || f == "--threads") a.llm.n_threads = to_int(f, val());
-        else if (f == "-c" || f == "--ctx-size") a.llm.n_ctx = to_int(f, val());
+        else if (f == "-ngl" || f == "--n-gpu-layers") a.llm.n_gpu_layers = to_int_at_least(f, val(), -1);
+        else if (f == "-t" || f == "--threads") a.llm.n_threads = to_int_at_least(f, val(), 1);
+        else if (f == "-c" || f == "--ctx-size") a.llm.n_ctx = to_int_at_least(f, val(), 64);
         else if (f == "--json") a.json = true;
         else if (f == "--no-index") a.index = false;
         else if (f == "-v" || f == "--verbose") a.llm.verbose = true;
@@ -136,17 +160,9 @@ Args parse(int argc, char ** argv) {
     for (const auto & q : a.questions) {
         if (is_blank(q)) throw Error("the question is empty: pass -p \"QUESTION\" about the video");
     }
-    if (a.sampling.frames < 0 || a.sampling.fps < 0) throw Error("--frames and --fps must be positive");
     if (a.sampling.frames > 0 && a.sampling.fps > 0) throw Error("give either --frames or --fps, not both");
     if (a.sampling.frames == 0 && a.sampling.fps == 0) a.sampling.fps = d::fps;
-    if (a.sampling.end > 0 && a.sampling.start > 0 && a.sampling.end <= a.sampling.start) {
-        throw Error("--end must be after --start");
-    }
-    if (a.select.budget < 0) throw Error("--budget must be positive");
-    if (a.select.set_frames < 0) throw Error("--set-frames must be positive");
-    if (a.gen.max_new_tokens < 1) throw Error("--max-new-tokens must be at least 1");
-    if (a.llm.n_ctx < 64) throw Error("--ctx-size must be at least 64");
-    if (a.sampling.max_side > 0 && a.sampling.max_side < 28) throw Error("--max-side must be at least 28");
+    if (a.sampling.end > 0 && a.sampling.end <= a.sampling.start) throw Error("--end must be after --start");
     return a;
 }
 

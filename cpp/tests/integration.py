@@ -280,6 +280,23 @@ def bad_inputs(cli: str, fx: Path, ranker_wrong: Path, tmp: Path) -> None:
     )
     expect("layer out of range", ["-m", m, "--mmproj", mm, "--video", v, *base, "--layer", "99"], "out of range")
     expect("empty question", ["-m", m, "--mmproj", mm, "--video", v, "-p", "  "], "question is empty")
+    # Internally 0 / -1 mean "the default": an explicit 0, negative or NaN value is refused, never read as it.
+    whole, above = "must be a whole number >=", "must be a number >"
+    for flag, value, needle in [
+        ("--frames", "0", f"{whole} 1"),
+        ("--fps", "0", f"{above} 0"),
+        ("--fps", "nan", "expects a finite number"),
+        ("--fps", "-2", f"{above} 0"),
+        ("--budget", "0", f"{whole} 1"),
+        ("--set-frames", "0", f"{whole} 1"),
+        ("--max-frames", "0", f"{whole} 1"),
+        ("--max-side", "0", f"{whole} 28"),
+        ("--start", "-5", f"{above}= 0"),
+        ("--layer", "-1", f"{whole} 0"),
+        ("--temp", "nan", "expects a finite number"),
+        ("--frames", "99999999999", "expects an integer"),
+    ]:
+        expect(f"{flag} {value}", ["-m", m, "--mmproj", mm, "--video", v, *base, flag, value], f"{flag} {needle}")
     expect("unknown option", ["--nope"], "unknown option")
     if has_onnxruntime(cli):
         expect(

@@ -9,11 +9,12 @@ import sys
 
 import torch
 
-from .errors import FlexSelectError
+from .errors import FlexSelectError, check_positive
 from .eval.cli import add_eval_command
 from .evidence import describe
 from .layer_scan import add_layer_scan_command
 from .lite import add_lite_commands
+from .outputs import check_output_file
 from .plan import add_plan_command
 from .serve import add_serve_command
 
@@ -243,6 +244,8 @@ def print_answer(args, result, demo_module=None) -> None:
 
 def run_answer(args: argparse.Namespace) -> int:
     from . import demo as demo_module
+    from .backends.base import GenerationConfig
+    from .video import probe
 
     demo = args.video is None and args.model is None and args.gguf is None
     if demo:
@@ -261,8 +264,13 @@ def run_answer(args: argparse.Namespace) -> int:
             "no model given: pass --model /path/to/Qwen2.5-VL-7B-Instruct (or --gguf + --mmproj); "
             "run `flexselect answer` with no arguments for the offline demo"
         )
+    # Every value and the video are checked before the model loads (seconds here, minutes for a 7B).
+    sampling_of(args)
+    select_options(args)
+    GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     if any(not q.strip() for q in args.questions):
         raise FlexSelectError("a question is empty: ask something about the video")
+    probe(args.video)
     check_index_file(args)
     pipe = load_pipeline(args)
     if args.index:
@@ -346,20 +354,23 @@ def add_show_command(sub) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from PIL import Image
 
     from .pipeline import FlexSelect
     from .show import selection_sheet, write_animation
-    from .video import load_clip
+    from .video import load_clip, probe
 
     if args.model is None and args.gguf is None:
         raise FlexSelectError("no model given: pass --model PATH (or --gguf + --mmproj)")
     if not args.question.strip():
         raise FlexSelectError("the question is empty: ask something about the video")
-    if args.animate and Path(args.animate).suffix.lower() not in (".gif", ".mp4"):
-        raise FlexSelectError(f"--animate {args.animate}: the animation is a .gif or an .mp4")
+    sampling_of(args)  # checks the values
+    options = select_options(args)
+    check_positive("--sheet-frames", args.sheet_frames, whole=True)
+    check_positive("--animate-fps", args.animate_fps)
+    out = check_output_file(args.out, (".png",))
+    animation = check_output_file(args.animate, (".gif", ".mp4")) if args.animate else None
+    probe(args.video)  # a bad video is reported before the model loads
     pipe = FlexSelect.load(
         args.model,
         gguf=args.gguf,
@@ -382,15 +393,18 @@ def run_show(args: argparse.Namespace) -> int:
     )
     with ProgressBars() as progress:
         visual, _ = pipe.encode(clip, progress=progress)
-        selection = pipe.select(visual, pipe.backend.prompt(args.question.strip()), select_options(args), progress)
+        selection = pipe.select(visual, pipe.backend.prompt(args.question.strip()), options, progress)
     sheet = selection_sheet(clip.frames, visual, selection, max_frames=args.sheet_frames, timestamps=clip.timestamps)
-    out = Path(args.out)
+    # The animation first: when it fails, no PNG is left behind either (each file is written under a temporary name)
+    animated = animation and write_animation(
+        animation, clip.frames, visual, selection, args.animate_fps, clip.timestamps
+    )
     partial = out.with_name(out.name + ".partial.png")
     Image.fromarray(sheet).save(partial)
     partial.replace(out)  # never a half-written PNG at the destination
     print(f"{out}: {describe(selection.evidence(visual), len(selection.kept), visual.num_tokens)}")
-    if args.animate:
-        print(write_animation(args.animate, clip.frames, visual, selection, args.animate_fps, clip.timestamps))
+    if animated:
+        print(animated)
     return 0
 
 
@@ -498,19 +512,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="flexselect: %(message)s")
-    logging.getLogger("flexselect.index").setLevel(logging.INFO)  # the index's size, said before it is built
-    if not args.verbose:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # weight loading/writing bars: noise next to our own per-stage bars
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="flexselect: %(message)s")
+        if not args.verbose:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # weight loading/writing bars: noise next to our own per-stage bars
+        logging.getLogger("flexselect.index").setLevel(logging.INFO)  # the index's size, said before it is built
         return args.run(args)
     except FlexSelectError as e:
         print(f"flexselect: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C at any point, the imports included: one line, the shell's 128 + SIGINT
         print("flexselect: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, torch.OutOfMemoryError):

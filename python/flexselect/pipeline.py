@@ -23,7 +23,7 @@ import torch
 
 from .backends.base import Backend, Generation, GenerationConfig, Prompt, VisualTokens, resolve_reference_layer
 from .defaults import AGGREGATE, SET_FRAMES, family_defaults
-from .errors import FlexSelectError
+from .errors import FlexSelectError, check_positive
 from .evidence import EvidenceRange, evidence_ranges
 from .index import (
     IndexKey,
@@ -38,7 +38,7 @@ from .index import (
     write_index,
 )
 from .selection import Aggregate, frame_sets, round_budget, split_budget, top_k
-from .video import Clip, load_clip
+from .video import Clip, check_video_file, load_clip
 
 log = logging.getLogger("flexselect")
 
@@ -64,6 +64,18 @@ class Sampling:
     end: float | None = None
     max_frames: int | None = None
     max_side: int | None = None
+
+    def __post_init__(self) -> None:
+        # Checked at construction, so a bad value fails before the model or the video is touched, on every surface.
+        if self.frames is not None and self.fps is not None:
+            raise FlexSelectError("give either frames or fps, not both")
+        for name in ("frames", "max_frames", "max_side"):
+            check_positive(name, getattr(self, name), whole=True)
+        check_positive("fps", self.fps)
+        check_positive("start", self.start, allow_zero=True)
+        check_positive("end", self.end)
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise FlexSelectError(f"end ({self.end}s) must be after start ({self.start}s)")
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,11 @@ class FlexSelect:
         """A transformers checkpoint folder (`model`) or a GGUF + its mmproj (`gguf`, `mmproj`)."""
         if (model is None) == (gguf is None):
             raise FlexSelectError("give either a transformers model folder (--model) or a GGUF file (--gguf)")
+        if positions not in ("original", "compact"):
+            raise FlexSelectError(f"positions must be 'original' or 'compact', got {positions!r}")
+        check_positive("n_ctx", n_ctx, whole=True)
+        if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
+            raise FlexSelectError(f"n_gpu_layers must be a whole number >= -1 (-1: all), got {n_gpu_layers!r}")
         if gguf is not None:
             from .backends.llama_cpp import LlamaCppBackend
 
@@ -207,9 +224,7 @@ class FlexSelect:
         if isinstance(video, Clip):
             key = None
         else:
-            path = Path(video)
-            if not path.is_file():
-                raise FlexSelectError(f"video not found: {path}")
+            path = check_video_file(video)
             key = self._video_key(path, sampling)
             # A ranker of the authors' layout reads the vision tower's features, which a cached entry encoded
             # for another pipeline (same video cache, see with_ranker) may lack.
@@ -282,7 +297,8 @@ class FlexSelect:
         elif budget > total:
             raise FlexSelectError(
                 f"the budget of {budget} tokens is larger than the video's {total} visual tokens "
-                f"({visual.num_frames} frames x {tpf}); use a smaller --budget or sample more frames"
+                f"({visual.num_frames} frames x {tpf}); use a smaller budget or sample more frames (only the "
+                "default budget is capped at the video's tokens)"
             )
         else:
             budget = min(round_budget(budget, tpf), total)
@@ -483,8 +499,8 @@ class FlexSelect:
         from . import plan
         from .video import output_size, probe, sample_indices
 
-        model = getattr(self.backend, "model", None)
-        if not isinstance(model, torch.nn.Module) or isinstance(video, Clip):  # llama.cpp's `model` is a handle
+        model = getattr(self.backend, "model", None)  # the llama.cpp backend's `model` is a C pointer: skipped
+        if not isinstance(model, torch.nn.Module) or isinstance(video, Clip):
             return
         d = self.defaults
         fps = sampling.fps if sampling.frames is not None or sampling.fps is not None else d.fps
@@ -510,6 +526,18 @@ class FlexSelect:
         free, host, name = plan.available_memory(device)
         plan.check_fits(est, free, host, name, weights_loaded=True)
 
+    def check_question_fits(self, prompt: Prompt, generation: GenerationConfig) -> None:
+        """A question too long for the model's context is refused before any video work, and named as the cause."""
+        text = len(prompt.prefix_ids) + len(prompt.suffix_ids)
+        limit = self.backend.context_length
+        if text + generation.max_new_tokens >= limit:
+            hint = "shorten the question" if text >= limit // 2 else "generate fewer tokens (max_new_tokens)"
+            raise FlexSelectError(
+                f"the question takes {text} tokens with the chat template and the answer up to "
+                f"{generation.max_new_tokens}: no room is left for the video in this model's context of {limit} "
+                f"tokens; {hint}"
+            )
+
     def answer(
         self,
         video: str | os.PathLike | Clip,
@@ -527,9 +555,10 @@ class FlexSelect:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
+        prompt = self.backend.prompt(question.strip())
+        self.check_question_fits(prompt, generation)
         self.check_fits(video, sampling, options, generation)
         visual, encode_stats = self.encode(video, sampling, progress)
-        prompt = self.backend.prompt(question.strip())
         selection = self.select(visual, prompt, options, progress)
         answer_prompt = self.backend.prompt(conversation(history, question.strip())) if history else prompt
         generated = self.backend.generate(visual, selection.kept, answer_prompt, generation, _stage(progress, "answer"))

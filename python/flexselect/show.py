@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FlexSelectError
+from .errors import FlexSelectError, check_positive
 
 RED = np.array([255.0, 32.0, 32.0])
 
@@ -204,8 +204,7 @@ def write_animation(
     kind = path.suffix.lower()
     if kind not in (".gif", ".mp4"):
         raise FlexSelectError(f"cannot write {path.name}: the animation is a .gif or an .mp4")
-    if fps <= 0:
-        raise FlexSelectError(f"the animation's fps must be > 0, got {fps}")
+    check_positive("the animation's fps", fps)
     n = len(clip_frames)
     labels = frame_labels(visual, selection, range(n), n, timestamps)
     h, w = np.asarray(clip_frames[0]).shape[:2]

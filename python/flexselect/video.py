@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import FlexSelectError
+from .errors import FlexSelectError, check_positive
 
 log = logging.getLogger("flexselect")
 
@@ -63,12 +63,15 @@ class Clip:
         return cls(frames, np.arange(n) / fps, source, info, sample_fps=fps)
 
 
-def _check_file(path: str | os.PathLike) -> Path:
+def check_video_file(path: str | os.PathLike) -> Path:
+    """The video path names a non-empty file (what the container holds is `probe`'s to check)."""
     p = Path(path)
+    if p.is_dir():
+        raise FlexSelectError(f"{p} is a directory, not a video; give the path of a video file")
     if not p.exists():
         raise FlexSelectError(f"video not found: {p}")
     if not p.is_file():
-        raise FlexSelectError(f"{p} is not a file; give the path of a video file")
+        raise FlexSelectError(f"{p} is not a regular file; give the path of a video file")
     if p.stat().st_size == 0:
         raise FlexSelectError(f"{p} is empty (0 bytes); re-copy or re-download the video")
     return p
@@ -84,7 +87,7 @@ def _decord():
 
 
 def probe(path: str | os.PathLike, decoder: Decoder = "auto") -> VideoInfo:
-    p = _check_file(path)
+    p = check_video_file(path)
     decord = _decord() if decoder != "pyav" else None
     if decord is not None:
         try:
@@ -139,7 +142,13 @@ def _valid(info: VideoInfo) -> VideoInfo:
 
 
 def _unreadable(p: Path, e: Exception) -> FlexSelectError:
-    return FlexSelectError(f"cannot read {p} as a video ({type(e).__name__}); is it a complete video file?")
+    # FFmpeg's own reason is worth showing ("Invalid data found when processing input"); other exceptions are the
+    # decoders' internals (an AttributeError for an unknown codec), which mean nothing to the user.
+    reason = getattr(e, "strerror", None) if type(e).__module__.startswith("av") else None
+    return FlexSelectError(
+        f"cannot read {p} as a video{f' ({reason})' if reason else ''}: the file is damaged or "
+        "incomplete, or its format or codec cannot be decoded here"
+    )
 
 
 def sample_indices(
@@ -157,12 +166,11 @@ def sample_indices(
 def _plan(info: VideoInfo, num_frames, fps, start, end, max_frames) -> tuple[np.ndarray, float, float | None]:
     """The sampled indices, the span they cover in seconds, and the rate to report if the request was met (the
     requested fps when exactly round(span * fps) frames are taken, else None)."""
-    if num_frames is not None and num_frames <= 0:
-        raise FlexSelectError(f"the number of frames must be positive, got {num_frames}")
-    if fps is not None and fps <= 0:
-        raise FlexSelectError(f"fps must be positive, got {fps}")
-    if max_frames is not None and max_frames <= 0:
-        raise FlexSelectError(f"max_frames must be positive, got {max_frames}")
+    check_positive("the number of frames", num_frames, whole=True)
+    check_positive("fps", fps)
+    check_positive("start", start, allow_zero=True)
+    check_positive("end", end)
+    check_positive("max_frames", max_frames, whole=True)
     t0 = 0.0 if start is None else start
     t1 = info.duration if end is None else min(end, info.duration)
     if t0 < 0:

@@ -45,7 +45,12 @@ def load_backend(
 ) -> Backend:
     """Load a checkpoint folder's backend. `positions` (original / compact) applies to the M-RoPE families only:
     the 1-D RoPE families always give the kept tokens consecutive positions."""
+    from .hf.shared import check_checkpoint_files, check_dtype, resolve_device
+
     family = detect_family(path)  # a clear error for folders that are not a supported checkpoint
+    check_checkpoint_files(Path(path))  # missing or truncated weights: one line, not a safetensors traceback
+    resolve_device(device)
+    check_dtype(dtype)
     if family == "llava_onevision":
         from .hf.llava_onevision import LlavaOnevisionBackend
 

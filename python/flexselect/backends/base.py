@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from ..defaults import reference_layer_for
-from ..errors import FlexSelectError
+from ..errors import FlexSelectError, check_positive
 from ..selection import Aggregate
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
@@ -71,6 +72,15 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_positive("max_new_tokens", self.max_new_tokens, whole=True)
+        check_positive("temperature", self.temperature, allow_zero=True)
+        check_positive("top_p", self.top_p)
+        if self.top_p > 1:
+            raise FlexSelectError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
+            raise FlexSelectError(f"seed must be a whole number, got {self.seed!r}")
+
 
 @dataclass
 class Generation:
@@ -87,6 +97,7 @@ class Backend(Protocol):
     family: str  # key into defaults.json
     num_layers: int
     hidden_size: int
+    context_length: int  # tokens one pass may hold (prompt, visual tokens and the answer together)
 
     def encode(self, clip: Clip, progress: Progress | None = None) -> VisualTokens: ...
 

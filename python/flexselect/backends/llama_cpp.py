@@ -305,7 +305,7 @@ class LlamaCppBackend:
             recurrent = set(text_info["recurrent_layers"])
             self.attention_layers = [i for i in range(text_info["block_count"]) if i not in recurrent]
         self.defaults = family_defaults(family)
-        self.n_ctx = int(n_ctx)
+        self.n_ctx = self.context_length = int(n_ctx)
         self.n_batch = int(min(n_batch, n_ctx))
         self.n_threads = int(n_threads or os.cpu_count() or 1)
         _LOG_TAIL.clear()

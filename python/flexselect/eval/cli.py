@@ -108,6 +108,8 @@ def _answer_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
     items = load_benchmark(args.benchmark, Path(args.data_root), args.skip_missing_videos)
     items = items if args.limit is None else items[: max(0, args.limit)]
     # Reference-layer scoring never needs the ranker, so one pipeline with it serves every method.
+    sampling = Sampling(args.frames, args.fps, args.start, args.end, args.max_frames, args.max_side)
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens)  # both checked before the model loads
     pipe = FlexSelect.load(
         args.model,
         gguf=args.gguf,
@@ -118,8 +120,6 @@ def _answer_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
         n_ctx=args.n_ctx,
         n_gpu_layers=args.n_gpu_layers,
     )
-    sampling = Sampling(args.frames, args.fps, args.start, args.end, args.max_frames, args.max_side)
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
     selector_of = {"flexselect": "reference", "lite": "lite"}
     failed: dict[str, str] = {}
 

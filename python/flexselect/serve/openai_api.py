@@ -156,16 +156,17 @@ def parse_options(body: dict) -> tuple[Sampling, SelectOptions, GenerationConfig
     frames, fps = _number(body, "frames", int, 1), _number(body, "fps", float, 0, low_open=True)
     if frames is not None and fps is not None:
         raise ApiError(400, "give frames or fps, not both", "invalid_value", "frames")
+    start, end = _number(body, "start", float, 0), _number(body, "end", float, 0, low_open=True)
+    if start is not None and end is not None and end <= start:
+        raise ApiError(400, "end must be after start", "invalid_value", "end")
     sampling = Sampling(
         frames=frames,
         fps=fps,
-        start=_number(body, "start", float, 0),
-        end=_number(body, "end", float, 0, low_open=True),
+        start=start,
+        end=end,
         max_frames=_number(body, "max_frames", int, 1),
         max_side=_number(body, "max_side", int, 28),
     )
-    if sampling.start is not None and sampling.end is not None and sampling.end <= sampling.start:
-        raise ApiError(400, "end must be after start", "invalid_value", "end")
     try:
         options = SelectOptions(
             budget=body.get("budget"),

@@ -48,7 +48,7 @@ from ...errors import FlexSelectError
 from ..base import Progress, Prompt, VisualTokens
 from .llava_onevision import read_preprocessor
 from .qwen2_5_vl import ENCODE_CHUNK_UNITS, Qwen25VLBackend, patchify
-from .shared import LayoutedInput, check_checkpoint_files, resolve_device, resolve_dtype
+from .shared import LayoutedInput, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
     from ...video import Clip
@@ -97,7 +97,6 @@ class Qwen3VLBackend(Qwen25VLBackend):
         from transformers import AutoConfig, AutoTokenizer
 
         path = Path(path)
-        check_checkpoint_files(path)
         config = AutoConfig.from_pretrained(path)
         if config.model_type == "qwen3_vl_moe":
             from transformers import Qwen3VLMoeForConditionalGeneration as model_class

@@ -154,6 +154,8 @@ def check_checkpoint_files(path: Path) -> None:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError) as e:
             shards, problems = [], [f"{index.name} is damaged ({e})"]
+    elif (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file():
+        shards = []  # a pickle checkpoint: transformers reports its own problems
     else:
         shards = ["model.safetensors"]
     for name in shards:
@@ -192,25 +194,43 @@ def _safetensors_complete(path: Path) -> bool:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FlexSelectError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise FlexSelectError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FlexSelectError(f"device {device!r} was asked for but torch sees no CUDA GPU; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FlexSelectError(
+                f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                f"CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    return dev
+
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise FlexSelectError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    check_dtype(dtype)
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {
-            "float32": torch.float32,
-            "fp32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-        }[dtype]
-    except KeyError:
-        raise FlexSelectError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+    return DTYPES[dtype]
 
 
 class HFBackend(IndexedScoring):
@@ -241,13 +261,21 @@ class HFBackend(IndexedScoring):
     def context_length(self) -> int:
         return self.text_model.config.max_position_embeddings
 
-    def _check_fits(self, n_tokens: int, what: str) -> None:
-        """A clear error before a pass longer than the model was made for (it would degrade, or run out of memory)."""
-        if n_tokens > self.context_length:
-            raise FlexSelectError(
-                f"the {what} needs {n_tokens} tokens but this model takes at most {self.context_length}: use a "
-                "smaller --budget, fewer --frames or a smaller --set-frames"
-            )
+    def _check_fits(self, n_tokens: int, what: str, prompt: Prompt, new_tokens: int = 0) -> None:
+        """A clear error before a pass longer than the model was made for (it would degrade, or run out of memory),
+        naming the part that is too long: the question's text, or the visual tokens."""
+        if n_tokens <= self.context_length:
+            return
+        text = len(prompt.prefix_ids) + len(prompt.suffix_ids)
+        visual = n_tokens - text - new_tokens
+        parts = f"{text} of prompt and question, {visual} visual" + (f", {new_tokens} new" if new_tokens else "")
+        if text + new_tokens >= self.context_length // 2:
+            hint = "shorten the question" + (" or generate fewer tokens" if new_tokens else "")
+        else:
+            hint = "keep fewer visual tokens (a smaller budget or set_frames, or fewer frames)"
+        raise FlexSelectError(
+            f"the {what} needs {n_tokens} tokens ({parts}) but this model takes at most {self.context_length}: {hint}"
+        )
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text_model.embed_tokens(ids.to(self.device))
@@ -278,7 +306,7 @@ class HFBackend(IndexedScoring):
         self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, aggregate: Aggregate = "max"
     ) -> torch.Tensor:
         inputs = self.scoring_inputs(visual, frames, prompt)
-        self._check_fits(inputs.embeds.shape[1], "scoring pass of a frame set")
+        self._check_fits(inputs.embeds.shape[1], "scoring pass of a frame set", prompt)
         return self.layer_scores(inputs, [layer], len(prompt.suffix_ids), aggregate)[layer]
 
     # -- answer pass --------------------------------------------------------------------------------------------
@@ -296,7 +324,7 @@ class HFBackend(IndexedScoring):
 
         start = time.perf_counter()
         inputs = self.answer_inputs(visual, kept, prompt)
-        self._check_fits(inputs.embeds.shape[1] + config.max_new_tokens, "answer (prompt + --max-new-tokens)")
+        self._check_fits(inputs.embeds.shape[1] + config.max_new_tokens, "answer", prompt, config.max_new_tokens)
         cache = DynamicCache(config=self.text_model.config)
         hidden = self.text_model(**inputs.model_inputs(), past_key_values=cache, use_cache=True).last_hidden_state
         rng = torch.Generator().manual_seed(config.seed)
