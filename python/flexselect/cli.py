@@ -269,7 +269,7 @@ def run_answer(args: argparse.Namespace) -> int:
     select_options(args)
     GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     if any(not q.strip() for q in args.questions):
-        raise FlexSelectError("a question is empty: ask something about the video")
+        raise FlexSelectError("the question is empty: ask something about the video")
     probe(args.video)
     check_index_file(args)
     pipe = load_pipeline(args)

@@ -114,7 +114,7 @@ class IndexedScoring:
             )
         t0 = time.perf_counter()
         inputs = self.scoring_inputs(visual, frames, prompt)
-        self._check_fits(inputs.embeds.shape[1], "scoring pass of a frame set")
+        self._check_fits(inputs.embeds.shape[1], "scoring pass of a frame set", prompt)
         n_context = inputs.embeds.shape[1] - len(prompt.suffix_ids)
         context, _ = _split(inputs, n_context)
         cache = DynamicCache(config=self.text_model.config)
@@ -145,7 +145,7 @@ class IndexedScoring:
         n_context = inputs.embeds.shape[1] - len(prompt.suffix_ids)
         if n_context != entry.n_context:
             raise FlexSelectError("this index was made for another prompt or video")
-        self._check_fits(inputs.embeds.shape[1], "scoring pass of a frame set")
+        self._check_fits(inputs.embeds.shape[1], "scoring pass of a frame set", prompt)
         _, suffix = _split(inputs, n_context)
         cache = _cache_to(entry.cache, self.device, for_a_question=True)
         scores = attention_scores(
