@@ -22,8 +22,8 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 GRID = (11, 20)  # merged tokens per frame pair at 308x560
 QUESTION = "What does the presenter write on the whiteboard after the break?"
@@ -69,14 +69,16 @@ def build_backend(family: str, dry_run: bool, device: str):
     video_token = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     dtype = torch.float32 if dry_run else torch.bfloat16
     if family == "qwen3_vl":
-        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as Model
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
 
         from flexselect.backends.hf.qwen3_vl import Qwen3VLBackend as Backend
 
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
                       num_position_embeddings=64, deepstack_visual_indexes=[0, 1, 2])
     else:
-        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
         from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend as Backend
 
