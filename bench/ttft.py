@@ -32,9 +32,22 @@ LM_SHAPE = dict(
 )  # head_dim 64
 
 
+def bench_config(video_token_id: int = 151656):
+    """The benchmark model's config (a 1-block stand-in vision tower: its cost is left out); 151656 = <|video_pad|>."""
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config=LM_SHAPE,
+        vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=896, fullatt_block_indexes=[0]
+        ),
+        video_token_id=video_token_id,
+    )
+
+
 def build_backend(device: str, dtype: str):
     import torch
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
     from flexselect.backends.hf.shared import resolve_device, resolve_dtype
@@ -43,20 +56,23 @@ def build_backend(device: str, dtype: str):
     # only its tokenizer: the prompt's ids fit in the big vocab
     tokenizer = AutoTokenizer.from_pretrained(demo_model())
     dev = resolve_device(device)
-    config = Qwen2_5_VLConfig(
-        text_config=LM_SHAPE,
-        vision_config=dict(
-            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=896, fullatt_block_indexes=[0]
-        ),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-    )
+    config = bench_config(tokenizer.convert_tokens_to_ids("<|video_pad|>"))
     torch.manual_seed(0)
     with torch.device(dev):
         model = Qwen2_5_VLForConditionalGeneration(config).to(resolve_dtype(dtype, dev)).eval()
     return Qwen25VLBackend(model, tokenizer, {})
 
 
-def measure(arm: str, frames: int, grid: tuple[int, int], budget: int, layer: int, device: str, dtype: str) -> dict:
+def measure(
+    arm: str,
+    frames: int,
+    grid: tuple[int, int],
+    budget: int,
+    layer: int,
+    device: str,
+    dtype: str,
+    set_frames: int | None = None,
+) -> dict:
     """One measurement in this process: TTFT (and selection time) of one arm at one frame count."""
     import numpy as np
     import torch
@@ -64,6 +80,7 @@ def measure(arm: str, frames: int, grid: tuple[int, int], budget: int, layer: in
     from flexselect.backends.base import GenerationConfig, VisualTokens
     from flexselect.pipeline import FlexSelect, SelectOptions, peak_memory_mb
 
+    start_rss_mb = peak_memory_mb()["process_rss"]  # the process's own: the weights and the run come on top
     backend = build_backend(device, dtype)
     units = frames // 2
     n_tokens = units * grid[0] * grid[1]
@@ -80,13 +97,13 @@ def measure(arm: str, frames: int, grid: tuple[int, int], budget: int, layer: in
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    selection = pipe.select(
-        visual,
-        prompt,
-        options=SelectOptions(
-            budget=min(budget, n_tokens), layer=layer, selector="none" if arm == "baseline" else "reference"
-        ),
+    options = SelectOptions(
+        budget=min(budget, n_tokens),
+        layer=layer,
+        set_frames=set_frames,
+        selector="none" if arm == "baseline" else "reference",
     )
+    selection = pipe.select(visual, prompt, options=options)
     backend.generate(visual, selection.kept, prompt, GenerationConfig(max_new_tokens=1))
     ttft = time.perf_counter() - t0
     return {
@@ -97,6 +114,7 @@ def measure(arm: str, frames: int, grid: tuple[int, int], budget: int, layer: in
         "ttft_s": ttft,
         "select_s": selection.seconds if arm == "flexselect" else 0.0,
         "peak_memory_mb": peak_memory_mb(),
+        "start_rss_mb": start_rss_mb,
     }
 
 
@@ -119,6 +137,8 @@ def run_isolated(args: argparse.Namespace, arm: str, frames: int) -> dict:
         "--dtype",
         args.dtype,
     ]
+    if getattr(args, "set_frames", None):
+        cmd += ["--set-frames", str(args.set_frames)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.time_limit)
     except subprocess.TimeoutExpired:
@@ -162,13 +182,23 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--time-limit", type=float, default=900, help="seconds per measurement before giving up")
+    p.add_argument("--set-frames", type=int, help="units per frame set (default: the pipeline's)")
     p.add_argument("--one", choices=["baseline", "flexselect"], help=argparse.SUPPRESS)
     args = p.parse_args()
     args.budget = args.budget or 32 * args.grid[0] * args.grid[1]
     if args.one:
         print(
             json.dumps(
-                measure(args.one, args.frames[0], tuple(args.grid), args.budget, args.layer, args.device, args.dtype)
+                measure(
+                    args.one,
+                    args.frames[0],
+                    tuple(args.grid),
+                    args.budget,
+                    args.layer,
+                    args.device,
+                    args.dtype,
+                    args.set_frames,
+                )
             )
         )
         return

@@ -6,8 +6,9 @@ family, dense or MoE, no weights read). The memory of a stage is what it holds b
 - decoded frames (host memory): frames x height x width x 3 bytes;
 - vision encode: one chunk of `ENCODE_CHUNK_UNITS` units through one ViT block (activations, and the per-unit
   attention matrix where attention is materialised), plus the video's visual tokens it writes;
-- scoring pass: one frame set's sequence through one decoder layer (no KV cache is kept), plus its attention matrix
-  where attention is materialised (CPU), plus the question rows' scores;
+- scoring pass: one frame set's sequence through one decoder layer (no KV cache is kept), no attention matrix
+  (the language model's attention runs in fused sdpa kernels, on CPU too: bench/cost_model.py measured this; the
+  question rows' scores at the reference layer are a few MB);
 - answer pass: the KV cache of the kept tokens + prompt + answer, one layer's activations, the logits row;
 - video index (optional): per frame set the KV of layers 0..L-1 and the layer-L keys.
 
@@ -229,12 +230,10 @@ def estimate(shape: ModelShape, req: Request, dtype_bytes: int, materialised_att
         vision_acts += 2 * shape.vision_heads * unit_patches**2 * 4
     n = req.set_tokens
     layer_acts = lambda tokens: tokens * (4 * shape.hidden + 3 * shape.intermediate) * b  # noqa: E731
-    scoring = layer_acts(n) + (2 * shape.heads * n * n * 4 if materialised_attention else 0)
+    scoring = layer_acts(n)
     answer_tokens = req.budget + TEXT_TOKENS + req.max_new_tokens
     kv_per_token = 2 * len(shape.attention_layers) * shape.kv_heads * shape.head_dim * b
     answer = answer_tokens * kv_per_token + layer_acts(answer_tokens) + shape.vocab * 4
-    if materialised_attention:
-        answer += 2 * shape.heads * answer_tokens**2 * 4
     device = {
         "weights": weights,
         "vision_encode": weights + visual + vision_acts,

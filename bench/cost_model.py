@@ -1,0 +1,156 @@
+"""The cost model of `flexselect.plan` checked against measurements on this machine, then its prediction at 7B.
+
+Measured (side by side, each arm in its own process, bench/ttft.py's random 0.5B-shape LM at the real 11 x 20 grid):
+full-token baseline vs FlexSelect time to first token and peak memory, at the frame counts that fit here. Predicted:
+the same arms' FLOPs from the model's config (`plan.prefill_flops`), the ratio baseline / FlexSelect; and the peak
+memory of the largest stage (`plan.estimate`) against the measured peak RSS above the process's own. Checks: ratio
+within 15%, memory within 20%. Then the model's predictions for Qwen2.5-VL-7B and Qwen3-VL-8B at 512 and 1024 frames.
+The vision tower is left out of both sides (bench/ttft.py feeds random visual tokens), as it costs both arms alike.
+
+    python bench/cost_model.py                   # 32 and 64 frames; writes bench/results/cost_model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ttft  # noqa: E402  (the measured arms and the 0.5B shape)
+
+RESULTS = Path(__file__).parent / "results"
+GRID = (11, 20)
+# The published configs (Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen3-VL-8B-Instruct): text stack and vision tower.
+SHAPES_7B = {
+    "Qwen2.5-VL-7B": {
+        "model_type": "qwen2_5_vl",
+        "text_config": {
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "vocab_size": 152064,
+        },
+        "vision_config": {"hidden_size": 1280, "out_hidden_size": 3584, "depth": 32, "intermediate_size": 3420},
+    },
+    "Qwen3-VL-8B": {
+        "model_type": "qwen3_vl",
+        "text_config": {
+            "hidden_size": 4096,
+            "intermediate_size": 12288,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 151936,
+        },
+        "vision_config": {
+            "hidden_size": 1152,
+            "out_hidden_size": 4096,
+            "depth": 27,
+            "intermediate_size": 4304,
+            "num_heads": 16,
+            "patch_size": 16,
+            "deepstack_visual_indexes": [8, 16, 24],
+        },
+    },
+}
+
+
+def predicted(shape, frames: int, budget: int, layer: int, set_frames: int) -> dict:
+    from flexselect import plan
+
+    req = plan.request(shape, frames, GRID[1] * 28, GRID[0] * 28, budget, set_frames, layer, max_new_tokens=1)
+    est = plan.estimate(shape, req, 4, materialised_attention=True)
+    # the baseline's answer pass holds every visual token, not the budget
+    full = plan.request(
+        shape, frames, GRID[1] * 28, GRID[0] * 28, req.visual_tokens, set_frames, layer, max_new_tokens=1
+    )
+    baseline = plan.estimate(shape, full, 4, materialised_attention=True)
+    encode = plan.vision_flops(shape, req)
+    return {
+        "ratio": (est.flops["baseline"] - encode) / (est.flops["flexselect"] - encode),
+        "baseline_bytes": baseline.device_bytes["answer_pass"] - est.device_bytes["weights"],
+        "flexselect_bytes": max(est.device_bytes["scoring_pass"], est.device_bytes["answer_pass"])
+        - est.device_bytes["weights"],
+        "weights_bytes": est.device_bytes["weights"],
+        "request": req,
+    }
+
+
+def main() -> int:
+    from flexselect import plan
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--set-frames", type=int, default=8, help="units per frame set, so that several sets run")
+    p.add_argument("--layer", type=int, default=17)
+    p.add_argument("--time-limit", type=float, default=900)
+    args = p.parse_args()
+
+    shape = plan.model_shape(ttft.bench_config().to_dict())
+    rows, ok = [], True
+    for frames in args.frames:
+        budget = frames // 2 * GRID[0] * GRID[1] // 4  # a quarter of the tokens
+        ns = argparse.Namespace(
+            grid=list(GRID),
+            budget=budget,
+            layer=args.layer,
+            device="cpu",
+            dtype="float32",
+            time_limit=args.time_limit,
+            set_frames=args.set_frames,
+        )
+        measured = {arm: ttft.run_isolated(ns, arm, frames) for arm in ("baseline", "flexselect")}
+        if any("error" in m for m in measured.values()):
+            rows.append({"frames": frames, "error": {a: m.get("error") for a, m in measured.items()}})
+            ok = False
+            continue
+        pred = predicted(shape, frames, budget, args.layer, args.set_frames)
+        ratio = measured["baseline"]["ttft_s"] / measured["flexselect"]["ttft_s"]
+        row = {
+            "frames": frames,
+            "visual_tokens": measured["baseline"]["visual_tokens"],
+            "measured_ratio": ratio,
+            "predicted_ratio": pred["ratio"],
+            "ratio_error": pred["ratio"] / ratio - 1,
+        }
+        for arm in ("baseline", "flexselect"):
+            above = (measured[arm]["peak_memory_mb"]["process_rss"] - measured[arm]["start_rss_mb"]) * 2**20
+            est = pred[f"{arm}_bytes"] + pred["weights_bytes"]
+            row[f"{arm}_memory_error"] = est / above - 1
+        ok &= abs(row["ratio_error"]) <= 0.15
+        ok &= all(abs(row[f"{a}_memory_error"]) <= 0.20 for a in ("baseline", "flexselect"))
+        rows.append(row)
+        print(
+            f"{frames} frames ({row['visual_tokens']} tokens): baseline/FlexSelect TTFT measured {ratio:.2f}x, "
+            f"predicted {pred['ratio']:.2f}x ({row['ratio_error']:+.0%}); peak memory estimate "
+            f"{row['baseline_memory_error']:+.0%} (baseline), {row['flexselect_memory_error']:+.0%} (FlexSelect)"
+        )
+    predictions = {}
+    for name, config in SHAPES_7B.items():
+        s = plan.model_shape(config)
+        for frames in (512, 1024):
+            req = plan.request(s, frames, 20 * s.pixels_per_token, 11 * s.pixels_per_token)  # 11 x 20 tokens
+            f = plan.estimate(s, req, 2, materialised_attention=False).flops
+            predictions[f"{name} @ {frames} frames"] = {
+                "visual_tokens": req.visual_tokens,
+                "baseline_over_flexselect": f["baseline"] / f["flexselect"],
+                "baseline_over_followup": f["baseline"] / f["followup_indexed"],
+            }
+            print(
+                f"{name}, {frames} frames ({req.visual_tokens} tokens): predicted TTFT full / FlexSelect "
+                f"{f['baseline'] / f['flexselect']:.1f}x, full / indexed follow-up "
+                f"{f['baseline'] / f['followup_indexed']:.1f}x (vision encode included)"
+            )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cost_model.json").write_text(json.dumps({"checks": rows, "predictions": predictions}, indent=1))
+    print("cost model check:", "within bounds" if ok else "OUT OF BOUNDS")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
