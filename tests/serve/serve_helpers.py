@@ -16,7 +16,7 @@ from pathlib import Path
 
 class ControlledBackend:
     """The real tiny backend, with knobs a test uses to hold a run where it wants it: `gate` (cleared: the answer
-    pass waits) and `score_delay` (seconds per frame set scored). Counts the frame sets scored."""
+    pass waits) and `score_delay` (seconds per frame set scored, indexed or not). Counts the frame sets scored."""
 
     def __init__(self, inner) -> None:
         self._inner = inner
@@ -33,6 +33,11 @@ class ControlledBackend:
         time.sleep(self.score_delay)
         self.scored += 1
         return self._inner.score(*args, **kwargs)
+
+    def score_indexed(self, *args, **kwargs):  # the path the pipeline takes once it indexes the video
+        time.sleep(self.score_delay)
+        self.scored += 1
+        return self._inner.score_indexed(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         self.waiting_at_gate.set()
