@@ -283,7 +283,7 @@ def test_a_follow_up_reuses_the_video_index_says_where_and_free_models_drops_it(
     model = load_model(pack, env)
     select(pack, clip, model, "What is red?")
     follow_up = select(pack, clip, model, "When does it appear?")
-    assert follow_up[2].startswith("kept 12 of 96 tokens")  # the evidence sentence of flexselect.evidence
+    assert follow_up[2].startswith("kept 12 of 48 tokens")  # the evidence sentence of flexselect.evidence
     assert "video index reused for 1 set(s)" in follow_up[2]
     pipe = pack.N.models.get(model)
     assert pipe.indexes.nbytes > 0
@@ -374,8 +374,9 @@ def test_cancel_stops_selection_between_frame_sets(pack, env, monkeypatch):
     model = load_model(pack, env)
     pipe = pack.caches.models.get(model)
     scored = []
-    real_score = pipe.backend.score
-    monkeypatch.setattr(pipe.backend, "score", lambda *a, **k: scored.append(1) or real_score(*a, **k))
+    for name in ("score", "score_indexed"):  # scored plainly or through the video index the first pass builds
+        real = getattr(pipe.backend, name)
+        monkeypatch.setattr(pipe.backend, name, lambda *a, real=real, **k: scored.append(1) or real(*a, **k))
     pack.caches.models.put_visual(clip, model, pipe.encode(clip.clip)[0])  # encoded: only select-stage checks
     calls = interrupt_at(pack, monkeypatch, 3)  # 1: node start, 2: after set 1, 3: after set 2 of 4
     with pytest.raises(Interrupted):
@@ -434,7 +435,7 @@ def test_validation_refuses_missing_and_corrupt_videos_and_empty_questions(pack,
         "missing.mp4"
     )
     corrupt = N.FlexSelectLoadVideo.validate_inputs("corrupt.mp4")
-    assert corrupt.startswith("corrupt.mp4: ") and "is it a complete video file?" in corrupt, corrupt
+    assert corrupt.startswith("corrupt.mp4: ") and "the file is damaged or incomplete" in corrupt, corrupt
     # A connected video or images input (None at validation time) replaces the file: its widget is not probed.
     assert N.FlexSelectLoadVideo.validate_inputs("missing.mp4", video=None) is True
     assert N.FlexSelectLoadVideo.validate_inputs("missing.mp4", images=None) is True
@@ -520,11 +521,12 @@ def test_library_messages_lose_their_cli_flags(pack, cli, node):
 def test_ranker_dropdown_and_path(pack, env, tiny_backend):
     from flexselect.lite.bundle import save_bundle
     from flexselect.lite.host import host_info
-    from flexselect.lite.ranker import LiteRanker, qwen2_config
+    from flexselect.lite.ranker import LiteRanker, decoder_config
 
     folder = env.root / "rankers"
     host = host_info(tiny_backend)
-    config = qwen2_config(
+    config = decoder_config(
+        "host_embeds",
         {
             "hidden_size": 64,
             "intermediate_size": 128,
@@ -532,10 +534,10 @@ def test_ranker_dropdown_and_path(pack, env, tiny_backend):
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
         },
-        vocab_size=host.vocab_size,
+        host.vocab_size,
     )
     torch.manual_seed(0)
-    save_bundle(LiteRanker(config, host), folder / "tiny-ranker")
+    save_bundle(LiteRanker(config, host, "host_embeds", tiny_backend.hidden_size), folder / "tiny-ranker")
     (folder / "exported.onnx").write_bytes(b"")  # a bare ONNX ranker is listed (load_ranker takes .onnx files)
     for decoy in ("weights.pt", "model.pth", "pytorch_model.bin", "other.safetensors", "no-manifest/x.safetensors"):
         (folder / decoy).parent.mkdir(parents=True, exist_ok=True)

@@ -69,10 +69,11 @@ def write_tiny_ranker(folder: Path, tiny_backend) -> None:
 
     from flexselect.lite.bundle import save_bundle
     from flexselect.lite.host import host_info
-    from flexselect.lite.ranker import LiteRanker, qwen2_config
+    from flexselect.lite.ranker import LiteRanker, decoder_config
 
     host = host_info(tiny_backend)
-    config = qwen2_config(
+    config = decoder_config(
+        "host_embeds",
         {
             "hidden_size": 64,
             "intermediate_size": 128,
@@ -80,10 +81,10 @@ def write_tiny_ranker(folder: Path, tiny_backend) -> None:
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
         },
-        vocab_size=host.vocab_size,
+        host.vocab_size,
     )
     torch.manual_seed(0)
-    save_bundle(LiteRanker(config, host), folder / "tiny-ranker")
+    save_bundle(LiteRanker(config, host, "host_embeds", tiny_backend.hidden_size), folder / "tiny-ranker")
     for decoy in ("weights.pt", "model.bin", "other.safetensors"):  # what load_ranker refuses: never offered
         (folder / decoy).write_bytes(b"")
 
@@ -332,7 +333,7 @@ def test_core_video_and_image_batch_inputs(server):
 def test_validation_refuses_bad_videos_and_questions(server):
     for overrides, node, words in [
         ({"1": {"file": "missing.mp4"}}, "1", "video not found in ComfyUI's input folder"),
-        ({"1": {"file": "corrupt.mp4"}}, "1", "is it a complete video file?"),
+        ({"1": {"file": "corrupt.mp4"}}, "1", "the file is damaged or incomplete"),
         ({"3": {"question": "  "}}, "3", "the question is empty"),
         ({"3": {"layer": -5}}, "3", "smaller than min"),
     ]:
