@@ -31,8 +31,7 @@ GEN = GenerationConfig(max_new_tokens=6)
 
 @pytest.fixture(scope="module")
 def family_backends(tiny_backend, tmp_path_factory):
-    from flexselect.tiny import build_tiny_internvl, build_tiny_llava_onevision
-    from test_families import build_tiny_qwen2_vl
+    from flexselect.tiny import build_tiny_internvl, build_tiny_llava_onevision, build_tiny_qwen2_vl
 
     root = tmp_path_factory.mktemp("index-models")
     dirs = {
