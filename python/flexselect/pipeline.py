@@ -21,7 +21,15 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from .backends.base import Backend, Generation, GenerationConfig, Prompt, VisualTokens, resolve_reference_layer
+from .backends.base import (
+    Backend,
+    Generation,
+    GenerationConfig,
+    Prompt,
+    VisualTokens,
+    attention_layers,
+    resolve_reference_layer,
+)
 from .defaults import AGGREGATE, SET_FRAMES, family_defaults
 from .errors import FlexSelectError, check_positive
 from .evidence import EvidenceRange, evidence_ranges
@@ -348,7 +356,7 @@ class FlexSelect:
     ) -> VideoIndex:
         """Index every frame set of a video now (reference-layer scoring only), so any question about it costs about
         the answer pass. Raises FlexSelectError when the index would exceed the memory limit."""
-        if not hasattr(self.backend, "index_set"):
+        if not self._can_index():
             raise FlexSelectError(f"the {type(self.backend).__name__} backend cannot index a video")
         visual = video if isinstance(video, VisualTokens) else self.encode(video, sampling, progress)[0]
         layer = resolve_reference_layer(self.backend, options.layer)
@@ -446,6 +454,12 @@ class FlexSelect:
             self._cache.popitem(last=False)
         return visual
 
+    def _can_index(self) -> bool:
+        """Only pure-attention models: a hybrid model's (Qwen3.5) linear-attention layers carry a recurrent state that
+        a question would advance and that cannot be cut back to the video's, as a KV cache can."""
+        hybrid = len(attention_layers(self.backend)) < self.backend.num_layers
+        return hasattr(self.backend, "index_set") and not hybrid
+
     def clear_index(self) -> int:
         """Drop every video index (frees their GPU / CPU memory); returns how many were dropped."""
         return self.indexes.clear()
@@ -455,7 +469,7 @@ class FlexSelect:
     ) -> tuple[VideoIndex | None, str | None]:
         """This video's index for (layer, set size, prompt prefix), or room made for a new one; None and a
         one-line notice when it would not fit the memory limit; (None, None) when the backend cannot index."""
-        if not hasattr(self.backend, "index_set"):
+        if not self._can_index():
             return None, None
         key = IndexKey(layer, set_frames, tuple(prompt.prefix_ids.tolist()))
         index = self.indexes.get(visual, key)

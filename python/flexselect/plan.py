@@ -90,7 +90,7 @@ def shape_of(model) -> ModelShape:
     lm = model.model.language_model
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     experts_per_token = getattr(text, "num_experts_per_tok", None)
-    layer_active, mlp_width = [], text.intermediate_size
+    layer_active, mlp_width = [], getattr(text, "intermediate_size", 0)  # MoE-only configs have none
     for layer in lm.layers:
         experts = getattr(getattr(layer, "mlp", None), "experts", None)
         if experts is None or not experts_per_token:
