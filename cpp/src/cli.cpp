@@ -23,13 +23,14 @@ namespace {
 const char * kUsage =
     "usage: flexselect-cli -m model.gguf --mmproj mmproj.gguf --video FILE [-p \"QUESTION\" ...] [options]\n"
     "\n"
-    "  -m, --model FILE         Qwen2.5-VL (or Qwen2-VL) language model GGUF\n"
+    "  -m, --model FILE         language model GGUF: Qwen2.5-VL, Qwen2-VL, Qwen3-VL (dense, MoE), Qwen3.5 (dense,\n"
+    "                           MoE)\n"
     "      --mmproj FILE        its vision projector GGUF (required)\n"
     "      --ranker FILE        FlexSelect-Lite ranker (.onnx) instead of the reference-layer scoring pass\n"
     "      --video FILE         the video\n"
     "  -p, --prompt TEXT        the question; repeat -p for several, or give none to read one question per line\n"
     "                           from standard input (each set is indexed once: follow-ups decode only the question)\n"
-    "frames:\n"
+    "frames (defaults: the model family's from defaults.json; Qwen2.5-VL's shown):\n"
     "      --frames N           sample N frames uniformly\n"
     "      --fps F              sample F frames per second (default %g)\n"
     "      --start S, --end S   only this time range (seconds)\n"
@@ -38,7 +39,8 @@ const char * kUsage =
     "selection:\n"
     "      --budget K           visual tokens kept for the whole video (default %d, capped at the video's\n"
     "                           tokens; a larger explicit K is an error)\n"
-    "      --layer L            reference layer, 0-based (default %d for a 28-layer model, same depth otherwise)\n"
+    "      --layer L            reference layer, 0-based (default %d for a 28-layer Qwen2.5-VL, the same relative\n"
+    "                           depth otherwise; Qwen3.5: a full-attention layer)\n"
     "      --set-frames S       frame units per frame set (default %d)\n"
     "      --aggregate max|mean over heads and question tokens (default %s)\n"
     "generation:\n"
@@ -49,6 +51,7 @@ const char * kUsage =
     "  -ngl, --n-gpu-layers N   layers on the GPU (-1 = all, default)\n"
     "  -t, --threads N          CPU threads (default: all)\n"
     "  -c, --ctx-size N         context size (default 32768)\n"
+    "      --kv-f32             f32 KV cache instead of f16 (for exact comparisons with other runtimes)\n"
     "      --json               print one JSON object per question (answer, stats, kept token indices, answer\n"
     "                           token ids), one per line\n"
     "      --no-index           score every question's sets from scratch (no reuse between questions)\n"
@@ -57,8 +60,8 @@ const char * kUsage =
     "ONNX Runtime: %s\n";
 
 void usage(FILE * out) {
-    namespace d = defaults::qwen2_5_vl;
-    std::fprintf(out, kUsage, d::fps, d::max_frames, d::max_side, d::budget, d::reference_layer, defaults::set_frames,
+    const defaults::Family & d = *defaults::find_family("qwen2_5_vl");
+    std::fprintf(out, kUsage, d.fps, d.max_frames, d.max_side, d.budget, d.reference_layer, defaults::set_frames,
                  defaults::aggregate,
                  Ranker::available() ? "yes (--ranker available)"
                                      : "no (built with -DFLEXSELECT_WITH_ONNXRUNTIME=OFF)");
@@ -112,10 +115,7 @@ double to_double_above(const std::string & flag, const char * v, double low, boo
 }
 
 Args parse(int argc, char ** argv) {
-    namespace d = defaults::qwen2_5_vl;
-    Args a;
-    a.sampling.max_frames = d::max_frames;
-    a.sampling.max_side = d::max_side;
+    Args a;  // frame defaults (0 here) come from the model's family once it is loaded
     a.select.aggregate = parse_aggregate(defaults::aggregate);
     for (int i = 1; i < argc; ++i) {
         const std::string f = argv[i];
@@ -147,6 +147,7 @@ Args parse(int argc, char ** argv) {
         else if (f == "-ngl" || f == "--n-gpu-layers") a.llm.n_gpu_layers = to_int_at_least(f, val(), -1);
         else if (f == "-t" || f == "--threads") a.llm.n_threads = to_int_at_least(f, val(), 1);
         else if (f == "-c" || f == "--ctx-size") a.llm.n_ctx = to_int_at_least(f, val(), 64);
+        else if (f == "--kv-f32") a.llm.kv_f32 = true;
         else if (f == "--json") a.json = true;
         else if (f == "--no-index") a.index = false;
         else if (f == "-v" || f == "--verbose") a.llm.verbose = true;
@@ -161,7 +162,6 @@ Args parse(int argc, char ** argv) {
         if (is_blank(q)) throw Error("the question is empty: pass -p \"QUESTION\" about the video");
     }
     if (a.sampling.frames > 0 && a.sampling.fps > 0) throw Error("give either --frames or --fps, not both");
-    if (a.sampling.frames == 0 && a.sampling.fps == 0) a.sampling.fps = d::fps;
     if (a.sampling.end > 0 && a.sampling.end <= a.sampling.start) throw Error("--end must be after --start");
     return a;
 }
@@ -334,6 +334,14 @@ int run(int argc, char ** argv) {
         std::fclose(f);
     }
     Llm llm(a.llm);
+    // The family's rules for what the flags leave open, and the reference layer checked before any video work.
+    const defaults::Family & fam = llm.family();
+    if (a.sampling.frames == 0 && a.sampling.fps == 0) a.sampling.fps = fam.fps;
+    if (a.sampling.max_frames == 0) a.sampling.max_frames = fam.max_frames;
+    if (a.sampling.max_side == 0) a.sampling.max_side = fam.max_side;
+    a.sampling.pixel_factor = llm.pixel_factor();
+    std::string layer_warning;
+    if (a.ranker.empty()) a.select.layer = resolve_reference_layer(llm, a.select.layer, &layer_warning);
     if (!a.ranker.empty()) {
         ranker = std::make_unique<Ranker>(a.ranker, a.llm.n_threads);
         if (ranker->feature_dim() > 0 && ranker->feature_dim() != llm.n_embd()) {
@@ -358,6 +366,13 @@ int run(int argc, char ** argv) {
     VideoIndex index;
     const bool from_stdin = a.questions.empty();
     if (a.questions.size() == 1) a.index = false;  // a single question: nothing would ever reuse an index
+    if (a.index && llm.hybrid() && a.ranker.empty()) {
+        a.index = false;
+        std::fprintf(stderr,
+                     "notice: no video index for a hybrid model (%s: its linear-attention layers' state cannot "
+                     "be cut back after a question): every question reruns the scoring passes\n",
+                     fam.name);
+    }
     const bool prompt_user = from_stdin && isatty(fileno(stdin)) && !a.json;
     for (size_t n = 0;; ++n) {
         std::string question;
@@ -383,6 +398,7 @@ int run(int argc, char ** argv) {
         print_result(a, gen, sel, v, clip, n_frames, ranker != nullptr, n > 0, dec, enc, t_select, t_answer, total,
                      a.index ? &index : nullptr);
         std::fflush(stdout);
+        if (n == 0 && !layer_warning.empty()) std::fprintf(stderr, "warning: %s\n", layer_warning.c_str());
     }
     return 0;
 }

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <thread>
 
@@ -211,11 +212,13 @@ struct Llm::Impl {
     std::unique_ptr<mtmd_context, MtmdDel> mtmd;
     const llama_vocab * vocab = nullptr;
     Capture capture;
-    std::string family;              // defaults.json's family, from the mmproj's projector type
-    double tokens_per_second = 0.0;  // the family's (defaults.json: GGUFs do not carry it); 0: one step per unit
-    const char * prompt_prefix = nullptr;
-    const char * prompt_suffix = nullptr;
-    int n_embd = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_layer = 0;
+    const defaults::Family * family = nullptr;  // defaults.json's rules (budget, layer, prompt, fps, frame size)
+    bool unit_text = false;                     // Qwen3-VL / Qwen3.5: timestamps as text, positions per unit
+    int32_t vision_start = -1, vision_end = -1;
+    std::map<std::string, std::vector<int32_t>> labels;  // "<t seconds>" -> its token ids
+    std::vector<int> attention_layers;                   // layers with a softmax attention map
+    int pixel_factor = 28;
+    int n_embd = 0, n_main = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_layer = 0;
 
     void clear_memory() { llama_memory_clear(llama_get_memory(ctx.get()), true); }
 
@@ -229,11 +232,92 @@ struct Llm::Impl {
         return out;
     }
 
+    int32_t special_id(const char * token) const {
+        const auto ids = tokenize(token, true);
+        if (ids.size() != 1) {
+            throw Error(opts.model_path + "'s vocabulary has no " + token + " token: not a Qwen3-VL / Qwen3.5 GGUF");
+        }
+        return ids[0];
+    }
+
+    // The Qwen3-VL processor's "<t seconds>" (one decimal), as hf/qwen3_vl.py: timestamp_label writes it.
+    const std::vector<int32_t> & label(double seconds) {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "<%.1f seconds>", seconds);
+        auto it = labels.find(buf);
+        if (it == labels.end()) it = labels.emplace(buf, tokenize(buf, true)).first;
+        return it->second;
+    }
+
+    // The scoring pass of a frame set: the set as a short video of its own (Qwen2.5-VL: u = 0..len-1 with the full
+    // video's interval; Qwen3-VL: each unit with its own timestamp).
+    Sequence scoring_sequence(const VisualTokens & v, const std::vector<int> & units, const Prompt & p) {
+        const int tpu = v.tokens_per_unit();
+        std::vector<std::vector<int>> per_unit;
+        for (int u : units) {
+            per_unit.emplace_back(tpu);
+            for (int j = 0; j < tpu; ++j) per_unit.back()[j] = u * tpu + j;
+        }
+        return layout(v, units, per_unit, p, false);
+    }
+
+    // The answer pass: the kept tokens (ascending) at their original full-video positions; Qwen3-VL: every unit
+    // keeps its timestamp and delimiters, with its kept tokens (possibly none).
+    Sequence answer_sequence(const VisualTokens & v, const std::vector<int> & kept, const Prompt & p) {
+        std::vector<int> units(v.num_units);
+        std::vector<std::vector<int>> per_unit(v.num_units);
+        for (int u = 0; u < v.num_units; ++u) units[u] = u;
+        for (int i : kept) {
+            if (i < 0 || i >= v.num_tokens()) throw Error("kept token index out of range");
+            per_unit[i / v.tokens_per_unit()].push_back(i);
+        }
+        return layout(v, units, per_unit, p, true);
+    }
+
+    Sequence layout(const VisualTokens & v, const std::vector<int> & units,
+                    const std::vector<std::vector<int>> & per_unit, const Prompt & p, bool full_video) {
+        if (unit_text) {
+            std::vector<std::vector<int32_t>> unit_labels;
+            for (int u : units) unit_labels.push_back(label(v.unit_seconds.at(u)));
+            return unit_text_sequence(p.prefix, unit_labels, vision_start, vision_end, per_unit, v.rows, v.cols,
+                                      p.suffix);
+        }
+        const int n_units = full_video ? v.num_units : (int) units.size();
+        const auto grid = video_offsets(n_units, v.rows, v.cols, v.interval);
+        std::vector<int> tokens;
+        std::vector<Pos3> offsets;
+        for (size_t i = 0; i < units.size(); ++i) {
+            for (int g : per_unit[i]) {
+                tokens.push_back(g);
+                // the set's own short video (unit i) in a scoring pass, the full video's in the answer pass
+                offsets.push_back(grid[full_video ? g : (int) i * v.tokens_per_unit() + g % v.tokens_per_unit()]);
+            }
+        }
+        return video_sequence(p.prefix, tokens, offsets, video_extent(n_units, v.rows, v.cols, v.interval), p.suffix);
+    }
+
     void check_fits(int n_tokens, const char * what) const {
         const int n_ctx = (int) llama_n_ctx(ctx.get());
         if (n_tokens > n_ctx) {
             throw Error(std::string(what) + " needs " + std::to_string(n_tokens) + " tokens but the context holds " +
                         std::to_string(n_ctx) + "; use a smaller --budget or fewer --frames (or a larger --ctx-size)");
+        }
+    }
+
+    // Decode runs [begin, end) of a sequence, each cut into pieces of at most n_batch; logits for the last token
+    // of the last run if asked. `want_q_last`: capture the queries of the last run only (the question's rows).
+    void decode_runs(const VisualTokens & v, const Sequence & s, size_t begin, size_t end, bool want_q_last,
+                     bool logits_last) {
+        for (size_t r = begin; r < end; ++r) {
+            capture.want_q = want_q_last && r + 1 == end;
+            const Run & run = s.runs[r];
+            if (!run.ids.empty()) {
+                decode_tokens(run.ids, run.pos, logits_last && r + 1 == end);
+            } else {
+                std::vector<const float *> rows;
+                for (int g : run.tokens) rows.push_back(v.token(g));
+                decode_embd(rows, run.pos);
+            }
         }
     }
 
@@ -272,6 +356,37 @@ struct Llm::Impl {
         if (rc != 0) throw Error("llama_decode failed (" + std::to_string(rc) + ")" + take_errors());
         if (!capture.error.empty()) throw Error(capture.error);
     }
+
+    // One stopped pass: capture layer `layer`'s Q/K while decoding runs [begin, end) of `s` (queries of the last
+    // run only when `want_q`), after restoring `state` if given. The capture stops and the cache is cleared
+    // afterwards unless `keep` (index_set reads the state first); either way, whatever happens, the capture stops.
+    void capture_pass(const VisualTokens & v, const Sequence & s, size_t begin, size_t end, int layer, bool want_q,
+                      const std::vector<uint8_t> * state) {
+        Capture & c = capture;
+        c.q_name = "Qcur-" + std::to_string(layer);
+        c.k_name = "Kcur-" + std::to_string(layer);
+        c.q.clear(), c.k.clear(), c.error.clear();
+        c.got_q = c.got_k = false;
+        clear_memory();
+        if (state != nullptr && llama_state_seq_set_data(ctx.get(), state->data(), state->size(), 0) != state->size()) {
+            throw Error("could not restore a frame set's KV state" + take_errors());
+        }
+        struct Off {
+            Capture & c;
+            ~Off() { c.active = false; }
+        } off{c};
+        c.active = true;
+        decode_runs(v, s, begin, end, want_q, false);
+    }
+
+    std::vector<float> scores(const float * keys, int n_keys, int n_rows, const std::vector<int> & columns, int layer,
+                              Aggregate aggregate) const {
+        if (capture.q.size() != (size_t) n_rows * n_head * head_dim) {
+            throw Error("the scoring pass did not capture layer " + std::to_string(layer) + "'s Q/K as expected");
+        }
+        return question_attention_scores(capture.q.data(), keys, n_rows, n_keys, n_head, n_head_kv, head_dim, columns,
+                                         aggregate);
+    }
 };
 
 static std::once_flag g_backend_once;
@@ -298,50 +413,111 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
     if (!m.model)
         throw Error("cannot load model " + opts.model_path + ": not a valid GGUF language model" + take_errors());
 
-    char arch[64] = {0};
-    llama_model_meta_val_str(m.model.get(), "general.architecture", arch, sizeof(arch));
-    if (std::string(arch) != "qwen2vl" || llama_model_rope_type(m.model.get()) != LLAMA_ROPE_TYPE_MROPE) {
+    // The text architecture decides the layout (as the Python backend's QWEN3_ARCHS); the family's rules come from
+    // defaults.json.
+    static const std::map<std::string, const char *> kUnitTextArchs = {
+        {"qwen3vl", "qwen3_vl"}, {"qwen3vlmoe", "qwen3_vl_moe"}, {"qwen35", "qwen3_5"}, {"qwen35moe", "qwen3_5_moe"}};
+    char arch_buf[64] = {0};
+    llama_model_meta_val_str(m.model.get(), "general.architecture", arch_buf, sizeof(arch_buf));
+    const std::string arch = arch_buf;
+    const auto unit_text = kUnitTextArchs.find(arch);
+    m.unit_text = unit_text != kUnitTextArchs.end();
+    const int rope = llama_model_rope_type(m.model.get());
+    if (!(arch == "qwen2vl" && rope == LLAMA_ROPE_TYPE_MROPE) &&
+        !(m.unit_text && (rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE))) {
         throw Error(opts.model_path + " is a '" + arch +
-                    "' model; the C++ runtime supports Qwen2.5-VL / Qwen2-VL "
-                    "(architecture qwen2vl with M-RoPE)");
+                    "' model; the C++ runtime supports Qwen2.5-VL / Qwen2-VL (qwen2vl), Qwen3-VL (qwen3vl, "
+                    "qwen3vlmoe) and Qwen3.5 (qwen35, qwen35moe) GGUFs");
     }
     m.vocab = llama_model_get_vocab(m.model.get());
-    m.n_embd = llama_model_n_embd_inp(m.model.get());
+    m.n_embd = llama_model_n_embd_inp(m.model.get());  // mtmd's rows: main embedding + DeepStack slices (Qwen3-VL)
+    m.n_main = llama_model_n_embd(m.model.get());
     m.n_head = llama_model_n_head(m.model.get());
     m.n_head_kv = llama_model_n_head_kv(m.model.get());
     m.n_layer = llama_model_n_layer(m.model.get());
-    m.head_dim = llama_model_n_embd(m.model.get()) / std::max(1, m.n_head);
+    m.head_dim = m.n_main / std::max(1, m.n_head);
+    {
+        char buf[32] = {0};
+        const std::string key = arch + ".attention.key_length";  // Qwen3: head_dim is not n_embd / n_head
+        if (llama_model_meta_val_str(m.model.get(), key.c_str(), buf, sizeof(buf)) > 0) m.head_dim = std::atoi(buf);
+    }
+
+    // The model file's own metadata, which llama.h does not expose: the DeepStack levels (Qwen3-VL) and which
+    // layers are linear attention (Qwen3.5: `{arch}.attention.recurrent_layers`, one flag per layer).
+    gguf_init_params gp{true, nullptr};
+    int text_deepstack = 0;
+    {
+        std::unique_ptr<gguf_context, GgufDel> g(gguf_init_from_file(opts.model_path.c_str(), gp));
+        if (!g) throw Error("cannot read the metadata of " + opts.model_path + take_errors());
+        const int64_t kd = gguf_find_key(g.get(), (arch + ".n_deepstack_layers").c_str());
+        if (kd >= 0 && gguf_get_kv_type(g.get(), kd) == GGUF_TYPE_UINT32)
+            text_deepstack = gguf_get_val_u32(g.get(), kd);
+        const int64_t kr = gguf_find_key(g.get(), (arch + ".attention.recurrent_layers").c_str());
+        std::vector<bool> recurrent(m.n_layer, false);
+        if (kr >= 0 && gguf_get_kv_type(g.get(), kr) == GGUF_TYPE_ARRAY &&
+            gguf_get_arr_type(g.get(), kr) == GGUF_TYPE_BOOL) {
+            const auto * flags = static_cast<const int8_t *>(gguf_get_arr_data(g.get(), kr));
+            for (size_t i = 0; i < gguf_get_arr_n(g.get(), kr) && (int) i < m.n_layer; ++i) recurrent[i] = flags[i];
+        }
+        for (int i = 0; i < m.n_layer; ++i) {
+            if (!recurrent[i]) m.attention_layers.push_back(i);
+        }
+    }
 
     // The mmproj's own metadata: a clear message for a projector of another model, and the family (its projector
-    // type), whose rules (temporal interval, prompt template) come from defaults.json as in the Python backend.
+    // type; Qwen3: the text architecture), whose rules come from defaults.json as in the Python backend.
     {
-        gguf_init_params gp{true, nullptr};
         std::unique_ptr<gguf_context, GgufDel> g(gguf_init_from_file(opts.mmproj_path.c_str(), gp));
         if (!g) throw Error("cannot load mmproj " + opts.mmproj_path + ": not a valid GGUF file" + take_errors());
         const int64_t kd = gguf_find_key(g.get(), "clip.vision.projection_dim");
         if (kd >= 0 && gguf_get_kv_type(g.get(), kd) == GGUF_TYPE_UINT32) {
             const int proj = (int) gguf_get_val_u32(g.get(), kd);
-            if (proj != m.n_embd) {
+            if (proj != m.n_main) {
                 throw Error("mmproj " + opts.mmproj_path + " does not belong to " + opts.model_path + ": it produces " +
-                            std::to_string(proj) + "-d embeddings, the model takes " + std::to_string(m.n_embd) + "-d");
+                            std::to_string(proj) + "-d embeddings, the model takes " + std::to_string(m.n_main) + "-d");
             }
         }
         const int64_t kp = gguf_find_key(g.get(), "clip.projector_type");
         const std::string projector =
             kp >= 0 && gguf_get_kv_type(g.get(), kp) == GGUF_TYPE_STRING ? gguf_get_val_str(g.get(), kp) : "";
-        if (projector == "qwen2.5vl_merger") {
-            namespace d = defaults::qwen2_5_vl;
-            m.family = d::name, m.tokens_per_second = d::tokens_per_second;
-            m.prompt_prefix = d::prompt_prefix, m.prompt_suffix = d::prompt_suffix;
-        } else if (projector == "qwen2vl_merger") {
-            namespace d = defaults::qwen2_vl;
-            m.family = d::name, m.tokens_per_second = d::tokens_per_second;
-            m.prompt_prefix = d::prompt_prefix, m.prompt_suffix = d::prompt_suffix;
-        } else {
-            throw Error("mmproj " + opts.mmproj_path + " is a '" + projector +
-                        "' projector; the C++ runtime supports "
-                        "Qwen2.5-VL / Qwen2-VL projectors (qwen2.5vl_merger, qwen2vl_merger)");
+        const int64_t ks = gguf_find_key(g.get(), "clip.vision.patch_size");
+        if (ks >= 0 && gguf_get_kv_type(g.get(), ks) == GGUF_TYPE_UINT32) {
+            m.pixel_factor = 2 * (int) gguf_get_val_u32(g.get(), ks);  // Qwen's 2 x 2 spatial merge
         }
+        const char * family = nullptr;
+        if (m.unit_text) {
+            if (projector != "qwen3vl_merger") {
+                throw Error("mmproj " + opts.mmproj_path + " is a '" + projector + "' projector, but " +
+                            opts.model_path + " is a '" + arch +
+                            "' model, which takes a 'qwen3vl_merger' one: pass the mmproj of this model");
+            }
+            int proj_deepstack = 0;
+            const int64_t kf = gguf_find_key(g.get(), "clip.vision.is_deepstack_layers");
+            if (kf >= 0 && gguf_get_kv_type(g.get(), kf) == GGUF_TYPE_ARRAY &&
+                gguf_get_arr_type(g.get(), kf) == GGUF_TYPE_BOOL) {
+                const auto * flags = static_cast<const int8_t *>(gguf_get_arr_data(g.get(), kf));
+                for (size_t i = 0; i < gguf_get_arr_n(g.get(), kf); ++i) proj_deepstack += flags[i] != 0;
+            }
+            if (proj_deepstack != text_deepstack || m.n_embd != m.n_main * (1 + text_deepstack)) {
+                throw Error("mmproj " + opts.mmproj_path + " does not belong to " + opts.model_path + ": it gives " +
+                            std::to_string(proj_deepstack) + " DeepStack levels, the model takes " +
+                            std::to_string(text_deepstack));
+            }
+            family = unit_text->second;
+        } else if (projector == "qwen2.5vl_merger") {
+            family = "qwen2_5_vl";
+        } else if (projector == "qwen2vl_merger") {
+            family = "qwen2_vl";
+        } else {
+            throw Error("mmproj " + opts.mmproj_path + " is a '" + projector + "' projector; a '" + arch +
+                        "' model takes a Qwen2.5-VL / Qwen2-VL one (qwen2.5vl_merger, qwen2vl_merger)");
+        }
+        m.family = defaults::find_family(family);
+        if (m.family == nullptr) throw Error(std::string("defaults.json has no family ") + family);
+    }
+    if (m.unit_text) {
+        m.vision_start = m.special_id("<|vision_start|>");
+        m.vision_end = m.special_id("<|vision_end|>");
     }
 
     // Every hardware thread by default, as the Python backend (os.cpu_count()): the same threads split the same
@@ -351,13 +527,15 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
     vp.use_gpu = opts.n_gpu_layers != 0;
     vp.print_timings = false;
     vp.warmup = false;
+    vp.image_min_tokens = 1;  // never let mtmd resize: frames arrive at their final size (as the Python backend)
+    vp.image_max_tokens = 1 << 16;
     vp.n_threads = n_threads;
     m.mtmd.reset(mtmd_init_from_file(opts.mmproj_path.c_str(), m.model.get(), vp));
     if (!m.mtmd) {
         throw Error("cannot load mmproj " + opts.mmproj_path + " for " + opts.model_path + take_errors());
     }
     if (!mtmd_support_vision(m.mtmd.get()) || !mtmd_decode_use_mrope(m.mtmd.get())) {
-        throw Error("mmproj " + opts.mmproj_path + " is not a Qwen2-VL / Qwen2.5-VL vision projector");
+        throw Error("mmproj " + opts.mmproj_path + " is not a Qwen vision projector with M-RoPE");
     }
 
     llama_context_params cp = llama_context_default_params();
@@ -366,6 +544,7 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
     cp.n_ubatch = std::min<uint32_t>(512, cp.n_batch);
     cp.n_threads = cp.n_threads_batch = n_threads;
     cp.no_perf = true;
+    if (opts.kv_f32) cp.type_k = cp.type_v = GGML_TYPE_F32;
     if (opts.n_gpu_layers == 0 || !llama_supports_gpu_offload()) {
         // flash attention pays off on GPUs; on CPU it made a 3072-token prefill 2.5x slower (bench/runtimes.py)
         cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
@@ -383,19 +562,22 @@ Llm::~Llm() = default;
 
 int Llm::n_layers() const { return impl_->n_layer; }
 int Llm::n_embd() const { return impl_->n_embd; }
+int Llm::n_main() const { return impl_->n_main; }
 int Llm::n_ctx() const { return (int) llama_n_ctx(impl_->ctx.get()); }
-double Llm::tokens_per_second() const { return impl_->tokens_per_second; }
-std::string Llm::family() const { return impl_->family; }
+const defaults::Family & Llm::family() const { return *impl_->family; }
+int Llm::pixel_factor() const { return impl_->pixel_factor; }
+const std::vector<int> & Llm::attention_layers() const { return impl_->attention_layers; }
+bool Llm::hybrid() const { return (int) impl_->attention_layers.size() < impl_->n_layer; }
 
 Prompt Llm::prompt(const std::string & question) const {
     // The family's chat template around the video, from defaults.json; the first {question} is replaced, as
     // flexselect.defaults.prompt_text does.
-    std::string suffix = impl_->prompt_suffix;
+    std::string suffix = impl_->family->prompt_suffix;
     const std::string marker = "{question}";
     const size_t at = suffix.find(marker);
     if (at != std::string::npos) suffix.replace(at, marker.size(), question);
     Prompt p;
-    p.prefix = impl_->tokenize(impl_->prompt_prefix, true);
+    p.prefix = impl_->tokenize(impl_->family->prompt_prefix, true);
     p.suffix = impl_->tokenize(suffix, true);
     p.question = impl_->tokenize(question, false);
     if (p.suffix.empty()) throw Error("the prompt after the video is empty");
@@ -407,8 +589,17 @@ VisualTokens Llm::encode(const Clip & clip, int temporal_patch) {
     if (clip.frames.empty()) throw Error("no frames to encode");
     VisualTokens v;
     v.n_embd = m.n_embd;
+    v.n_main = m.n_main;
     v.num_units = (int) ((clip.frames.size() + temporal_patch - 1) / temporal_patch);
-    v.interval = time_interval(m.tokens_per_second, temporal_patch, clip.sample_fps);
+    v.interval = time_interval(m.family->tokens_per_second, temporal_patch, clip.sample_fps);
+    if (clip.timestamps.size() != clip.frames.size()) throw Error("every frame needs its timestamp");
+    for (int u = 0; u < v.num_units; ++u) {
+        // as hf/qwen3_vl.py: unit_seconds: the mean of the unit's first and last frame (a short last unit repeats
+        // its last frame)
+        const size_t first = (size_t) u * temporal_patch;
+        const size_t last = std::min(first + temporal_patch, clip.timestamps.size()) - 1;
+        v.unit_seconds.push_back((clip.timestamps[first] + clip.timestamps[last]) / 2);
+    }
     for (int u = 0; u < v.num_units; ++u) {
         // Two consecutive frames marked mergeable are paired by mtmd into one temporal patch (Qwen's video
         // encoding); an odd last frame goes alone, which the vision tower treats as the frame repeated, as HF does.
@@ -459,70 +650,31 @@ VisualTokens Llm::encode(const Clip & clip, int temporal_patch) {
 
 std::vector<float> Llm::score_set(const VisualTokens & v, const std::vector<int> & units, const Prompt & p, int layer,
                                   Aggregate aggregate) {
-    auto & m = *impl_;  // `layer` is in range: select_tokens checks it, once
-    const int tpu = v.tokens_per_unit();
-    const int P = (int) p.prefix.size(), V = (int) units.size() * tpu, T = (int) p.suffix.size();
-    m.check_fits(P + V + T, "a frame set's scoring pass");
-
-    // The set is scored as a short video of its own units (u = 0..len-1) with the full video's interval.
-    const auto offsets = video_offsets((int) units.size(), v.rows, v.cols, v.interval);
-    const Layout l = layout_positions(P, offsets, video_extent((int) units.size(), v.rows, v.cols, v.interval), T);
-    std::vector<const float *> rows;
-    for (int u : units) {
-        for (int j = 0; j < tpu; ++j) rows.push_back(v.token(u * tpu + j));
-    }
-
-    Capture & c = m.capture;
-    c.q_name = "Qcur-" + std::to_string(layer);
-    c.k_name = "Kcur-" + std::to_string(layer);
-    c.q.clear(), c.k.clear(), c.error.clear();
-    c.got_q = c.got_k = false;
-    m.clear_memory();
-    struct Off {  // whatever happens, the capture stops and the cache is cleared for the next pass
+    auto & m = *impl_;  // `layer` is valid: select_tokens checks it, once
+    const Sequence s = m.scoring_sequence(v, units, p);
+    const int n = s.size(), T = (int) p.suffix.size();
+    m.check_fits(n, "a frame set's scoring pass");
+    struct Clear {  // the cache is cleared for the next pass, whatever happens
         Impl & m;
-        ~Off() {
-            m.capture.active = false;
-            m.clear_memory();
-        }
-    } off{m};
-    c.active = true;
-    c.want_q = false;
-    m.decode_tokens(p.prefix, l.prefix, false);
-    m.decode_embd(rows, l.video);
-    c.want_q = true;  // only the question rows' queries are needed
-    m.decode_tokens(p.suffix, l.suffix, false);
-
-    const size_t n_keys = (size_t) P + V + T;
-    if (c.k.size() != n_keys * m.n_head_kv * m.head_dim || c.q.size() != (size_t) T * m.n_head * m.head_dim) {
-        throw Error("the scoring pass did not capture layer " + std::to_string(layer) + "'s Q/K as expected");
+        ~Clear() { m.clear_memory(); }
+    } clear{m};
+    m.capture_pass(v, s, 0, s.runs.size(), layer, true, nullptr);
+    if (m.capture.k.size() != (size_t) n * m.n_head_kv * m.head_dim) {
+        throw Error("the scoring pass did not capture layer " + std::to_string(layer) + "'s keys as expected");
     }
-    return question_attention_scores(c.q.data(), c.k.data(), T, (int) n_keys, m.n_head, m.n_head_kv, m.head_dim, P,
-                                     P + V, aggregate);
+    return m.scores(m.capture.k.data(), n, T, s.columns, layer, aggregate);
 }
 
 Generation Llm::answer(const VisualTokens & v, const std::vector<int> & kept, const Prompt & p,
                        const GenerationOptions & g) {
     auto & m = *impl_;
     const auto t0 = std::chrono::steady_clock::now();
-    const int P = (int) p.prefix.size(), T = (int) p.suffix.size(), K = (int) kept.size();
-    m.check_fits(P + K + T + std::max(0, g.max_new_tokens), "the answer pass");
-
-    // Kept tokens keep their original full-video positions; the text after them its full-video positions.
-    const auto full = video_offsets(v.num_units, v.rows, v.cols, v.interval);
-    std::vector<Pos3> offsets;
-    std::vector<const float *> rows;
-    for (int i : kept) {
-        if (i < 0 || i >= v.num_tokens()) throw Error("kept token index out of range");
-        offsets.push_back(full[i]);
-        rows.push_back(v.token(i));
-    }
-    const Layout l = layout_positions(P, offsets, video_extent(v.num_units, v.rows, v.cols, v.interval), T);
+    const Sequence s = m.answer_sequence(v, kept, p);
+    m.check_fits(s.size() + std::max(0, g.max_new_tokens), "the answer pass");
 
     m.capture.active = false;
     m.clear_memory();
-    m.decode_tokens(p.prefix, l.prefix, false);
-    m.decode_embd(rows, l.video);
-    m.decode_tokens(p.suffix, l.suffix, true);
+    m.decode_runs(v, s, 0, s.runs.size(), false, true);
 
     std::unique_ptr<llama_sampler, SamplerDel> smpl(llama_sampler_chain_init(llama_sampler_chain_default_params()));
     if (g.temperature > 0.0f) {
@@ -533,8 +685,8 @@ Generation Llm::answer(const VisualTokens & v, const std::vector<int> & kept, co
     }
 
     Generation out;
-    out.prompt_tokens = P + K + T;
-    int32_t next = l.next;
+    out.prompt_tokens = s.size();
+    int32_t next = s.next;
     Batch b;
     for (int step = 0; step < g.max_new_tokens; ++step) {
         const llama_token tok = llama_sampler_sample(smpl.get(), m.ctx.get(), -1);
@@ -553,10 +705,11 @@ Generation Llm::answer(const VisualTokens & v, const std::vector<int> & kept, co
 }
 
 // ---- the index: a set's question-independent scoring state, reused by every later question -------------------------
-// The prefix and the set's visual tokens come before the question and attention is causal, so their KV cache of
-// layers < L and their layer-L keys are the same for every question. index_set runs only them (the pass stops at
-// layer L as in score_set) and saves the sequence's KV state; score_indexed restores it and decodes only the
-// question's tokens. The scores are score_set's: the same formula over the same keys.
+// Everything before the suffix (the prefix, the set's visual tokens and, for Qwen3-VL, their timestamp texts) comes
+// before the question and attention is causal, so its KV cache of layers < L and its layer-L keys are the same for
+// every question. index_set runs only that (the pass stops at layer L as in score_set) and saves the sequence's KV
+// state; score_indexed restores it and decodes only the suffix. The scores are score_set's: the same formula over the
+// same keys. Not for hybrid models (Qwen3.5): the linear-attention layers' recurrent state is not cut per token.
 size_t SetIndex::bytes() const { return state.size() + k.size() * sizeof(float); }
 
 SetIndex Llm::index_set(const VisualTokens & v, const std::vector<int> & units, const Prompt & p, int layer) {
@@ -565,41 +718,24 @@ SetIndex Llm::index_set(const VisualTokens & v, const std::vector<int> & units, 
         throw Error("reference layer " + std::to_string(layer) + " is out of range: this model has layers 0.." +
                     std::to_string(m.n_layer - 1));
     }
+    if (hybrid()) throw Error("a hybrid (linear-attention) model cannot index a video");
     const auto t0 = std::chrono::steady_clock::now();
-    const int tpu = v.tokens_per_unit();
-    const int P = (int) p.prefix.size(), V = (int) units.size() * tpu, T = (int) p.suffix.size();
-    m.check_fits(P + V + T, "a frame set's scoring pass");
-    const auto offsets = video_offsets((int) units.size(), v.rows, v.cols, v.interval);
-    const Layout l = layout_positions(P, offsets, video_extent((int) units.size(), v.rows, v.cols, v.interval), T);
-    std::vector<const float *> rows;
-    for (int u : units) {
-        for (int j = 0; j < tpu; ++j) rows.push_back(v.token(u * tpu + j));
-    }
-    Capture & c = m.capture;
-    c.q_name = "Qcur-" + std::to_string(layer);
-    c.k_name = "Kcur-" + std::to_string(layer);
-    c.q.clear(), c.k.clear(), c.error.clear();
-    c.got_q = c.got_k = false;
-    m.clear_memory();
-    struct Off {
+    const Sequence s = m.scoring_sequence(v, units, p);
+    const int n_context = s.size() - (int) s.runs.back().pos.size();
+    m.check_fits(s.size(), "a frame set's scoring pass");
+    struct Clear {
         Impl & m;
-        ~Off() {
-            m.capture.active = false;
-            m.clear_memory();
-        }
-    } off{m};
-    c.active = true;
-    c.want_q = false;
-    m.decode_tokens(p.prefix, l.prefix, false);
-    m.decode_embd(rows, l.video);
-    if (c.k.size() != (size_t) (P + V) * m.n_head_kv * m.head_dim) {
+        ~Clear() { m.clear_memory(); }
+    } clear{m};
+    m.capture_pass(v, s, 0, s.runs.size() - 1, layer, false, nullptr);
+    if (m.capture.k.size() != (size_t) n_context * m.n_head_kv * m.head_dim) {
         throw Error("indexing did not capture layer " + std::to_string(layer) + "'s keys as expected");
     }
     SetIndex ix;
     ix.units = units;
     ix.layer = layer;
-    ix.n_context = P + V;
-    ix.k.swap(c.k);
+    ix.n_context = n_context;
+    ix.k.swap(m.capture.k);
     ix.state.resize(llama_state_seq_get_size(m.ctx.get(), 0));
     if (llama_state_seq_get_data(m.ctx.get(), ix.state.data(), ix.state.size(), 0) != ix.state.size()) {
         throw Error("could not save a frame set's KV state" + take_errors());
@@ -611,42 +747,23 @@ SetIndex Llm::index_set(const VisualTokens & v, const std::vector<int> & units, 
 std::vector<float> Llm::score_indexed(const SetIndex & ix, const VisualTokens & v, const Prompt & p,
                                       Aggregate aggregate) {
     auto & m = *impl_;
-    const int tpu = v.tokens_per_unit();
-    const int P = (int) p.prefix.size(), V = (int) ix.units.size() * tpu, T = (int) p.suffix.size();
-    if (P + V != ix.n_context) throw Error("this index was made for another prompt or video");
-    m.check_fits(P + V + T, "a frame set's scoring pass");
-    const auto offsets = video_offsets((int) ix.units.size(), v.rows, v.cols, v.interval);
-    const Layout l = layout_positions(P, offsets, video_extent((int) ix.units.size(), v.rows, v.cols, v.interval), T);
-
-    Capture & c = m.capture;
-    c.q_name = "Qcur-" + std::to_string(ix.layer);
-    c.k_name = "Kcur-" + std::to_string(ix.layer);
-    c.q.clear(), c.k.clear(), c.error.clear();
-    c.got_q = c.got_k = false;
-    m.clear_memory();
-    struct Off {
+    const Sequence s = m.scoring_sequence(v, ix.units, p);
+    const int n = s.size(), T = (int) p.suffix.size();
+    if (n - T != ix.n_context) throw Error("this index was made for another prompt or video");
+    m.check_fits(n, "a frame set's scoring pass");
+    struct Clear {
         Impl & m;
-        ~Off() {
-            m.capture.active = false;
-            m.clear_memory();
-        }
-    } off{m};
-    if (llama_state_seq_set_data(m.ctx.get(), ix.state.data(), ix.state.size(), 0) != ix.state.size()) {
-        throw Error("could not restore a frame set's KV state" + take_errors());
-    }
-    c.active = true;
-    c.want_q = true;
-    m.decode_tokens(p.suffix, l.suffix, false);
-    const size_t kv_row = (size_t) m.n_head_kv * m.head_dim;
-    if (c.k.size() != (size_t) T * kv_row || c.q.size() != (size_t) T * m.n_head * m.head_dim) {
-        throw Error("the question pass did not capture layer " + std::to_string(ix.layer) + "'s Q/K as expected");
+        ~Clear() { m.clear_memory(); }
+    } clear{m};
+    m.capture_pass(v, s, s.runs.size() - 1, s.runs.size(), ix.layer, true, &ix.state);
+    if (m.capture.k.size() != (size_t) T * m.n_head_kv * m.head_dim) {
+        throw Error("the question pass did not capture layer " + std::to_string(ix.layer) + "'s keys as expected");
     }
     std::vector<float> keys;
-    keys.reserve(ix.k.size() + c.k.size());
+    keys.reserve(ix.k.size() + m.capture.k.size());
     keys.insert(keys.end(), ix.k.begin(), ix.k.end());
-    keys.insert(keys.end(), c.k.begin(), c.k.end());
-    return question_attention_scores(c.q.data(), keys.data(), T, P + V + T, m.n_head, m.n_head_kv, m.head_dim, P, P + V,
-                                     aggregate);
+    keys.insert(keys.end(), m.capture.k.begin(), m.capture.k.end());
+    return m.scores(keys.data(), n, T, s.columns, ix.layer, aggregate);
 }
 
 }  // namespace flexselect

@@ -8,12 +8,54 @@
 
 namespace flexselect {
 
-int reference_layer_for(int num_layers) {
-    namespace d = defaults::qwen2_5_vl;
-    if (num_layers == d::num_layers) return d::reference_layer;
+int reference_layer_for(const defaults::Family & d, int num_layers, const std::vector<int> & candidates,
+                        std::string * warning) {
+    const double depth = (double) d.reference_layer * num_layers / d.num_layers;
+    int layer = d.reference_layer;
     // the same relative depth (Python's round(): ties to even), at least 1, at most the last layer
-    const int layer = (int) std::nearbyint((double) d::reference_layer * num_layers / d::num_layers);
-    return std::min(num_layers - 1, std::max(1, layer));
+    if (num_layers != d.num_layers) layer = std::min(num_layers - 1, std::max(1, (int) std::nearbyint(depth)));
+    const bool hybrid = !candidates.empty() && (int) candidates.size() < num_layers;
+    if (hybrid && std::find(candidates.begin(), candidates.end(), layer) == candidates.end()) {
+        layer = *std::min_element(candidates.begin(), candidates.end(), [&](int a, int b) {
+            const double da = std::fabs(a - depth), db = std::fabs(b - depth);
+            return da != db ? da < db : a < b;
+        });
+    }
+    if (warning == nullptr) return layer;
+    char buf[512];
+    if (!d.reference_layer_measured) {  // the words of flexselect.defaults.reference_layer_for
+        std::snprintf(buf, sizeof buf,
+                      "%s: reference layer %d of %d was never measured (the paper covers no such model): it is the %s "
+                      "Qwen2.5-VL's relative depth (20 of 28). Run `flexselect layer-scan --model ...` to measure the "
+                      "best one and pass it as --layer.",
+                      d.name, layer, num_layers, hybrid ? "full-attention layer nearest" : "layer at");
+        *warning = buf;
+    } else if (num_layers != d.num_layers) {
+        std::snprintf(buf, sizeof buf,
+                      "%s: the paper's reference layer %d is for %d layers; this model has %d, using layer %d (same "
+                      "relative depth). Run `flexselect layer-scan` to measure the best one.",
+                      d.name, d.reference_layer, d.num_layers, num_layers, layer);
+        *warning = buf;
+    }
+    return layer;
+}
+
+int resolve_reference_layer(const Llm & llm, int layer, std::string * warning) {
+    const auto & valid = llm.attention_layers();
+    if (layer < 0) layer = reference_layer_for(llm.family(), llm.n_layers(), valid, warning);
+    if (layer >= llm.n_layers()) {
+        throw Error("reference layer " + std::to_string(layer) + " is out of range: this model has layers 0.." +
+                    std::to_string(llm.n_layers() - 1));
+    }
+    if (std::find(valid.begin(), valid.end(), layer) == valid.end()) {
+        std::string list;
+        for (int l : valid) list += (list.empty() ? "" : ", ") + std::to_string(l);
+        throw Error("reference layer " + std::to_string(layer) +
+                    " is a linear-attention layer, which has no attention map to score; this model's full-attention "
+                    "layers are " +
+                    list + ": pass one of them as --layer");
+    }
+    return layer;
 }
 
 size_t VideoIndex::bytes() const {
@@ -26,15 +68,9 @@ Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, cons
                         const SelectOptions & opts, VideoIndex * index) {
     Selection sel;
     const int total = v.num_tokens(), tpu = v.tokens_per_unit();
-    if (ranker == nullptr) {
-        sel.layer = opts.layer >= 0 ? opts.layer : reference_layer_for(llm.n_layers());
-        if (sel.layer >= llm.n_layers()) {  // the one range check: Llm::score_set trusts it
-            throw Error("reference layer " + std::to_string(sel.layer) + " is out of range: this model has layers 0.." +
-                        std::to_string(llm.n_layers() - 1));
-        }
-    }
+    if (ranker == nullptr) sel.layer = resolve_reference_layer(llm, opts.layer);  // Llm::score_set trusts it
     if (opts.budget <= 0) {
-        sel.budget = std::min(round_budget(defaults::qwen2_5_vl::budget, tpu), total);
+        sel.budget = std::min(round_budget(llm.family().budget, tpu), total);
     } else if (opts.budget > total) {
         throw Error("the budget of " + std::to_string(opts.budget) + " tokens is larger than the video's " +
                     std::to_string(total) + " visual tokens (" + std::to_string(v.num_units) + " frames x " +
@@ -47,7 +83,8 @@ Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, cons
     std::vector<int> sizes;
     for (const auto & s : sets) sizes.push_back((int) s.size() * tpu);
     const auto shares = split_budget(sel.budget, sizes);
-    if (ranker != nullptr) index = nullptr;  // a ranker's pass has no question-independent half to keep
+    // a ranker's pass has no question-independent half to keep; a hybrid model's recurrent state cannot be cut back
+    if (ranker != nullptr || llm.hybrid()) index = nullptr;
     if (index != nullptr &&
         (index->layer != sel.layer || index->sets.size() != sets.size() || index->prefix != p.prefix)) {
         *index = VideoIndex{};  // made for another layer, set size or prompt: never reused
@@ -68,10 +105,10 @@ Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, cons
         if (shares[g] == 0) continue;
         std::vector<float> scores;
         if (ranker != nullptr) {
-            std::vector<float> embd;
-            embd.reserve(tokens.size() * (size_t) v.n_embd);
-            for (int t : tokens) embd.insert(embd.end(), v.token(t), v.token(t) + v.n_embd);
-            scores = ranker->score(embd.data(), (int) tokens.size(), v.n_embd, p.question);
+            std::vector<float> embd;  // the main embedding of each token (Qwen3-VL: without the DeepStack slices)
+            embd.reserve(tokens.size() * (size_t) v.n_main);
+            for (int t : tokens) embd.insert(embd.end(), v.token(t), v.token(t) + v.n_main);
+            scores = ranker->score(embd.data(), (int) tokens.size(), v.n_main, p.question);
         } else if (index != nullptr) {
             SetIndex & ix = index->sets[g];
             if (ix.units != sets[g]) {

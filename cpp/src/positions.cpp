@@ -56,3 +56,69 @@ std::vector<int32_t> mrope_section_major(const std::vector<Pos3> & pos) {
 }
 
 }  // namespace flexselect
+
+namespace flexselect {
+
+int Sequence::size() const {
+    size_t n = 0;
+    for (const Run & r : runs) n += r.pos.size();
+    return (int) n;
+}
+
+Sequence video_sequence(const std::vector<int32_t> & prefix, const std::vector<int> & tokens,
+                        const std::vector<Pos3> & offsets, int extent, const std::vector<int32_t> & suffix) {
+    const Layout l = layout_positions((int) prefix.size(), offsets, extent, (int) suffix.size());
+    Sequence s;
+    s.runs.push_back({prefix, {}, l.prefix});
+    s.runs.push_back({{}, tokens, l.video});
+    s.runs.push_back({suffix, {}, l.suffix});
+    for (size_t i = 0; i < tokens.size(); ++i) s.columns.push_back((int) (prefix.size() + i));
+    s.next = l.next;
+    return s;
+}
+
+Sequence unit_text_sequence(const std::vector<int32_t> & prefix, const std::vector<std::vector<int32_t>> & labels,
+                            int32_t vision_start, int32_t vision_end, const std::vector<std::vector<int>> & tokens,
+                            int rows, int cols, const std::vector<int32_t> & suffix) {
+    Sequence s;
+    Run text;  // the text run being gathered: consecutive positions in all three dims
+    int32_t pos = 0;
+    int at = 0;  // sequence index
+    auto add_text = [&](const std::vector<int32_t> & ids) {
+        for (int32_t id : ids) {
+            text.ids.push_back(id);
+            text.pos.push_back({pos, pos, pos});
+            ++pos, ++at;
+        }
+    };
+    auto flush = [&] {
+        if (!text.ids.empty()) s.runs.push_back(std::move(text));
+        text = Run{};
+    };
+    add_text(prefix);
+    const int tpu = rows * cols;
+    for (size_t i = 0; i < tokens.size(); ++i) {
+        add_text(labels[i]);
+        add_text({vision_start});
+        if (!tokens[i].empty()) {
+            flush();
+            Run vis;
+            for (int g : tokens[i]) {
+                const int local = g % tpu;
+                vis.tokens.push_back(g);
+                vis.pos.push_back({pos, pos + local / cols, pos + local % cols});
+                s.columns.push_back(at++);
+            }
+            s.runs.push_back(std::move(vis));
+        }
+        pos += std::max(rows, cols);
+        add_text({vision_end});
+    }
+    flush();
+    add_text(suffix);
+    flush();
+    s.next = pos;
+    return s;
+}
+
+}  // namespace flexselect

@@ -81,11 +81,21 @@ Aggregate parse_aggregate(const std::string & name) {
 std::vector<float> question_attention_scores(const float * q, const float * k, int n_rows, int n_keys, int n_heads,
                                              int n_kv_heads, int head_dim, int vis_begin, int vis_end,
                                              Aggregate aggregate) {
+    if (vis_begin < 0 || vis_end < vis_begin) throw Error("question_attention_scores: inconsistent shapes");
+    std::vector<int> columns(vis_end - vis_begin);
+    for (int v = 0; v < vis_end - vis_begin; ++v) columns[v] = vis_begin + v;
+    return question_attention_scores(q, k, n_rows, n_keys, n_heads, n_kv_heads, head_dim, columns, aggregate);
+}
+
+std::vector<float> question_attention_scores(const float * q, const float * k, int n_rows, int n_keys, int n_heads,
+                                             int n_kv_heads, int head_dim, const std::vector<int> & columns,
+                                             Aggregate aggregate) {
     if (n_rows <= 0 || n_rows > n_keys || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 ||
-        head_dim <= 0 || vis_begin < 0 || vis_end < vis_begin || vis_end > n_keys - n_rows) {
+        head_dim <= 0 ||
+        std::any_of(columns.begin(), columns.end(), [&](int c) { return c < 0 || c >= n_keys - n_rows; })) {
         throw Error("question_attention_scores: inconsistent shapes");
     }
-    const int n_vis = vis_end - vis_begin;
+    const int n_vis = (int) columns.size();
     const int group = n_heads / n_kv_heads;
     const double scale = 1.0 / std::sqrt((double) head_dim);
     std::vector<double> acc(n_vis, 0.0);  // probabilities are >= 0: the start of both max and sum
@@ -107,7 +117,7 @@ std::vector<float> question_attention_scores(const float * q, const float * k, i
             double sum = 0.0;
             for (int j = 0; j < n_seen; ++j) sum += std::exp(logits[j] - mx);
             for (int v = 0; v < n_vis; ++v) {
-                const double p = std::exp(logits[vis_begin + v] - mx) / sum;
+                const double p = std::exp(logits[columns[v]] - mx) / sum;
                 if (aggregate == Aggregate::max) {
                     acc[v] = std::max(acc[v], p);
                 } else {

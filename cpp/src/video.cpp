@@ -15,8 +15,6 @@ extern "C" {
 
 namespace flexselect {
 
-static constexpr int kPixelFactor = 28;  // patch 14 x spatial merge 2
-
 std::vector<int64_t> uniform_indices(int64_t n_frames, int n) {
     std::vector<int64_t> out;
     if (n_frames <= 0 || n <= 0) return out;
@@ -36,15 +34,15 @@ std::vector<int64_t> fps_indices(int64_t n_frames, double source_fps, double fps
     return uniform_indices(n_frames, (int) std::min<int64_t>(n, 1 << 30));
 }
 
-void target_size(int width, int height, int max_side, int & out_width, int & out_height) {
+void target_size(int width, int height, int max_side, int & out_width, int & out_height, int factor) {
     double w = width, h = height;
     if (max_side > 0 && std::max(w, h) > max_side) {
         const double scale = (double) max_side / std::max(w, h);
         w *= scale;
         h *= scale;
     }
-    // nearest multiple of 28 (ties to even, as Python's round()), at least 28
-    auto snap = [](double v) { return std::max(kPixelFactor, (int) std::nearbyint(v / kPixelFactor) * kPixelFactor); };
+    // nearest multiple of the factor (ties to even, as Python's round()), at least one
+    auto snap = [factor](double v) { return std::max(factor, (int) std::nearbyint(v / factor) * factor); };
     out_width = snap(w);
     out_height = snap(h);
 }
@@ -143,7 +141,7 @@ Clip load_clip(const std::string & path, const SamplingOptions & opts) {
     Clip clip;
     clip.source_frames = count;
     clip.source_fps = source_fps;
-    target_size(dec.p->width, dec.p->height, opts.max_side, clip.width, clip.height);
+    target_size(dec.p->width, dec.p->height, opts.max_side, clip.width, clip.height, opts.pixel_factor);
 
     Frame frame;
     Packet pkt;

@@ -22,6 +22,10 @@
 
 namespace flexselect {
 
+namespace defaults {
+struct Family;  // a family's rules from defaults.json (defaults_gen.h)
+}
+
 // Every error the user can fix (bad file, mismatched models, too long a prompt) is thrown as this, with one clear
 // message; the CLI prints it and exits with status 2.
 struct Error : std::runtime_error {
@@ -53,6 +57,10 @@ Aggregate parse_aggregate(const std::string & name);
 // the columns [vis_begin, vis_end), then max (or mean) over heads and rows. Returns vis_end - vis_begin scores.
 std::vector<float> question_attention_scores(const float * q, const float * k, int n_rows, int n_keys, int n_heads,
                                              int n_kv_heads, int head_dim, int vis_begin, int vis_end,
+                                             Aggregate aggregate);
+// The same over any key columns (Qwen3-VL: the visual tokens between the timestamp texts), each < n_keys - n_rows.
+std::vector<float> question_attention_scores(const float * q, const float * k, int n_rows, int n_keys, int n_heads,
+                                             int n_kv_heads, int head_dim, const std::vector<int> & columns,
                                              Aggregate aggregate);
 
 // ---- evidence (evidence.cpp; python/flexselect/evidence.py) ------------------------------------------------------
@@ -98,6 +106,32 @@ Layout layout_positions(int prefix_len, const std::vector<Pos3> & video_offsets,
 // llama.cpp's M-RoPE batch layout: 4 values per token, section-major (all t, all y, all x, then n zeros).
 std::vector<int32_t> mrope_section_major(const std::vector<Pos3> & pos);
 
+// A pass as llama.cpp decodes it: runs of text tokens or of visual tokens, each with its positions. Every layout
+// ends with the suffix run (the question's rows, which score).
+struct Run {
+    std::vector<int32_t> ids;  // text token ids; empty: a run of visual tokens
+    std::vector<int> tokens;   // a visual run's global token indices
+    std::vector<Pos3> pos;
+};
+struct Sequence {
+    std::vector<Run> runs;
+    std::vector<int> columns;  // sequence indices of the visual tokens, in token order
+    int32_t next = 0;          // position of the first generated token
+    int size() const;
+};
+
+// Qwen2.5-VL / Qwen2-VL: [prefix] [the tokens at start P + offset] [suffix], as layout_positions.
+Sequence video_sequence(const std::vector<int32_t> & prefix, const std::vector<int> & tokens,
+                        const std::vector<Pos3> & offsets, int extent, const std::vector<int32_t> & suffix);
+
+// Qwen3-VL / Qwen3.5 (python/flexselect/backends/hf/qwen3_vl.py): [prefix], then per unit `<t seconds>`
+// <|vision_start|> its tokens <|vision_end|> (labels[i] the unit's timestamp text, tokens[i] its kept tokens, maybe
+// none), then [suffix]. Text is consecutive; a unit at s puts token (r, c) at (s, s + r, s + c) and the text after
+// it at s + max(rows, cols): in the answer pass these are the full video's positions of the kept tokens.
+Sequence unit_text_sequence(const std::vector<int32_t> & prefix, const std::vector<std::vector<int32_t>> & labels,
+                            int32_t vision_start, int32_t vision_end, const std::vector<std::vector<int>> & tokens,
+                            int rows, int cols, const std::vector<int32_t> & suffix);
+
 // ---- video (video.cpp) -------------------------------------------------------------------------------------------
 
 struct SamplingOptions {
@@ -107,10 +141,11 @@ struct SamplingOptions {
     double end = -1.0;     // seconds; < 0: to the end
     int max_frames = 0;    // > 0: cap on sampled frames (fps mode)
     int max_side = 0;      // > 0: longest side at most this many pixels
+    int pixel_factor = 28; // each side a multiple of this (patch x spatial merge: Qwen2.5-VL 28, Qwen3-VL 32)
 };
 
 struct Clip {
-    int width = 0, height = 0;                  // after resizing: multiples of 28
+    int width = 0, height = 0;                  // after resizing: multiples of the pixel factor
     std::vector<std::vector<uint8_t>> frames;   // RGB24, height * width * 3 each
     std::vector<double> timestamps;             // seconds
     double sample_fps = 0.0;                    // the requested fps if met, else frames / span in seconds
@@ -122,8 +157,8 @@ struct Clip {
 std::vector<int64_t> uniform_indices(int64_t n_frames, int n);
 // Frame indices for sampling at `fps` from a source at `source_fps`, at most max_frames (then uniform).
 std::vector<int64_t> fps_indices(int64_t n_frames, double source_fps, double fps, int max_frames);
-// Frame size fed to the vision tower: longest side <= max_side, then each side rounded to a multiple of 28.
-void target_size(int width, int height, int max_side, int & out_width, int & out_height);
+// Frame size fed to the vision tower: longest side <= max_side, then each side rounded to a multiple of `factor`.
+void target_size(int width, int height, int max_side, int & out_width, int & out_height, int factor = 28);
 
 // Decodes only what is needed and keeps only the sampled frames. Throws Error on unreadable input.
 Clip load_clip(const std::string & path, const SamplingOptions & opts);
@@ -137,12 +172,17 @@ struct LlmOptions {
     int n_ctx = 32768;
     int n_batch = 2048;     // tokens per llama_decode call; the scoring capture accumulates across micro-batches
     bool verbose = false;   // llama.cpp / mtmd logs
+    bool kv_f32 = false;    // f32 KV cache (llama.cpp's is f16 even for an f32 GGUF): exact runtime comparisons
 };
 
 struct VisualTokens {
-    std::vector<float> embd;  // [num_units * rows * cols][n_embd], unit-major
-    int n_embd = 0, num_units = 0, rows = 0, cols = 0;
-    double interval = 1.0;    // M-RoPE temporal step per unit
+    // [num_units * rows * cols][n_embd], unit-major: mtmd's rows, llama_model_n_embd_inp wide. Qwen3-VL: the main
+    // embedding (n_main) followed by one slice per DeepStack level, so a pass that carries a token carries exactly
+    // its DeepStack features; a Lite ranker reads the main embedding only.
+    std::vector<float> embd;
+    int n_embd = 0, n_main = 0, num_units = 0, rows = 0, cols = 0;
+    double interval = 1.0;            // M-RoPE temporal step per unit (Qwen2.5-VL layout)
+    std::vector<double> unit_seconds; // each unit's time (mean of its frames' times): Qwen3-VL's timestamp text
     int tokens_per_unit() const { return rows * cols; }
     int num_tokens() const { return num_units * rows * cols; }
     const float * token(int i) const { return embd.data() + (size_t) i * n_embd; }
@@ -189,8 +229,13 @@ class Llm {
     int n_layers() const;
     int n_embd() const;
     int n_ctx() const;
-    std::string family() const;        // defaults.json's family of the mmproj's projector (qwen2_5_vl, qwen2_vl)
-    double tokens_per_second() const;  // the family's (defaults.json); 0: one temporal step per unit
+    int n_main() const;  // the main embedding's width (Qwen3-VL's rows also carry DeepStack slices)
+    const defaults::Family & family() const;  // defaults.json's rules of this model's family
+    int pixel_factor() const;                 // frame sides are multiples of this (mmproj patch size x merge 2)
+    // The layers a reference layer can be: every layer, except in hybrid models (Qwen3.5), whose linear-attention
+    // layers have no attention map: there, the full-attention ones.
+    const std::vector<int> & attention_layers() const;
+    bool hybrid() const;  // some layers are linear attention: no index (their recurrent state cannot be cut back)
 
     Prompt prompt(const std::string & question) const;
     VisualTokens encode(const Clip & clip, int temporal_patch = 2);
@@ -272,8 +317,15 @@ struct VideoIndex {
     size_t bytes() const;
 };
 
-// The reference layer of the paper for Qwen2.5-VL (28 layers), or the layer at the same relative depth.
-int reference_layer_for(int num_layers);
+// The family's reference layer, or the layer at the same relative depth for a model of another depth; in a hybrid
+// model (candidates: its full-attention layers) the candidate nearest that depth, the shallower on a tie. As
+// flexselect.defaults.reference_layer_for; `warning` gets its warning (never measured / another depth), if any.
+int reference_layer_for(const defaults::Family & family, int num_layers, const std::vector<int> & candidates,
+                        std::string * warning = nullptr);
+
+// The layer to score at: `layer` (>= 0), or the family's default for this model; one clear Error if the model
+// cannot be scored there (out of range, or a linear-attention layer: the message lists the valid ones).
+int resolve_reference_layer(const Llm & llm, int layer, std::string * warning = nullptr);
 
 // Selection over all frame sets; `ranker` may be null (then the model's reference layer scores). With `index`,
 // reference-layer scoring builds each set's index on first use and reuses it for later questions.
