@@ -1,6 +1,7 @@
 // Unit tests of the selection math, positions and video helpers: the hand-computed cases shared with the Python tests
 // (tests/vectors.json, compiled in through the CMake-generated vectors_gen.h) and a few C++-only checks.
 // No framework: each CHECK prints the failing expression and the test exits non-zero.
+#include "flexselect/defaults_gen.h"
 #include "flexselect/flexselect.h"
 #include "flexselect/vectors_gen.h"
 
@@ -189,6 +190,51 @@ static void test_target_size() {
     CHECK(w == 448 && h == 252);
 }
 
+static void test_target_size_qwen3() {
+    int w = 0, h = 0;
+    target_size(128, 96, 640, w, h, 32);  // multiples of 32 that fit: untouched
+    CHECK(w == 128 && h == 96);
+    target_size(1920, 1080, 640, w, h, 32);  // 640 x 360 -> 352 = 11 * 32
+    CHECK(w == 640 && h == 352);
+}
+
+static void test_unit_text_sequence() {
+    // prefix [1, 2]; two units of a 2 x 3 grid, labels [7] and [8, 9]; vision start 5, end 6; suffix [3, 4].
+    // Unit 0 keeps tokens 1 and 5 (r, c = (0, 1), (1, 2)), unit 1 keeps none.
+    const Sequence s = unit_text_sequence({1, 2}, {{7}, {8, 9}}, 5, 6, {{1, 5}, {}}, 2, 3, {3, 4});
+    CHECK(s.runs.size() == 4);  // the suffix is a run of its own: its rows score
+    CHECK(same(s.runs[0].ids, {1, 2, 7, 5}));  // prefix, label, vision start: positions 0..3
+    CHECK(s.runs[0].pos.back().t == 3 && s.runs[0].pos.back().x == 3);
+    CHECK(s.runs[1].ids.empty() && same(s.runs[1].tokens, {1, 5}));
+    // the unit starts at 4: (4, 4 + r, 4 + c)
+    CHECK(s.runs[1].pos[0].t == 4 && s.runs[1].pos[0].y == 4 && s.runs[1].pos[0].x == 5);
+    CHECK(s.runs[1].pos[1].t == 4 && s.runs[1].pos[1].y == 5 && s.runs[1].pos[1].x == 6);
+    // then the text at 4 + max(2, 3) = 7: vision end, the next unit's label, start and end (it keeps nothing but
+    // still takes its extent), then the suffix
+    CHECK(same(s.runs[2].ids, {6, 8, 9, 5, 6}) && same(s.runs[3].ids, {3, 4}));
+    std::vector<int32_t> t;
+    for (const Pos3 & q : s.runs[2].pos) t.push_back(q.t);
+    for (const Pos3 & q : s.runs[3].pos) t.push_back(q.t);
+    CHECK(same(t, {7, 8, 9, 10, 14, 15, 16}));
+    CHECK(same(s.columns, {4, 5}) && s.next == 17 && s.size() == 13);
+}
+
+static void test_reference_layer_rules() {
+    const defaults::Family & q25 = *defaults::find_family("qwen2_5_vl");
+    const defaults::Family & q35 = *defaults::find_family("qwen3_5");  // 23 of 32, never measured
+    std::string warning;
+    CHECK(reference_layer_for(q25, 28, {}, &warning) == 20 && warning.empty());
+    CHECK(reference_layer_for(q25, 4, {}, &warning) == 3 && warning.find("same relative depth") != std::string::npos);
+    std::vector<int> all(32);
+    for (int i = 0; i < 32; ++i) all[i] = i;
+    warning.clear();
+    CHECK(reference_layer_for(q35, 32, all, &warning) == 23 && warning.find("never measured") != std::string::npos);
+    // hybrid: 8 layers, full attention at 3 and 7; depth 23 * 8 / 32 = 5.75 -> 6 is linear: the nearest is 7
+    CHECK(reference_layer_for(q35, 8, {3, 7}, &warning) == 7 && warning.find("full-attention") != std::string::npos);
+    CHECK(reference_layer_for(q35, 32, {3, 7, 11, 15, 19, 23, 27, 31}) == 23);
+    CHECK(reference_layer_for(q35, 16, {1, 5, 9, 13}) == 13);  // depth 11.5: 13 is 1.5 away, 9 is 2.5
+}
+
 int main() {
     test_shared_selection_vectors();
     test_shared_position_vectors();
@@ -196,6 +242,9 @@ int main() {
     test_errors_and_invariants();
     test_mrope_batch_layout();
     test_target_size();
+    test_target_size_qwen3();
+    test_unit_text_sequence();
+    test_reference_layer_rules();
     if (g_failures) {
         std::fprintf(stderr, "%d check(s) failed\n", g_failures);
         return 1;
