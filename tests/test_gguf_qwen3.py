@@ -145,6 +145,20 @@ def test_stopped_pass_equals_full_pass(pair, clip):
     assert q_stop.shape[:2] == (4, len(prompt.suffix_ids)) and k_stop.shape[0] == 2
 
 
+@pytest.mark.parametrize("pair", ["qwen3_vl", "qwen3_vl_moe"], indirect=True)  # hybrids have no index
+def test_indexed_scores_equal_plain_scores(pair, clip):
+    """The video index's two halves (context saved once, the question decoded against it) score a Qwen3-VL set
+    with the timestamp layout of a plain pass, bit for bit, for the question it was built with and another."""
+    _, lb = pair
+    visual = lb.encode(clip)
+    prompts = [lb.prompt(QUESTION), lb.prompt("How many people are there?")]
+    layer = FAMILIES[_family(pair)][2][0]
+    for frames in frame_sets(visual.num_frames, 4):
+        entry = lb.index_set(visual, frames, prompts[0], layer)
+        for prompt in prompts:
+            assert torch.equal(lb.score_indexed(entry, visual, prompt), lb.score(visual, frames, prompt, layer))
+
+
 @EVERY_FAMILY
 def test_kept_tokens_per_set_match_transformers(pair, clip):
     hf, lb = pair

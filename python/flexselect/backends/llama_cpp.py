@@ -828,17 +828,15 @@ class LlamaCppBackend:
                 f"reference layer {layer} is out of range: this model has layers 0..{self.num_layers - 1}"
             )
         t0 = time.perf_counter()
-        embeds, positions = self.scoring_layout(visual, frames, prompt)
-        self._check_fits(positions.shape[1], "scoring pass of one frame set")
-        p, v = len(prompt.prefix_ids), embeds.shape[0]
-        pos = positions.numpy()
+        runs = self._scoring_runs(visual, frames, prompt, layer)
+        self._check_fits(sum(pos.shape[1] for _, _, pos in runs), "scoring pass of one frame set")
+        n_context = sum(pos.shape[1] for _, _, pos in runs[:-1])  # all but the suffix
         cap = self._capture
         cap.start(layer, self.abort_after_reference)
         try:
             self._ll.llama_memory_clear(self.mem, True)
             cap.want_q = False
-            self._decode(pos[:, :p], tokens=prompt.prefix_ids.numpy())
-            self._decode(pos[:, p : p + v], embeds=embeds)
+            self._run_runs(runs[:-1])
             cap.stop()
             size = self._ll.llama_state_seq_get_size(self.ctx, 0)
             state = np.empty(size, dtype=np.uint8)
@@ -853,8 +851,8 @@ class LlamaCppBackend:
         if written != size:
             raise FlexSelectError(f"llama.cpp saved {written} of {size} bytes of a frame set's state")
         keys = torch.from_numpy(np.concatenate(cap.k)).transpose(0, 1)  # [H_kv, C, d]
-        if keys.shape[1] != p + v:
-            raise FlexSelectError(f"captured keys for {keys.shape[1]} of {p + v} context positions")
+        if keys.shape[1] != n_context:
+            raise FlexSelectError(f"captured keys for {keys.shape[1]} of {n_context} context positions")
         return LlamaSetIndex(tuple(frames), state, keys, layer, time.perf_counter() - t0)
 
     def score_indexed(
@@ -862,12 +860,11 @@ class LlamaCppBackend:
     ) -> torch.Tensor:
         t0 = time.perf_counter()
         frames = list(entry.frames)
-        p, v, n = len(prompt.prefix_ids), len(frames) * visual.tokens_per_frame, entry.keys.shape[1]
-        if p + v != n:
+        runs = self._scoring_runs(visual, frames, prompt, entry.layer)
+        n = entry.keys.shape[1]
+        if sum(pos.shape[1] for _, _, pos in runs[:-1]) != n:
             raise FlexSelectError("this index was made for another prompt or video")
-        offsets = video_positions(len(frames), visual.grid, visual.time_interval)
-        positions, _ = layout_positions(p, offsets, int(offsets.max()), len(prompt.suffix_ids))
-        self._check_fits(positions.shape[1], "scoring pass of one frame set")
+        self._check_fits(n + runs[-1][2].shape[1], "scoring pass of one frame set")
         cap = self._capture
         cap.start(entry.layer, self.abort_after_reference)
         try:
@@ -878,7 +875,7 @@ class LlamaCppBackend:
             if read != entry.state.size:
                 raise FlexSelectError(f"llama.cpp could not restore a frame set's state: {self._last_error()}")
             cap.want_q = True
-            self._decode(positions.numpy()[:, n:], tokens=prompt.suffix_ids.numpy())
+            self._run_runs(runs[-1:])
         finally:
             cap.stop()
             self._ll.llama_memory_clear(self.mem, True)
@@ -886,9 +883,31 @@ class LlamaCppBackend:
             raise FlexSelectError(f"could not read the reference layer's tensors: {cap.error}")
         q = torch.from_numpy(np.concatenate(cap.q)).transpose(0, 1)  # [H, T, d]
         k = torch.from_numpy(np.concatenate(cap.k)).transpose(0, 1)
-        scores = question_attention_scores(q, torch.cat([entry.keys, k], dim=1), slice(p, p + v), aggregate)
+        columns = self._scoring_columns(visual, frames, prompt)
+        scores = question_attention_scores(q, torch.cat([entry.keys, k], dim=1), columns, aggregate)
         self.last_score_stats = {"seconds": time.perf_counter() - t0, "tokens": n + k.shape[1], "indexed": True}
         return scores
+
+    def _scoring_runs(self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int) -> list:
+        """A scoring pass as decode runs (token ids | None, rows | None, positions); the suffix is the last."""
+        if self.qwen3:  # timestamps as text: the layout `score` uses
+            self._check_attention_layer(layer)
+            units = list(frames)
+            return self._qwen3_layout(visual, units, [visual.frame_tokens([u]) for u in units], prompt, False)[0]
+        embeds, positions = self.scoring_layout(visual, frames, prompt)
+        p, v, pos = len(prompt.prefix_ids), embeds.shape[0], positions.numpy()
+        return [
+            (prompt.prefix_ids.numpy(), None, pos[:, :p]),
+            (None, embeds, pos[:, p : p + v]),
+            (prompt.suffix_ids.numpy(), None, pos[:, p + v :]),
+        ]
+
+    def _scoring_columns(self, visual: VisualTokens, frames: list[int], prompt: Prompt):
+        if self.qwen3:
+            units = list(frames)
+            return self._qwen3_layout(visual, units, [visual.frame_tokens([u]) for u in units], prompt, False)[1]
+        start = len(prompt.prefix_ids)
+        return slice(start, start + len(frames) * visual.tokens_per_frame)
 
     def index_tensors(self, entry: LlamaSetIndex) -> dict[str, torch.Tensor]:
         return {"state": torch.from_numpy(entry.state), "keys": entry.keys}
