@@ -344,10 +344,10 @@ int run(int argc, char ** argv) {
     if (a.ranker.empty()) a.select.layer = resolve_reference_layer(llm, a.select.layer, &layer_warning);
     if (!a.ranker.empty()) {
         ranker = std::make_unique<Ranker>(a.ranker, a.llm.n_threads);
-        if (ranker->feature_dim() > 0 && ranker->feature_dim() != llm.n_embd()) {
+        if (ranker->feature_dim() > 0 && ranker->feature_dim() != llm.n_main()) {
             throw Error("ranker " + a.ranker + " does not match " + a.llm.model_path + ": it takes " +
                         std::to_string(ranker->feature_dim()) + "-d visual tokens, the model's are " +
-                        std::to_string(llm.n_embd()) + "-d");
+                        std::to_string(llm.n_main()) + "-d");
         }
     }
 

@@ -15,6 +15,7 @@ Exit status 0 = pass, 1 = fail. Sanitizer reports fail the test (the CLI's exit 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -34,7 +35,11 @@ def check(cond: bool, what: str) -> None:
         FAILURES.append(what)
 
 
-def run_cli(cli: str, fx: Path, *extra: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    cli: str, fx: Path, *extra: str, questions=(QUESTION,), stdin: bool = False, expect_ok: bool = True, env=None
+) -> subprocess.CompletedProcess:
+    """The CLI on the fixture with the test's sampling and selection flags (f32 KV cache, as the Python side);
+    `questions` as -p flags, or (stdin) one per line on standard input."""
     cmd = [
         cli,
         "-m",
@@ -43,8 +48,7 @@ def run_cli(cli: str, fx: Path, *extra: str, expect_ok: bool = True) -> subproce
         str(fx / "mmproj.gguf"),
         "--video",
         str(fx / "clip.mp4"),
-        "-p",
-        QUESTION,
+        *([] if stdin else [x for q in questions for x in ("-p", q)]),
         "--frames",
         str(N_FRAMES),
         "--budget",
@@ -55,61 +59,35 @@ def run_cli(cli: str, fx: Path, *extra: str, expect_ok: bool = True) -> subproce
         str(MAX_NEW),
         "-t",
         "2",
+        "--kv-f32",
         *extra,
     ]
-    r = subprocess.run(cmd, capture_output=True)
+    r = subprocess.run(
+        cmd, capture_output=True, input="\n\n".join(questions).encode() + b"\n" if stdin else None, env=env
+    )
     if expect_ok and r.returncode != 0:
         print(r.stderr.decode(errors="replace"))
     return r
 
 
-def run_questions(cli: str, fx: Path, questions: list[str], *extra: str, stdin: bool = False):
-    """Several questions in one run: as -p flags, or one per line on standard input (no -p)."""
-    flags = [] if stdin else [x for q in questions for x in ("-p", q)]
-    cmd = [
-        cli,
-        "-m",
-        str(fx / "model.gguf"),
-        "--mmproj",
-        str(fx / "mmproj.gguf"),
-        "--video",
-        str(fx / "clip.mp4"),
-        *flags,
-        "--frames",
-        str(N_FRAMES),
-        "--budget",
-        str(BUDGET),
-        "--set-frames",
-        str(SET_FRAMES),
-        "--max-new-tokens",
-        str(MAX_NEW),
-        "-t",
-        "2",
-        "--layer",
-        str(LAYER),
-        *extra,
-    ]
-    r = subprocess.run(cmd, capture_output=True, input="\n\n".join(questions).encode() + b"\n" if stdin else None)
-    if r.returncode != 0:
-        print(r.stderr.decode(errors="replace"))
-    return r
+def json_lines(r: subprocess.CompletedProcess) -> list[dict]:
+    """One object per question (--json), or none if the run failed."""
+    return [json.loads(x) for x in r.stdout.decode().splitlines()] if r.returncode == 0 else []
 
 
-def multi_question(cli: str, fx: Path, single: dict) -> None:
-    """Several questions in one run give what single runs give; follow-ups reuse the first question's index."""
+def multi_question(cli: str, fx: Path, single: dict, indexed: bool = True) -> None:
+    """Several questions in one run give what single runs give; follow-ups reuse the first question's index (a
+    hybrid model, `indexed` False: no index, said in a notice, every question rescored)."""
     questions = [QUESTION, FOLLOW_UP, QUESTION]
-    r1 = run_cli(cli, fx, "--json", "--layer", str(LAYER), "-p", FOLLOW_UP)  # run_cli's own -p, then this one
-    lines = [json.loads(x) for x in r1.stdout.decode().splitlines()] if r1.returncode == 0 else []
-    check(len(lines) == 2 and sanitizer_clean(r1), "two -p flags: two JSON lines")
+    layer = ("--layer", str(LAYER))
+    lines = json_lines(run_cli(cli, fx, "--json", *layer, questions=[QUESTION, FOLLOW_UP]))
+    check(len(lines) == 2, "two -p flags: two JSON lines")
     if len(lines) != 2:
         return
-    alone = run_questions(cli, fx, [FOLLOW_UP], "--json")
-    follow = json.loads(alone.stdout) if alone.returncode == 0 else {}
-    for how, r in (
-        ("-p flags", run_questions(cli, fx, questions, "--json")),
-        ("standard input", run_questions(cli, fx, questions, "--json", stdin=True)),
-    ):
-        out = [json.loads(x) for x in r.stdout.decode().splitlines()] if r.returncode == 0 else []
+    follow = (json_lines(run_cli(cli, fx, "--json", *layer, questions=[FOLLOW_UP])) or [{}])[0]
+    for how, stdin in (("-p flags", False), ("standard input", True)):
+        r = run_cli(cli, fx, "--json", *layer, questions=questions, stdin=stdin)
+        out = json_lines(r)
         check(len(out) == 3 and sanitizer_clean(r), f"three questions on {how}: three JSON lines")
         if len(out) != 3:
             continue
@@ -121,22 +99,29 @@ def multi_question(cli: str, fx: Path, single: dict) -> None:
             )
         ix = [o["stats"]["index"] for o in out]
         n_sets = out[0]["stats"]["frame_sets"]
-        check(
-            ix[0]["built_sets"] == n_sets
-            and ix[1]["reused_sets"] == ix[2]["reused_sets"] == n_sets
-            and ix[1]["saved_s"] > 0
-            and out[1]["stats"]["video_cached"],
-            f"{how}: follow-ups reuse the index",
-        )
-    r = run_questions(cli, fx, questions, "--json", "--no-index")
-    out = [json.loads(x) for x in r.stdout.decode().splitlines()] if r.returncode == 0 else []
+        if indexed:
+            check(
+                ix[0]["built_sets"] == n_sets
+                and ix[1]["reused_sets"] == ix[2]["reused_sets"] == n_sets
+                and ix[1]["saved_s"] > 0
+                and out[1]["stats"]["video_cached"],
+                f"{how}: follow-ups reuse the index",
+            )
+        else:
+            check(
+                not any(i["used"] for i in ix) and b"notice: no video index for a hybrid model" in r.stderr,
+                f"{how}: hybrid model: no index, and a notice says so",
+            )
+    if not indexed:
+        return
+    out = json_lines(run_cli(cli, fx, "--json", *layer, "--no-index", questions=questions))
     check(
         len(out) == 3
         and out[1]["kept_token_indices"] == follow.get("kept_token_indices")
         and not out[1]["stats"]["index"]["used"],
         "--no-index: same results, no index",
     )
-    rt = run_questions(cli, fx, questions[:2])
+    rt = run_cli(cli, fx, *layer, questions=questions[:2])
     # a random model's answer may hold newlines or bytes that are not UTF-8: count the per-answer stderr reports
     check(
         rt.returncode == 0 and rt.stderr.count(b"evidence: ") == 2 and b"index: reused" in rt.stderr,
@@ -187,16 +172,20 @@ def make_rankers(fx: Path, n_embd: int) -> tuple[Path, Path]:
     return build(fx / "ranker.onnx", n_embd), build(fx / "ranker_wrong_width.onnx", n_embd // 2)
 
 
-def python_llama_cpp(fx: Path, ranker: Path | None):
-    """The Python llama.cpp backend's kept tokens and answer tokens, or None (and why) if it is not there yet."""
+def python_llama_cpp(fx: Path, ranker: Path | None, layer: int | None = LAYER):
+    """The Python llama.cpp pipeline's kept tokens, answer tokens and evidence, or None (and why) if it is not there
+    yet. Same runtime settings as the CLI here: f32 KV cache, 2 threads; `layer` None: the family's default."""
     try:
-        import flexselect.backends.llama_cpp  # noqa: F401
         from flexselect.backends.base import GenerationConfig
+        from flexselect.backends.llama_cpp import LlamaCppBackend
         from flexselect.pipeline import FlexSelect, Sampling, SelectOptions
     except ImportError as e:
         return None, f"Python llama.cpp backend not importable ({e})"
-    pipe = FlexSelect.load(gguf=fx / "model.gguf", mmproj=fx / "mmproj.gguf", ranker=ranker, n_gpu_layers=0)
-    options = SelectOptions(budget=BUDGET, layer=None if ranker else LAYER, set_frames=SET_FRAMES)
+    backend = LlamaCppBackend(fx / "model.gguf", fx / "mmproj.gguf", n_gpu_layers=0, n_threads=2, kv_f32=True)
+    pipe = FlexSelect(backend)  # it indexes the video on the first question; the CLI scores one question plainly
+    if ranker is not None:
+        pipe = pipe.with_ranker(ranker)
+    options = SelectOptions(budget=BUDGET, layer=None if ranker else layer, set_frames=SET_FRAMES)
     a = pipe.answer(
         fx / "clip.mp4",
         QUESTION,
@@ -207,13 +196,13 @@ def python_llama_cpp(fx: Path, ranker: Path | None):
     return (a.selection.kept.tolist(), list(a.generation.token_ids), [r.to_dict() for r in a.evidence]), ""
 
 
-def transformers_kept(fx: Path, model_dir: Path) -> list[int]:
+def transformers_kept(fx: Path, model_dir: Path, layer: int = LAYER) -> list[int]:
     """Kept tokens from the transformers backend (the pipeline's own selection) on frames decoded with PyAV at the
     CLI's sample indices."""
     import av
     import numpy as np
 
-    from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
+    from flexselect.backends import load_backend
     from flexselect.pipeline import FlexSelect, SelectOptions
     from flexselect.video import Clip, probe
 
@@ -229,14 +218,23 @@ def transformers_kept(fx: Path, model_dir: Path) -> list[int]:
         probe(fx / "clip.mp4", "pyav"),
         sample_fps=N_FRAMES / (n / rate),
     )  # as the CLI's uniform sampling
-    pipe = FlexSelect(Qwen25VLBackend.load(model_dir, device="cpu", dtype="float32"))
+    pipe = FlexSelect(load_backend(model_dir, device="cpu", dtype="float32"))
     visual, _ = pipe.encode(clip)
     selection = pipe.select(
         visual,
         pipe.backend.prompt(QUESTION),
-        SelectOptions(budget=BUDGET, layer=LAYER, set_frames=SET_FRAMES, aggregate="max"),
+        SelectOptions(budget=BUDGET, layer=layer, set_frames=SET_FRAMES, aggregate="max"),
     )
     return selection.kept.tolist()
+
+
+def expect_error(cli: str, name: str, args: list[str], needle: str) -> None:
+    """Exit status 2 and exactly one stderr line holding `needle`."""
+    r = subprocess.run([cli, *args], capture_output=True)
+    err = r.stderr.decode(errors="replace")
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    ok = r.returncode == 2 and needle in err and len(lines) == 1 and sanitizer_clean(r)
+    check(ok, f"bad input: {name} -> exit 2 with '{needle}'" + ("" if ok else f" (got {r.returncode}: {err!r})"))
 
 
 def bad_inputs(cli: str, fx: Path, ranker_wrong: Path, tmp: Path) -> None:
@@ -251,13 +249,7 @@ def bad_inputs(cli: str, fx: Path, ranker_wrong: Path, tmp: Path) -> None:
     field.parts[field.data[0]][0] = 32
     del reader
 
-    def expect(name: str, args: list[str], needle: str) -> None:
-        r = subprocess.run([cli, *args], capture_output=True)
-        err = r.stderr.decode(errors="replace")
-        lines = [ln for ln in err.strip().splitlines() if ln]
-        ok = r.returncode == 2 and needle in err and len(lines) == 1 and sanitizer_clean(r)
-        check(ok, f"bad input: {name} -> exit 2 with '{needle}'" + ("" if ok else f" (got {r.returncode}: {err!r})"))
-
+    expect = functools.partial(expect_error, cli)
     m, mm, v = str(fx / "model.gguf"), str(fx / "mmproj.gguf"), str(fx / "clip.mp4")
     base = ["-p", QUESTION, "--frames", "8", "--max-new-tokens", "2"]
     expect("missing model", ["-m", str(tmp / "nope.gguf"), "--mmproj", mm, "--video", v, *base], "model not found")
@@ -317,6 +309,90 @@ def bad_inputs(cli: str, fx: Path, ranker_wrong: Path, tmp: Path) -> None:
         )
 
 
+def qwen3(cli: str, fx: Path, family: str, info: dict, skip_python: bool) -> None:
+    """Qwen3-VL / Qwen3.5 (dense and MoE) GGUFs: the family's default layer and frame size, exact agreement with the
+    Python llama.cpp pipeline, near agreement with transformers, several questions, the family's refusals."""
+    from flexselect.backends.gguf_info import inspect_gguf
+    from flexselect.defaults import reference_layer_for
+
+    text = inspect_gguf(fx / "model.gguf")
+    recurrent = set(text.get("recurrent_layers", []))
+    full = [i for i in range(text["block_count"]) if i not in recurrent]
+    hybrid = len(full) < text["block_count"]
+    default = reference_layer_for(family, text["block_count"], tuple(full))
+    r = run_cli(cli, fx, "--json")  # the family's default reference layer
+    check(r.returncode == 0 and sanitizer_clean(r), f"{family}: CLI runs")
+    if r.returncode != 0:
+        return
+    out = json.loads(r.stdout)
+    s = out["stats"]
+    check(
+        s["reference_layer"] == default and b"was never measured" in r.stderr,
+        f"{family}: default reference layer {default} (the Python rule), with the 'never measured' warning",
+    )
+    h, w = info["video"]["height"], info["video"]["width"]
+    check(
+        s["frame_size"] == [h, w] and s["tokens_per_frame"] == (h // 32) * (w // 32),
+        f"{family}: frames at multiples of 32, {s['tokens_per_frame']} tokens per unit",
+    )
+    want = min(-(-BUDGET // s["tokens_per_frame"]) * s["tokens_per_frame"], s["visual_tokens"])
+    check(len(out["kept_token_indices"]) == want == s["kept_tokens"], f"{family}: kept {want} tokens")
+    single = json_lines(run_cli(cli, fx, "--json", "--layer", str(LAYER)))
+    check(bool(single) and single[0]["stats"]["reference_layer"] == LAYER, f"{family}: --layer {LAYER}")
+    if single:
+        multi_question(cli, fx, single[0], indexed=not hybrid)
+
+    m, mm, v = str(fx / "model.gguf"), str(fx / "mmproj.gguf"), str(fx / "clip.mp4")
+    base = ["-m", m, "--video", v, "-p", QUESTION, "--frames", "8", "--max-new-tokens", "2"]
+    if hybrid:
+        linear = min(recurrent)
+        expect_error(
+            cli,
+            f"{family}: --layer {linear} (linear attention)",
+            [*base, "--mmproj", mm, "--layer", str(linear)],
+            f"is a linear-attention layer, which has no attention map to score; this model's full-attention "
+            f"layers are {', '.join(map(str, full))}",
+        )
+    root = fx.parent
+    if (root / "mmproj.gguf").is_file():  # the Qwen2.5-VL fixture's projector
+        expect_error(
+            cli, f"{family}: a Qwen2.5-VL mmproj", [*base, "--mmproj", str(root / "mmproj.gguf")], "qwen3vl_merger"
+        )
+    other = root / ("qwen3_5" if family.startswith("qwen3_vl") else "qwen3_vl") / "mmproj.gguf"
+    if other.is_file():  # DeepStack levels differ: 3 vs 0
+        expect_error(cli, f"{family}: another Qwen3 model's mmproj", [*base, "--mmproj", str(other)], "DeepStack")
+
+    if has_onnxruntime(cli):  # a Lite ranker reads the main embedding, not the DeepStack slices beside it
+        width = text["embedding_length"]
+        ranker = make_rankers(fx, n_embd=width)[0]
+        rl = json_lines(run_cli(cli, fx, "--json", "--ranker", str(ranker)))
+        check(
+            bool(rl) and rl[0]["stats"]["selector"] == "lite" and len(rl[0]["kept_token_indices"]) == want,
+            f"{family}: ONNX Lite ranker on the {width}-wide main embedding",
+        )
+        if text.get("deepstack_layers"):
+            wide = make_rankers(fx, n_embd=width * (1 + text["deepstack_layers"]))[0]
+            expect_error(
+                cli,
+                f"{family}: a ranker of the DeepStack row width",
+                [*base, "--mmproj", mm, "--ranker", str(wide)],
+                "does not match",
+            )
+
+    if skip_python:
+        return
+    ref, why = python_llama_cpp(fx, None, layer=None)
+    if ref is None:
+        print(f"SKIPPED exact comparison with the Python llama.cpp backend: {why}")
+    else:
+        check(ref[0] == out["kept_token_indices"], f"{family}: same kept tokens as the Python llama.cpp backend")
+        check(ref[1] == out["answer_token_ids"], f"{family}: same greedy answer tokens as the Python llama.cpp backend")
+        check(ref[2] == out["evidence"], f"{family}: same evidence ranges as the Python pipeline ({out['evidence']})")
+    hf = transformers_kept(fx, Path(info["model_dir"]), default)
+    overlap = len(set(hf) & set(out["kept_token_indices"])) / len(out["kept_token_indices"])
+    check(overlap >= 0.9, f"{family}: transformers backend keeps {overlap:.0%} of the same tokens (>= 90%)")
+
+
 def has_onnxruntime(cli: str) -> bool:
     r = subprocess.run([cli, "--help"], capture_output=True, text=True)
     return "ONNX Runtime: yes" in r.stdout
@@ -331,6 +407,11 @@ def main() -> int:
     fx = args.fixture
     info = json.loads((fx / "fixture.json").read_text())
     print(f"fixture: {info}")
+    family = info.get("family", "qwen2_5_vl")
+    if family != "qwen2_5_vl":
+        qwen3(args.cli, fx, family, info, args.skip_python)
+        print(f"{len(FAILURES)} check(s) failed" if FAILURES else "integration: all checks passed")
+        return 1 if FAILURES else 0
     tmp = fx / f"tmp-{Path(args.cli).name}"
     tmp.mkdir(exist_ok=True)
 
@@ -358,7 +439,7 @@ def main() -> int:
         "deterministic",
     )
     env = dict(os.environ, FLEXSELECT_NO_CUT="1")  # the full graph instead of stopping after layer L's Q/K
-    rn = subprocess.run([*r.args[:1], *r.args[1:]], capture_output=True, env=env)
+    rn = run_cli(args.cli, fx, "--json", "--layer", str(LAYER), env=env)
     check(rn.returncode == 0 and json.loads(rn.stdout)["kept_token_indices"] == kept, "cut after layer L = no cut")
     rt = run_cli(args.cli, fx)  # text mode: answer on stdout, stats on stderr
     check(rt.returncode == 0 and b"kept:" in rt.stderr and b"first token" in rt.stderr, "text output with stats")
