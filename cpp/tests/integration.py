@@ -9,6 +9,7 @@
 3. Cross-check of positions and scoring against the transformers backend on the same checkpoint: different numerics
    (and FFmpeg builds), so the kept sets must agree on at least 90% of their tokens, not exactly.
 4. Bad inputs: one clear message on stderr and exit status 2 each, never a crash.
+On a Qwen3-VL / Qwen3.5 fixture (`fixture.json`'s family; make_fixture.py), `qwen3` checks that family instead.
 Exit status 0 = pass, 1 = fail. Sanitizer reports fail the test (the CLI's exit status and stderr are checked).
 """
 
