@@ -340,6 +340,11 @@ def qwen3(cli: str, fx: Path, family: str, info: dict, skip_python: bool) -> Non
     check(len(out["kept_token_indices"]) == want == s["kept_tokens"], f"{family}: kept {want} tokens")
     single = json_lines(run_cli(cli, fx, "--json", "--layer", str(LAYER)))
     check(bool(single) and single[0]["stats"]["reference_layer"] == LAYER, f"{family}: --layer {LAYER}")
+    uncut = json_lines(run_cli(cli, fx, "--json", env=dict(os.environ, FLEXSELECT_NO_CUT="1")))
+    check(
+        bool(uncut) and uncut[0]["kept_token_indices"] == out["kept_token_indices"],
+        f"{family}: cut after layer {default} = no cut",
+    )
     if single:
         multi_question(cli, fx, single[0], indexed=not hybrid)
 
