@@ -352,6 +352,8 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
     vp.print_timings = false;
     vp.warmup = false;
     vp.n_threads = n_threads;
+    vp.image_min_tokens = 1;  // frames arrive at their final size (target_size): mtmd must never scale them up
+    vp.image_max_tokens = 1 << 16;
     m.mtmd.reset(mtmd_init_from_file(opts.mmproj_path.c_str(), m.model.get(), vp));
     if (!m.mtmd) {
         throw Error("cannot load mmproj " + opts.mmproj_path + " for " + opts.model_path + take_errors());
