@@ -33,6 +33,9 @@ log = logging.getLogger("flexselect")
 
 Decoder = Literal["auto", "decord", "pyav"]
 DECORD_CHUNK = 32  # frames per get_batch call: bounds the decoder's own buffers
+# Containers with an index decord seeks in reliably; on others (MPEG-TS, raw streams, GIF) decord opens the file
+# but can return one frame for every index (seen on MPEG-TS), so PyAV streams through them.
+DECORD_FORMATS = ("mov", "mp4", "matroska", "webm", "avi")
 # Slack when comparing sampling times with frame times: far above double rounding (~1e-12 s over hours), far below
 # any frame spacing, so a time on a frame boundary picks the same frame in Python and C++.
 TIME_EPS = 1e-9
@@ -51,6 +54,7 @@ class VideoInfo:
     pts: np.ndarray | None = field(default=None, repr=False, compare=False)
     time_base: Fraction = Fraction(0)
     rotation: int = 0  # degrees the display matrix turns the decoded picture counter-clockwise: 0, 90, 180 or 270
+    container: str = ""  # FFmpeg's demuxer names ("mov,mp4,m4a,3gp,3g2,mj2", "mpegts")
 
     @property
     def frame_times(self) -> np.ndarray:
@@ -136,6 +140,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
                 if rotation is None and len(pts) <= 16:  # the display matrix comes with the first decoded frame
                     rotation = _rotation(packet)
             width, height, tb = stream.codec_context.width, stream.codec_context.height, stream.time_base
+            container_format = container.format.name
             # where the stream ends, as its header says (packet durations differ between FFmpeg versions)
             known = stream.duration and stream.start_time is not None
             stream_end = stream.start_time + stream.duration if known else None
@@ -151,7 +156,9 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     n = len(pts)
     ts = np.unique(np.asarray(pts, dtype=np.int64)) if None not in pts else ()
     if len(ts) < n:  # no timestamps (a raw Annex-B .h264 stream) or repeated ones: taken as evenly spaced
-        return VideoInfo(str(p), n, untimed_rate, n / untimed_rate, width, height, rotation=rotation)
+        return VideoInfo(
+            str(p), n, untimed_rate, n / untimed_rate, width, height, rotation=rotation, container=container_format
+        )
     info = VideoInfo(str(p), n, rate, 0.0, width, height, pts=ts, time_base=tb, rotation=rotation)
     times = info.frame_times
     # the end of the last frame: the stream's end, else its packet's duration, else the mean spacing, else one frame
@@ -160,7 +167,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         end = times[-1] + last_duration * tb.numerator / tb.denominator
     if not end > times[-1]:
         end = times[-1] + (times[-1] / (n - 1) if n > 1 and times[-1] > 0 else 1.0 / rate)
-    return VideoInfo(str(p), n, rate, float(end), width, height, ts, tb, rotation)
+    return VideoInfo(str(p), n, rate, float(end), width, height, ts, tb, rotation, container_format)
 
 
 def _rotation(packet) -> int | None:
@@ -265,7 +272,8 @@ def load_clip(
         return Clip(frames, times[kept], info.path, info, sample_fps=rate)
 
     w, h = output_size(info.width, info.height, max_side)
-    decord = _decord() if decoder != "pyav" else None
+    indexed = any(name in DECORD_FORMATS for name in info.container.split(","))
+    decord = _decord() if decoder == "decord" or (decoder == "auto" and indexed) else None
     if decord is not None:
         try:
             return clip(_decode_decord(decord, info, indices, w, h, on_frame), indices)
