@@ -6,6 +6,7 @@
 #include <sys/resource.h>
 
 #include <cerrno>
+#include <csignal>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -381,8 +382,10 @@ int run(int argc, char ** argv) {
             do {
                 if (prompt_user) std::fputs("> ", stderr);
             } while (std::getline(std::cin, question) && is_blank(question));
+            check_stop();  // Ctrl-C while waiting for a question
             if (is_blank(question)) break;  // end of input
         }
+        check_stop();
         const Prompt prompt = llm.prompt(question);
         const auto t2 = Clock::now();
         const Selection sel = select_tokens(llm, ranker.get(), v, prompt, a.select, a.index ? &index : nullptr);
@@ -403,8 +406,20 @@ int run(int argc, char ** argv) {
 }  // namespace
 
 int main(int argc, char ** argv) {
+    // Ctrl-C stops at the next frame set, token or packet (a second one kills at once, as llama.cpp's tools do);
+    // no SA_RESTART, so waiting for a question on standard input is interrupted too.
+    struct sigaction sa{};
+    sa.sa_handler = [](int) {
+        request_stop();
+        std::signal(SIGINT, SIG_DFL);
+    };
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, nullptr);
     try {
         return run(argc, argv);
+    } catch (const Interrupted &) {
+        std::fprintf(stderr, "flexselect-cli: interrupted\n");
+        return 130;
     } catch (const Error & e) {
         std::fprintf(stderr, "flexselect-cli: error: %s\n", e.what());
         return 2;

@@ -539,6 +539,12 @@ Generation Llm::answer(const VisualTokens & v, const std::vector<int> & kept, co
     int32_t next = l.next;
     Batch b;
     for (int step = 0; step < g.max_new_tokens; ++step) {
+        check_stop();
+        const float * lg = llama_get_logits_ith(m.ctx.get(), -1);
+        if (std::any_of(lg, lg + llama_vocab_n_tokens(m.vocab), [](float x) { return std::isnan(x); })) {
+            throw Error("the next-token logits are not finite (NaN or infinite): the model's weights are damaged; "
+                        "re-export or re-download it");
+        }
         const llama_token tok = llama_sampler_sample(smpl.get(), m.ctx.get(), -1);
         if (step == 0) out.ttft_s = seconds_since(t0);
         if (llama_vocab_is_eog(m.vocab, tok)) break;

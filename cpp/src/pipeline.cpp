@@ -4,9 +4,16 @@
 #include "flexselect/defaults_gen.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 namespace flexselect {
+
+static std::atomic<bool> stop_requested{false};  // lock-free: safe to set from a signal handler
+void request_stop() { stop_requested = true; }
+void check_stop() {
+    if (stop_requested) throw Interrupted();
+}
 
 int reference_layer_for(int num_layers) {
     namespace d = defaults::qwen2_5_vl;
@@ -84,6 +91,12 @@ Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, cons
             scores = llm.score_indexed(ix, v, p, opts.aggregate);
         } else {
             scores = llm.score_set(v, sets[g], p, sel.layer, opts.aggregate);
+        }
+        check_stop();
+        if (std::any_of(scores.begin(), scores.end(), [](float x) { return !std::isfinite(x); })) {
+            throw Error(
+                std::string(ranker ? "the ranker's scores" : "the attention scores") +
+                " are not finite (NaN or infinite): the model's weights are damaged; re-export or re-download it");
         }
         for (int i : top_k(scores, shares[g])) sel.kept.push_back(tokens[i]);
     }

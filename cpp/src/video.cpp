@@ -298,6 +298,7 @@ Clip load_clip(const std::string & path, const SamplingOptions & opts) {
     };
     int err = 0;
     while (!done && (err = av_read_frame(in.fmt.p, pkt.p)) >= 0) {
+        check_stop();
         if (pkt.p->stream_index == in.si) {
             const int sent = avcodec_send_packet(dec.p, pkt.p);
             if (sent < 0 && sent != AVERROR(EAGAIN)) ++bad;  // a damaged packet: skipped, as the Python path does

@@ -8,6 +8,8 @@
    pixels in, same tokens out). Animated WebP: one line naming the format, exit 2.
 2. A fixed-seed fuzz of the model loaders: 24 mutated GGUFs (model and mmproj) and 8 mutated ONNX rankers, each
    either runs or exits 2 with one line; never a crash, a hang (timeout) or a sanitizer report.
+3. NaN weights (scoring layer, output norm, ONNX ranker) are named in one line; Ctrl-C exits 130 with one line;
+   -c 64 is a clear error.
 Exit status 0 = pass, 1 = fail.
 """
 
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,13 +115,14 @@ def mutate(data: bytes, rng: np.random.Generator, i: int) -> bytes:
 
 def fuzz_loaders(cli: str, fx: Path, tmp: Path) -> None:
     rng = np.random.default_rng(17)
-    model, mmproj, ranker = fx / "model.gguf", fx / "mmproj.gguf", fx / "ranker.onnx"
+    model, mmproj = fx / "model.gguf", fx / "mmproj.gguf"
     video = fx / "clip.mp4"
     outcomes = {"ran": 0, "refused": 0}
     cases = [("model", i) for i in range(12)] + [("mmproj", i) for i in range(12)]
-    cases += [("ranker", i) for i in range(8)] if ranker.exists() and has_onnxruntime(cli) else []
+    if has_onnxruntime(cli):  # a CLI without ONNX Runtime refuses --ranker before reading it (integration.py checks)
+        cases += [("ranker", i) for i in range(8)]
     for what, i in cases:
-        source = {"model": model, "mmproj": mmproj, "ranker": ranker}[what]
+        source = {"model": model, "mmproj": mmproj}[what] if what != "ranker" else ranker_of(fx)
         bad = tmp / f"fuzz-{what}-{i}{source.suffix}"
         bad.write_bytes(mutate(source.read_bytes(), rng, i))
         m, p = (bad, mmproj) if what == "model" else (model, bad) if what == "mmproj" else (model, mmproj)
@@ -136,6 +141,49 @@ def fuzz_loaders(cli: str, fx: Path, tmp: Path) -> None:
     check(outcomes["refused"] > 0, f"fuzzed loaders: {outcomes} (each ran or exited 2 with one line)")
 
 
+def nan_weights_and_stops(cli: str, fx: Path, tmp: Path) -> None:
+    """NaN weights are named, not answered from; Ctrl-C exits 130 with one line; too small a context is an error."""
+    from gguf import GGUFReader
+
+    for tensor, needle in (("blk.0.attn_q.weight", "attention scores"), ("output_norm.weight", "next-token logits")):
+        bad = tmp / f"nan-{tensor}.gguf"
+        bad.write_bytes((fx / "model.gguf").read_bytes())
+        reader = GGUFReader(str(bad), "r+")
+        next(t for t in reader.tensors if t.name == tensor).data[...] = np.nan
+        del reader
+        line = one_error_line(cli_run(cli, bad, fx / "mmproj.gguf", fx / "clip.mp4"))
+        check(line is not None and f"{needle} are not finite (NaN" in line, f"NaN in {tensor}: {line}")
+    if has_onnxruntime(cli):
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(ranker_of(fx)))
+        w = next(t for t in model.graph.initializer if t.name == "w")
+        w.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(w), np.nan), "w"))
+        onnx.save(model, str(tmp / "nan-ranker.onnx"))
+        ranker = ["--ranker", str(tmp / "nan-ranker.onnx")]
+        line = one_error_line(cli_run(cli, fx / "model.gguf", fx / "mmproj.gguf", fx / "clip.mp4", *ranker))
+        check(line is not None and "ranker's scores are not finite" in line, f"NaN ranker: {line}")
+    small = ["-c", "64", "--frames", "48", "--set-frames", "16"]  # a 601-token scoring pass
+    line = one_error_line(cli_run(cli, fx / "model.gguf", fx / "mmproj.gguf", fx / "clip.mp4", *small))
+    check(line is not None and "--ctx-size" in line, f"-c 64: a clear error ({line})")
+    cmd = [cli, "-m", str(fx / "model.gguf"), "--mmproj", str(fx / "mmproj.gguf"), "--video", str(fx / "clip.mp4")]
+    proc = subprocess.Popen([*cmd, "--frames", "4", "-t", "2"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(2.0)  # loading, decoding or waiting for a question on standard input: each stops at its next step
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    lines = err.decode(errors="replace").strip().splitlines()
+    check(proc.returncode == 130 and lines[-1:] == ["flexselect-cli: interrupted"], f"Ctrl-C: exit 130 ({lines[-2:]})")
+
+
+def ranker_of(fx: Path) -> Path:
+    """The fixture's tiny ONNX ranker (integration.py builds it; built here when this test runs first)."""
+    from integration import make_rankers
+
+    ranker = fx / "ranker.onnx"
+    return ranker if ranker.exists() else make_rankers(fx, n_embd=64)[0]
+
+
 def has_onnxruntime(cli: str) -> bool:
     return "ONNX Runtime: yes" in subprocess.run([cli, "--help"], capture_output=True, text=True).stdout
 
@@ -150,6 +198,7 @@ def main() -> int:
         if not args.skip_python:
             videos(args.cli, args.fixture, Path(tmp))
         fuzz_loaders(args.cli, args.fixture, Path(tmp))
+        nan_weights_and_stops(args.cli, args.fixture, Path(tmp))
     if FAILURES:
         print(f"{len(FAILURES)} check(s) failed")
         return 1

@@ -28,6 +28,14 @@ struct Error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+// Ctrl-C: request_stop() (async-signal-safe) makes the next check_stop() -- between frame sets, generated tokens
+// and decoded packets -- throw Interrupted, so a run stops cleanly at the next step (the CLI exits 130).
+struct Interrupted : std::runtime_error {
+    Interrupted() : std::runtime_error("interrupted") {}
+};
+void request_stop();
+void check_stop();
+
 // ---- selection math (selection.cpp; python/flexselect/selection.py) ---------------------------------------------
 
 // G = ceil(F / S) sets; set g holds units g, g+G, g+2G, ... (each set spans the whole video).
