@@ -1,7 +1,8 @@
 """Video -> frames: probe a file, pick frames by presentation time, decode only those frames, resized while decoding.
 
-decord is the chosen decoder (seeks and decodes just the sampled frames, resizing in the decoder); PyAV is the
-fallback when decord is missing or cannot read a file. Memory is one preallocated array of the sampled frames:
+decord is the chosen decoder on indexed containers (seeks and decodes just the sampled frames, resizing in the
+decoder); PyAV streams through the others (MPEG-TS, raw streams, GIF) and is the fallback when decord is missing or
+cannot read a file. Memory is one preallocated array of the sampled frames:
 a 1-hour 1080p video never needs more than that. Videos are read as players show them, with the same rules as the
 C++ runtime (cpp/src/video.cpp):
 - time: `probe` reads every frame's presentation timestamp (a demux pass, no decoding); sampling picks the frame
