@@ -421,6 +421,10 @@ int main(int argc, char ** argv) {
         std::fprintf(stderr, "flexselect-cli: interrupted\n");
         return 130;
     } catch (const Error & e) {
+        if (stop_requested()) {  // a read cut short by Ctrl-C (no SA_RESTART) fails as an error: it is the interrupt
+            std::fprintf(stderr, "flexselect-cli: interrupted\n");
+            return 130;
+        }
         std::fprintf(stderr, "flexselect-cli: error: %s\n", e.what());
         return 2;
     } catch (const std::bad_alloc &) {

@@ -9,10 +9,11 @@
 
 namespace flexselect {
 
-static std::atomic<bool> stop_requested{false};  // lock-free: safe to set from a signal handler
-void request_stop() { stop_requested = true; }
+static std::atomic<bool> stop{false};  // lock-free: safe to set from a signal handler
+void request_stop() { stop = true; }
+bool stop_requested() { return stop; }
 void check_stop() {
-    if (stop_requested) throw Interrupted();
+    if (stop) throw Interrupted();
 }
 
 int reference_layer_for(int num_layers) {

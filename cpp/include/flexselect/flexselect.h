@@ -34,6 +34,7 @@ struct Interrupted : std::runtime_error {
     Interrupted() : std::runtime_error("interrupted") {}
 };
 void request_stop();
+bool stop_requested();
 void check_stop();
 
 // ---- selection math (selection.cpp; python/flexselect/selection.py) ---------------------------------------------
