@@ -2,12 +2,14 @@
 
 The CLI table runs each case through `flexselect.cli.main` and checks the exit status, that stderr is exactly one
 line naming the problem, and that the case's folder holds no new file. The API table checks the same values raise a
-`FlexSelectError` at construction. A fixed-seed fuzz of the video loader ends the file.
+`FlexSelectError` at construction. Then videos as players show them (tests/video_fixtures.py; cpp/tests/inputs.py
+holds the C++ CLI to the same), NaN weights, and fixed-seed fuzzes of the video, GGUF and ONNX loaders.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import video_fixtures
 from flexselect import cli
 from flexselect.backends.base import GenerationConfig
 from flexselect.errors import FlexSelectError
@@ -37,6 +40,11 @@ def readonly_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("readonly")
     folder.chmod(0o555)
     return folder
+
+
+@pytest.fixture(scope="module")
+def animated_webp(tmp_path_factory) -> Path:
+    return video_fixtures.write_animated_webp(tmp_path_factory.mktemp("webp"))
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +87,7 @@ CLI_CASES = [
     ("video-directory", ["answer", "{tmp}", "What?", "--model", "{model}"], "is a directory, not a video"),
     ("video-missing", ["answer", "{tmp}/missing.mp4", "What?", "--model", "{model}"], "video not found"),
     ("video-text", ["answer", "{text}", "What?", "--model", "{model}"], "cannot read"),
+    ("video-animated-webp", ["answer", "{webp}", "What?", "--model", "{model}"], "animated WebP is not supported"),
     ("question-empty", ["answer", "{video}", "  ", "--model", "{model}"], "the question is empty"),
     (
         "question-100k",
@@ -102,11 +111,14 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("argv, expected", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
-def test_cli_bad_input(argv, expected, capsys, tmp_path, tiny_model_dir, test_video, broken_models, readonly_dir):
+def test_cli_bad_input(
+    argv, expected, capsys, tmp_path, tiny_model_dir, test_video, broken_models, readonly_dir, animated_webp
+):
     text = tmp_path / "notes.mp4"
     text.write_text("this is not a video")
     paths = {
         "video": test_video,
+        "webp": animated_webp,
         "model": tiny_model_dir,
         "tmp": tmp_path,
         "text": text,
@@ -282,3 +294,141 @@ def test_fuzzed_videos_decode_or_fail_cleanly(test_video, tmp_path):
             assert clip.frames.ndim == 4 and len(clip.frames) == len(clip.timestamps) >= 1
             outcomes["decoded"] += 1
     assert outcomes["refused"] > 0  # the mutations do break files: the test exercises the error paths
+
+
+@pytest.fixture(scope="module")
+def odd_videos(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("odd-videos")
+    files = video_fixtures.write_all(folder)
+    files["damaged"] = video_fixtures.write_damaged(folder, files["mpeg-ts"])
+    return files
+
+
+def _sequential_frames(path: Path) -> np.ndarray:
+    """Every frame, decoded in order by PyAV (no seeking, no sampling): what the sampled frames must be taken from."""
+    import av
+
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_vfr_is_sampled_in_time_with_true_timestamps(odd_videos):
+    """2 fps for 3 s then 25 fps for 2 s: 8 frames spread evenly over the 5 s (in index space 6 of 8 would fall in the
+    fast last 2 s), each stamped with its presentation time and showing that frame's picture."""
+    for decoder in ("decord", "pyav"):
+        clip = load_clip(odd_videos["vfr"], num_frames=8, decoder=decoder)
+        assert clip.timestamps.tolist() == [0.0, 0.5, 1.5, 2.0, 2.5, 3.48, 4.12, 4.76], decoder
+        shown = np.asarray(video_fixtures.VFR) / 1000
+        assert set(clip.timestamps) <= set(shown)
+        frames = _sequential_frames(odd_videos["vfr"])
+        for t, f in zip(clip.timestamps, clip.frames):
+            assert np.array_equal(f, frames[list(shown).index(t)]), (decoder, t)
+
+
+@pytest.mark.parametrize("name, turns", [("rotated-90", 1), ("rotated-270", 3)])
+def test_rotation_is_applied_by_both_decoders(odd_videos, name, turns):
+    coded = _sequential_frames(odd_videos[name])
+    for decoder in ("decord", "pyav"):
+        clip = load_clip(odd_videos[name], num_frames=4, decoder=decoder)
+        assert clip.frames.shape[1:3] == (video_fixtures.W, video_fixtures.H), decoder  # portrait, as displayed
+        idx = np.round(clip.timestamps * 8).astype(int)
+        assert np.array_equal(clip.frames, np.rot90(coded[idx], turns, axes=(1, 2))), decoder
+
+
+@pytest.mark.parametrize("name", ["mpeg-ts", "annex-b", "gif"])
+def test_streams_without_an_index_decode_the_right_frames(odd_videos, name):
+    """decord opens an MPEG-TS but returned one frame for every index: such files are streamed with PyAV."""
+    clip = load_clip(odd_videos[name], num_frames=6)
+    frames = _sequential_frames(odd_videos[name])
+    idx = np.round(clip.timestamps * 8).astype(int)
+    assert len(clip.frames) == 6 and len(set(idx.tolist())) == 6
+    assert np.array_equal(clip.frames, frames[idx])
+
+
+def test_tiny_video_gives_one_token_per_unit(odd_videos, tiny_backend):
+    """16x16 frames are scaled up to one 28x28 merge block, never further (the C++ runtime does the same)."""
+    clip = load_clip(odd_videos["tiny"], num_frames=8)
+    visual = tiny_backend.encode(clip)
+    assert visual.grid == (1, 1) and visual.num_frames == 4
+
+
+def test_damaged_packets_are_skipped_with_a_warning(tmp_path, test_video, caplog):
+    """The policy on both paths: a packet that does not decode is skipped with a warning, the rest is used."""
+    import av
+
+    data = bytearray(test_video.read_bytes())
+    with av.open(str(test_video)) as c:  # garbage over one mid-file packet's payload (the container intact)
+        packets = [(p.pos, p.size) for p in c.demux(video=0) if p.size > 64 and p.pos is not None]
+    pos, size = packets[len(packets) // 2]
+    data[pos : pos + size] = bytes(size)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="flexselect"):
+        clip = load_clip(broken, num_frames=48, decoder="pyav")
+    assert len(clip.frames) >= 40  # the rest of the file is used
+    assert "damaged packet(s) could not be decoded and were skipped" in caplog.text
+
+
+def test_nan_weights_are_named(tiny_model_dir, test_video):
+    """NaN in the scoring layers (scores) or only in the final norm (logits): one FlexSelectError, not an answer."""
+    import torch
+
+    from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
+
+    for param, what in (("layers.0.self_attn.q_proj.weight", "attention scores"), ("norm.weight", "logits")):
+        backend = Qwen25VLBackend.load(tiny_model_dir, device="cpu", dtype="float32")
+        with torch.no_grad():
+            backend.model.model.language_model.get_parameter(param).fill_(float("nan"))
+        with pytest.raises(FlexSelectError, match=f"{what} are not finite"):
+            FlexSelect(backend).answer(
+                test_video, "What?", Sampling(frames=8), SelectOptions(budget=24, layer=1), GenerationConfig(2)
+            )
+
+
+LOADER_FUZZ = """
+import json, sys
+from pathlib import Path
+from flexselect.errors import FlexSelectError
+from flexselect.lite.onnx_ranker import OnnxRanker
+from flexselect.pipeline import FlexSelect
+mmproj = sys.argv[1]
+for path in sys.argv[2:]:
+    try:
+        if path.endswith(".onnx"):
+            OnnxRanker.load(path)
+        else:
+            FlexSelect.load(gguf=path, mmproj=mmproj, n_gpu_layers=0, n_ctx=512)
+        out = "loaded"
+    except FlexSelectError as e:
+        out = "refused" if "\\n" not in str(e) else "multi-line: " + str(e)
+    except Exception as e:
+        out = f"{type(e).__name__}: {e}"
+    print(json.dumps([path, out]), flush=True)
+"""
+
+
+def test_fuzzed_gguf_and_onnx_loaders_fail_cleanly(tiny_model_dir, tmp_path):
+    """16 mutated GGUFs and 8 mutated ONNX rankers through the Python loaders, in a child process so a crash in
+    llama.cpp would show as one: each loads or raises FlexSelectError, nothing else, no hang."""
+    from flexselect_export.gguf import export_gguf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cpp" / "tests"))
+    from inputs import mutate
+    from integration import make_rankers
+
+    model, mmproj = export_gguf(tiny_model_dir, tmp_path / "gguf", "f32")
+    ranker = make_rankers(tmp_path, n_embd=64)[0]
+    rng = np.random.default_rng(17)
+    paths = []
+    for i in range(24):
+        source = model if i < 16 else ranker
+        path = tmp_path / f"fuzz{i}{source.suffix}"
+        path.write_bytes(mutate(source.read_bytes(), rng, i))
+        paths.append(str(path))
+    proc = subprocess.run(
+        [sys.executable, "-c", LOADER_FUZZ, str(mmproj), *paths], capture_output=True, text=True, timeout=300
+    )
+    results = dict(json.loads(line) for line in proc.stdout.splitlines())
+    assert proc.returncode == 0 and len(results) == len(paths), proc.stderr[-2000:]
+    assert all(r in ("loaded", "refused") for r in results.values()), results
+    assert sum(r == "refused" for r in results.values()) > 0

@@ -3,9 +3,11 @@ the C++ runtime against the same file."""
 
 import json
 import math
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +87,16 @@ def test_layout_positions(case):
 def test_uniform_indices(case):
     info = VideoInfo("v.mp4", case["num_frames"], fps=1.0, duration=float(case["num_frames"]), width=8, height=8)
     assert sample_indices(info, num_frames=case["n"]).tolist() == case["indices"]
+
+
+@cases("vfr_sampling")
+def test_vfr_sampling(case):
+    """Frames picked by presentation time (the container's integer timestamps in its time base)."""
+    unit = case["time_base"]
+    pts = np.round(np.asarray(case["times"]) * unit).astype(np.int64)
+    info = VideoInfo("v.mp4", len(pts), 10.0, case["end_s"], 8, 8, pts=pts, time_base=Fraction(1, unit))
+    np.testing.assert_array_equal(info.frame_times, case["times"])
+    got = sample_indices(
+        info, num_frames=case.get("frames"), fps=case.get("fps"), start=case.get("start"), end=case.get("end")
+    )
+    assert got.tolist() == case["indices"]

@@ -6,6 +6,7 @@
 #include <sys/resource.h>
 
 #include <cerrno>
+#include <csignal>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -217,6 +218,17 @@ template <typename T> std::string json_list(const std::vector<T> & v) {
     return o + "]";
 }
 
+// Seconds with 6 decimals (microseconds: finer than any container's time base).
+std::string json_doubles(const std::vector<double> & v) {
+    std::string o = "[";
+    char b[32];
+    for (size_t i = 0; i < v.size(); ++i) {
+        std::snprintf(b, sizeof b, "%s%.6f", i ? ", " : "", v[i]);
+        o += b;
+    }
+    return o + "]";
+}
+
 // The evidence of a selection: kept tokens counted per temporal unit, each unit starting at its first frame.
 std::vector<EvidenceRange> evidence_of(const Selection & sel, const VisualTokens & v,
                                        const std::vector<double> & frame_timestamps) {
@@ -282,15 +294,16 @@ void print_result(const Args & a, const Generation & gen, const Selection & sel,
         std::printf("{\"answer\": %s, \"stats\": {\"frames\": %zu, \"frame_units\": %d, \"tokens_per_frame\": %d, "
                     "\"visual_tokens\": %d, \"kept_tokens\": %zu, \"frame_sets\": %d, \"selector\": \"%s\", "
                     "\"reference_layer\": %s, \"video_cached\": %s, \"index\": %s, \"frame_size\": [%d, %d], "
-                    "\"sample_fps\": %.6g, "
+                    "\"sample_fps\": %.6g, \"timestamps\": %s, "
                     "\"seconds\": {\"decode\": %.4f, \"encode\": %.4f, \"select\": %.4f, \"ttft_answer\": %.4f, "
                     "\"answer\": %.4f, \"total\": %.4f}, \"peak_memory_mb\": {\"process_rss\": %.1f}}, "
                     "\"evidence\": %s, \"answer_token_ids\": %s, \"kept_token_indices\": %s}\n",
                     json_str(gen.text).c_str(), n_frames, v.num_units, v.tokens_per_unit(), v.num_tokens(),
                     sel.kept.size(), sel.n_sets, selector, layer.c_str(), video_cached ? "true" : "false",
-                    index_json(sel, index).c_str(), clip.height, clip.width, clip.sample_fps, t_decode, t_encode,
-                    t_select, gen.ttft_s, t_answer, total, peak_rss_mb(), evidence_json(evidence).c_str(),
-                    json_list(gen.tokens).c_str(), json_list(sel.kept).c_str());
+                    index_json(sel, index).c_str(), clip.height, clip.width, clip.sample_fps,
+                    json_doubles(clip.timestamps).c_str(), t_decode, t_encode, t_select, gen.ttft_s, t_answer, total,
+                    peak_rss_mb(), evidence_json(evidence).c_str(), json_list(gen.tokens).c_str(),
+                    json_list(sel.kept).c_str());
     } else {
         std::printf("%s\n", gen.text.c_str());
         std::fprintf(stderr, "evidence: %s\n", evidence_text(evidence, sel.kept.size(), v.num_tokens()).c_str());
@@ -353,6 +366,7 @@ int run(int argc, char ** argv) {
 
     const auto t0 = Clock::now();
     Clip clip = load_clip(a.video, a.sampling);
+    for (const auto & w : clip.warnings) std::fprintf(stderr, "flexselect-cli: warning: %s\n", w.c_str());
     const double t_decode = since(t0);
     const auto t1 = Clock::now();
     VisualTokens v = llm.encode(clip);
@@ -383,8 +397,10 @@ int run(int argc, char ** argv) {
             do {
                 if (prompt_user) std::fputs("> ", stderr);
             } while (std::getline(std::cin, question) && is_blank(question));
+            check_stop();  // Ctrl-C while waiting for a question
             if (is_blank(question)) break;  // end of input
         }
+        check_stop();
         const Prompt prompt = llm.prompt(question);
         const auto t2 = Clock::now();
         const Selection sel = select_tokens(llm, ranker.get(), v, prompt, a.select, a.index ? &index : nullptr);
@@ -406,9 +422,25 @@ int run(int argc, char ** argv) {
 }  // namespace
 
 int main(int argc, char ** argv) {
+    // Ctrl-C stops at the next frame set, token or packet (a second one kills at once, as llama.cpp's tools do);
+    // no SA_RESTART, so waiting for a question on standard input is interrupted too.
+    struct sigaction sa{};
+    sa.sa_handler = [](int) {
+        request_stop();
+        std::signal(SIGINT, SIG_DFL);
+    };
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, nullptr);
     try {
         return run(argc, argv);
+    } catch (const Interrupted &) {
+        std::fprintf(stderr, "flexselect-cli: interrupted\n");
+        return 130;
     } catch (const Error & e) {
+        if (stop_requested()) {  // a read cut short by Ctrl-C (no SA_RESTART) fails as an error: it is the interrupt
+            std::fprintf(stderr, "flexselect-cli: interrupted\n");
+            return 130;
+        }
         std::fprintf(stderr, "flexselect-cli: error: %s\n", e.what());
         return 2;
     } catch (const std::bad_alloc &) {

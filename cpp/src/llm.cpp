@@ -530,6 +530,8 @@ Llm::Llm(const LlmOptions & opts) : impl_(std::make_unique<Impl>()) {
     vp.image_min_tokens = 1;  // never let mtmd resize: frames arrive at their final size (as the Python backend)
     vp.image_max_tokens = 1 << 16;
     vp.n_threads = n_threads;
+    vp.image_min_tokens = 1;  // frames arrive at their final size (target_size): mtmd must never scale them up
+    vp.image_max_tokens = 1 << 16;
     m.mtmd.reset(mtmd_init_from_file(opts.mmproj_path.c_str(), m.model.get(), vp));
     if (!m.mtmd) {
         throw Error("cannot load mmproj " + opts.mmproj_path + " for " + opts.model_path + take_errors());
@@ -689,6 +691,12 @@ Generation Llm::answer(const VisualTokens & v, const std::vector<int> & kept, co
     int32_t next = s.next;
     Batch b;
     for (int step = 0; step < g.max_new_tokens; ++step) {
+        check_stop();
+        const float * lg = llama_get_logits_ith(m.ctx.get(), -1);
+        if (std::any_of(lg, lg + llama_vocab_n_tokens(m.vocab), [](float x) { return std::isnan(x); })) {
+            throw Error("the next-token logits are not finite (NaN or infinite): the model's weights are damaged; "
+                        "re-export or re-download it");
+        }
         const llama_token tok = llama_sampler_sample(smpl.get(), m.ctx.get(), -1);
         if (step == 0) out.ttft_s = seconds_since(t0);
         if (llama_vocab_is_eog(m.vocab, tok)) break;

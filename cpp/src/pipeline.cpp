@@ -4,9 +4,17 @@
 #include "flexselect/defaults_gen.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 namespace flexselect {
+
+static std::atomic<bool> stop{false};  // lock-free: safe to set from a signal handler
+void request_stop() { stop = true; }
+bool stop_requested() { return stop; }
+void check_stop() {
+    if (stop) throw Interrupted();
+}
 
 int reference_layer_for(const defaults::Family & d, int num_layers, const std::vector<int> & candidates,
                         std::string * warning) {
@@ -121,6 +129,12 @@ Selection select_tokens(Llm & llm, Ranker * ranker, const VisualTokens & v, cons
             scores = llm.score_indexed(ix, v, p, opts.aggregate);
         } else {
             scores = llm.score_set(v, sets[g], p, sel.layer, opts.aggregate);
+        }
+        check_stop();
+        if (std::any_of(scores.begin(), scores.end(), [](float x) { return !std::isfinite(x); })) {
+            throw Error(
+                std::string(ranker ? "the ranker's scores" : "the attention scores") +
+                " are not finite (NaN or infinite): the model's weights are damaged; re-export or re-download it");
         }
         for (int i : top_k(scores, shares[g])) sel.kept.push_back(tokens[i]);
     }

@@ -119,7 +119,8 @@ std::vector<float> question_attention_scores(const float * q, const float * k, i
             for (int v = 0; v < n_vis; ++v) {
                 const double p = std::exp(logits[columns[v]] - mx) / sum;
                 if (aggregate == Aggregate::max) {
-                    acc[v] = std::max(acc[v], p);
+                    // NaN (damaged weights) propagates, as torch's max does, so the caller can say so
+                    if (!std::isnan(acc[v]) && !(p <= acc[v])) acc[v] = p;
                 } else {
                     acc[v] += p;
                 }

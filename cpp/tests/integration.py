@@ -216,7 +216,7 @@ def transformers_kept(fx: Path, model_dir: Path, layer: int = LAYER) -> list[int
         np.stack([frames[i] for i in idx]),
         np.array(idx) / rate,
         str(fx / "clip.mp4"),
-        probe(fx / "clip.mp4", "pyav"),
+        probe(fx / "clip.mp4"),
         sample_fps=N_FRAMES / (n / rate),
     )  # as the CLI's uniform sampling
     pipe = FlexSelect(load_backend(model_dir, device="cpu", dtype="float32"))

@@ -127,8 +127,22 @@ static void test_shared_position_vectors() {
         CHECK(same(t, ints(c["t"])) && same(y, ints(c["y"])) && same(x, ints(c["x"])));
         CHECK(l.next == c["next"]);
     }
-    for (const auto & c : vectors()["uniform_indices"]) {
-        const auto got = uniform_indices(c["num_frames"], c["n"]);
+    for (const auto & c : vectors()["uniform_indices"]) {  // a constant 1 fps: frame k is shown at k seconds
+        const int n_frames = c["num_frames"];
+        std::vector<double> times(n_frames);
+        for (int k = 0; k < n_frames; ++k) times[k] = k;
+        SamplingOptions opts;
+        opts.frames = c["n"];
+        const auto got = sample_frames(times, n_frames, opts).indices;
+        CHECK(same(std::vector<int>(got.begin(), got.end()), ints(c["indices"])));
+    }
+    for (const auto & c : vectors()["vfr_sampling"]) {
+        SamplingOptions opts;
+        opts.frames = c.value("frames", 0);
+        opts.fps = c.value("fps", 0.0);
+        opts.start = c.value("start", -1.0);
+        opts.end = c.value("end", -1.0);
+        const auto got = sample_frames(c["times"].get<std::vector<double>>(), c["end_s"], opts).indices;
         CHECK(same(std::vector<int>(got.begin(), got.end()), ints(c["indices"])));
     }
 }

@@ -45,7 +45,7 @@ from .index import (
     visual_manifest,
     write_index,
 )
-from .selection import Aggregate, frame_sets, round_budget, split_budget, top_k
+from .selection import Aggregate, check_finite, frame_sets, round_budget, split_budget, top_k
 from .video import Clip, check_video_file, load_clip
 
 log = logging.getLogger("flexselect")
@@ -331,6 +331,7 @@ class FlexSelect:
                 else:
                     set_scores = self.backend.score(visual, frames, prompt, layer, aggregate)
                 set_scores = set_scores.float().cpu()
+                check_finite(set_scores, "the Lite ranker's scores" if selector == "lite" else "the attention scores")
                 scores[tokens] = set_scores
                 kept.append(tokens[top_k(set_scores, share)])
             if progress:

@@ -57,6 +57,17 @@ def split_budget(budget: int, set_sizes: list[int]) -> list[int]:
     return shares
 
 
+def check_finite(values: torch.Tensor, what: str, masked_ok: bool = False) -> None:
+    """Scores or logits that are NaN or infinite come from damaged weights (a NaN in a GGUF, an ONNX ranker) or an
+    overflow: say so instead of answering from noise. `masked_ok`: -inf is a masked logit, not damage."""
+    bad = values.isnan() | values.isposinf() if masked_ok else ~values.isfinite()
+    if bool(bad.any()):
+        raise FlexSelectError(
+            f"{what} are not finite (NaN or infinite): the model's weights are damaged or overflow in this "
+            "precision; re-export or re-download the model, or run it in float32"
+        )
+
+
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores in ascending index order; ties go to the lower index and a NaN score is never
     preferred to a number, not even to -inf (as in the C++ runtime)."""

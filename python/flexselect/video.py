@@ -1,19 +1,27 @@
-"""Video -> frames: probe a file, pick frame indices, decode only those frames, resized while decoding.
+"""Video -> frames: probe a file, pick frames by presentation time, decode only those frames, resized while decoding.
 
-decord is the chosen decoder (seeks and decodes just the sampled frames, resizing in the decoder); PyAV is the
-fallback when decord is missing or cannot read a file. Memory is one preallocated array of the sampled frames:
-a 1-hour 1080p video never needs more than that. Sampling rules are shared with the C++ runtime (cpp/src/video.cpp):
-uniform = centres of n equal segments of the span; fps = round(span * fps) frames taken the same way; the clip's
-`sample_fps` is the requested rate when that many frames were taken, else the frames over the span's duration.
+decord is the chosen decoder on indexed containers (seeks and decodes just the sampled frames, resizing in the
+decoder); PyAV streams through the others (MPEG-TS, raw streams, GIF) and is the fallback when decord is missing or
+cannot read a file. Memory is one preallocated array of the sampled frames:
+a 1-hour 1080p video never needs more than that. Videos are read as players show them, with the same rules as the
+C++ runtime (cpp/src/video.cpp):
+- time: `probe` reads every frame's presentation timestamp (a demux pass, no decoding); sampling picks the frame
+  shown at the centres of n equal segments of the span (uniform; fps: n = round(span * fps)), so a variable frame
+  rate video is sampled evenly in time, and clips carry the frames' true timestamps. A stream without timestamps
+  (raw Annex-B .h264) is taken as evenly spaced at its frame rate. The clip's `sample_fps` is the requested rate
+  when that many frames were taken, else the frames over the span's duration.
+- rotation: the display matrix (phones' portrait videos) is applied, in quarter turns.
+- damage: a packet that does not decode is skipped with a warning; the sampled frames that did decode are kept; no
+  decodable sampled frame at all is an error.
+- animated WebP is refused by name (FFmpeg decodes only still WebP); GIF, MPEG-TS and raw .h264 are read.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -26,16 +34,35 @@ log = logging.getLogger("flexselect")
 
 Decoder = Literal["auto", "decord", "pyav"]
 DECORD_CHUNK = 32  # frames per get_batch call: bounds the decoder's own buffers
+# Containers with an index decord seeks in reliably; on others (MPEG-TS, raw streams, GIF) decord opens the file
+# but can return one frame for every index (seen on MPEG-TS), so PyAV streams through them.
+DECORD_FORMATS = ("mov", "mp4", "matroska", "webm", "avi")
+# Slack when comparing sampling times with frame times: far above double rounding (~1e-12 s over hours), far below
+# any frame spacing, so a time on a frame boundary picks the same frame in Python and C++.
+TIME_EPS = 1e-9
 
 
 @dataclass(frozen=True)
 class VideoInfo:
     path: str
     num_frames: int
-    fps: float
-    duration: float
-    width: int
+    fps: float  # the stream's average rate
+    duration: float  # end of the last frame, seconds from the first
+    width: int  # as displayed (after the rotation)
     height: int
+    # Presentation timestamps of the frames in the stream's time base, sorted; None: evenly spaced at `fps` (a stream
+    # without timestamps, or frames in memory).
+    pts: np.ndarray | None = field(default=None, repr=False, compare=False)
+    time_base: Fraction = Fraction(0)
+    rotation: int = 0  # degrees the display matrix turns the decoded picture counter-clockwise: 0, 90, 180 or 270
+    container: str = ""  # FFmpeg's demuxer names ("mov,mp4,m4a,3gp,3g2,mj2", "mpegts")
+
+    @property
+    def frame_times(self) -> np.ndarray:
+        """When each frame is shown, seconds from the first (integer product, one division: C++ gets the same)."""
+        if self.pts is None:
+            return np.arange(self.num_frames) / self.fps
+        return ((self.pts - self.pts[0]) * self.time_base.numerator) / self.time_base.denominator
 
 
 @dataclass(frozen=True)
@@ -86,59 +113,72 @@ def _decord():
     return decord
 
 
-def probe(path: str | os.PathLike, decoder: Decoder = "auto") -> VideoInfo:
-    p = check_video_file(path)
-    decord = _decord() if decoder != "pyav" else None
-    if decord is not None:
-        try:
-            vr = decord.VideoReader(str(p), ctx=decord.cpu(0))
-            fps = float(vr.get_avg_fps()) or 25.0
-            h, w = vr[0].shape[:2] if len(vr) else (0, 0)
-            return _valid(VideoInfo(str(p), len(vr), fps, len(vr) / fps, w, h))
-        except FlexSelectError:
-            raise
-        except Exception as e:  # decord's errors are untyped; fall back to PyAV, which may do better
-            if decoder == "decord":
-                raise _unreadable(p, e) from None
-            log.info("decord cannot read %s (%s); trying PyAV", p, e)
-    return _probe_pyav(p)
-
-
-def _probe_pyav(p: Path) -> VideoInfo:
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Size, rotation and every frame's timestamp, from one demux pass (PyAV; no frame is decoded but the first)."""
     import av
 
+    p = check_video_file(path)
     try:
         with av.open(str(p)) as container:
             if not container.streams.video:
                 raise FlexSelectError(f"{p} has no video stream")
             stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 25)
-            duration = (
-                float(stream.duration * stream.time_base)
-                if stream.duration
-                else (container.duration / 1e6 if container.duration else 0.0)
-            )
-            frames = stream.frames or int(round(duration * fps))
-            return _valid(
-                VideoInfo(
-                    str(p),
-                    frames,
-                    fps,
-                    frames / fps if fps else duration,
-                    stream.codec_context.width,
-                    stream.codec_context.height,
+            if stream.codec_context.name == "webp":
+                raise FlexSelectError(
+                    f"{p} is a WebP image: animated WebP is not supported (FFmpeg decodes only still WebP images); "
+                    "convert it to a video file (MP4, WebM or GIF) first"
                 )
-            )
+            rate = float(stream.average_rate or stream.guessed_rate or 25)
+            # without timestamps, FFmpeg's guess (the codec's own rate: an H.264 stream's timing info) spaces frames
+            untimed_rate = float(stream.guessed_rate or rate)
+            pts, top, last_duration, rotation = [], None, 0, None
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the demuxer's end-of-stream marker
+                    continue
+                pts.append(packet.pts)
+                if packet.pts is not None and (top is None or packet.pts >= top):
+                    top, last_duration = packet.pts, packet.duration or 0
+                if rotation is None and len(pts) <= 16:  # the display matrix comes with the first decoded frame
+                    rotation = _rotation(packet)
+            width, height, tb = stream.codec_context.width, stream.codec_context.height, stream.time_base
+            container_format = container.format.name
+            # where the stream ends, as its header says (packet durations differ between FFmpeg versions)
+            known = stream.duration and stream.start_time is not None
+            stream_end = stream.start_time + stream.duration if known else None
     except FlexSelectError:
         raise
     except Exception as e:
         raise _unreadable(p, e) from None
+    if not pts or width <= 0 or height <= 0:
+        raise FlexSelectError(f"{p} contains no decodable video frames")
+    rotation = rotation or 0
+    if rotation in (90, 270):
+        width, height = height, width
+    n = len(pts)
+    ts = np.unique(np.asarray(pts, dtype=np.int64)) if None not in pts else ()
+    if len(ts) < n:  # no timestamps (a raw Annex-B .h264 stream) or repeated ones: taken as evenly spaced
+        return VideoInfo(
+            str(p), n, untimed_rate, n / untimed_rate, width, height, rotation=rotation, container=container_format
+        )
+    info = VideoInfo(str(p), n, rate, 0.0, width, height, pts=ts, time_base=tb, rotation=rotation)
+    times = info.frame_times
+    # the end of the last frame: the stream's end, else its packet's duration, else the mean spacing, else one frame
+    end = (stream_end - ts[0]) * tb.numerator / tb.denominator if stream_end is not None else 0.0
+    if not end > times[-1]:
+        end = times[-1] + last_duration * tb.numerator / tb.denominator
+    if not end > times[-1]:
+        end = times[-1] + (times[-1] / (n - 1) if n > 1 and times[-1] > 0 else 1.0 / rate)
+    return VideoInfo(str(p), n, rate, float(end), width, height, ts, tb, rotation, container_format)
 
 
-def _valid(info: VideoInfo) -> VideoInfo:
-    if info.num_frames <= 0 or info.width <= 0 or info.height <= 0:
-        raise FlexSelectError(f"{info.path} contains no decodable video frames")
-    return info
+def _rotation(packet) -> int | None:
+    """The display matrix's rotation in quarter turns (counter-clockwise degrees), once a frame decodes."""
+    try:
+        for frame in packet.decode():
+            return round(float(frame.rotation or 0) / 90) % 4 * 90
+    except Exception:  # damage is for decoding to report; a later frame tells the rotation
+        pass
+    return None
 
 
 def _unreadable(p: Path, e: Exception) -> FlexSelectError:
@@ -179,20 +219,24 @@ def _plan(info: VideoInfo, num_frames, fps, start, end, max_frames) -> tuple[np.
         raise FlexSelectError(f"start {t0:.2f}s is beyond the end of the video ({info.duration:.2f}s)")
     if t1 <= t0:
         raise FlexSelectError(f"end ({t1:.2f}s) must be after start ({t0:.2f}s)")
-    first = min(info.num_frames - 1, int(math.floor(t0 * info.fps)))
-    span = max(1, min(info.num_frames, int(math.ceil(t1 * info.fps))) - first)
+    times = info.frame_times
+    # the span: from the frame shown at t0 to the end of the last frame shown before t1
+    first = max(0, int(np.searchsorted(times, t0 + TIME_EPS, side="right")) - 1)
+    stop = max(first + 1, int(np.searchsorted(times, t1 - TIME_EPS, side="left")))
+    lo, hi = float(times[first]), float(times[stop]) if stop < len(times) else info.duration
     if num_frames is not None:
         n = num_frames
     elif fps is not None:
         n = max(1, round((t1 - t0) * fps))
     else:
-        n = span
+        n = stop - first
     requested = n
-    n = min(n, span, max_frames or n)
-    # centres of n equal segments: floor((2i + 1) * span / (2n)), in integers so C++ computes the same
-    idx = first + (2 * np.arange(n, dtype=np.int64) + 1) * span // (2 * n)
+    n = min(n, stop - first, max_frames or n)
+    # the frames shown at the centres of n equal segments of the span (a long-shown frame is taken once)
+    at = lo + (2 * np.arange(n) + 1) * (hi - lo) / (2 * n)
+    idx = np.clip(np.searchsorted(times, at + TIME_EPS, side="right") - 1, first, stop - 1)
     met_fps = fps if num_frames is None and fps is not None and n == requested else None
-    return np.unique(idx), span / info.fps, met_fps
+    return np.unique(idx), hi - lo, met_fps
 
 
 def output_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
@@ -220,22 +264,24 @@ def load_clip(
     decoder: Decoder = "auto",
 ) -> Clip:
     """Decode only the sampled frames. `on_frame(i, n)` runs after each frame (progress; may raise to cancel)."""
-    info = probe(path, decoder)
+    info = probe(path)
     indices, span_s, met_fps = _plan(info, num_frames, fps, start, end, max_frames)
+    times = info.frame_times
 
     def clip(frames: np.ndarray, kept: np.ndarray) -> Clip:
         rate = met_fps if met_fps is not None and len(kept) == len(indices) else len(kept) / span_s
-        return Clip(frames, kept / info.fps, info.path, info, sample_fps=rate)
+        return Clip(frames, times[kept], info.path, info, sample_fps=rate)
 
     w, h = output_size(info.width, info.height, max_side)
-    decord = _decord() if decoder != "pyav" else None
+    indexed = any(name in DECORD_FORMATS for name in info.container.split(","))
+    decord = _decord() if decoder == "decord" or (decoder == "auto" and indexed) else None
     if decord is not None:
         try:
             return clip(_decode_decord(decord, info, indices, w, h, on_frame), indices)
         except _DecordFailed as e:
             if decoder == "decord":
-                raise _unreadable(Path(info.path), e.__cause__) from None
-            log.info("decord failed on %s (%s); decoding with PyAV", info.path, e.__cause__)
+                raise _unreadable(Path(info.path), e.__cause__ or e) from None
+            log.info("decord failed on %s (%s); decoding with PyAV", info.path, e.__cause__ or e)
     return clip(*_decode_pyav(info, indices, w, h, on_frame))
 
 
@@ -244,11 +290,14 @@ class _DecordFailed(Exception):
 
 
 def _decode_decord(decord, info: VideoInfo, indices: np.ndarray, w: int, h: int, on_frame) -> np.ndarray:
+    """decord seeks to each sampled frame; it applies the display rotation itself (w, h are the displayed size)."""
     out = np.empty((len(indices), h, w, 3), dtype=np.uint8)
     try:
         vr = decord.VideoReader(info.path, ctx=decord.cpu(0), width=w, height=h)
     except Exception as e:  # decord's errors are untyped
         raise _DecordFailed from e
+    if len(vr) != info.num_frames:  # decord counts frames otherwise than the timeline: indices would not match
+        raise _DecordFailed(f"decord sees {len(vr)} frames, the demuxer {info.num_frames}")
     for s in range(0, len(indices), DECORD_CHUNK):
         batch = indices[s : s + DECORD_CHUNK]
         try:
@@ -262,34 +311,55 @@ def _decode_decord(decord, info: VideoInfo, indices: np.ndarray, w: int, h: int,
 
 
 def _decode_pyav(info: VideoInfo, indices: np.ndarray, w: int, h: int, on_frame) -> tuple[np.ndarray, np.ndarray]:
-    """Stream through the file, keeping only the wanted frames (converted and resized one at a time)."""
+    """Stream through the file, keeping only the wanted frames (converted, resized and rotated one at a time).
+
+    Frames are matched by timestamp where the stream has them, so a packet that fails to decode (skipped, with a
+    warning) shifts no later frame; a stream without timestamps is counted."""
     import av
 
     out = np.empty((len(indices), h, w, 3), dtype=np.uint8)
-    wanted = {int(f): i for i, f in enumerate(indices)}
-    got = 0
+    keys = info.pts[indices] if info.pts is not None else indices
+    wanted = {int(k): i for i, k in enumerate(keys)}
+    last = int(keys[-1])
+    got = np.zeros(len(indices), dtype=bool)
+    dw, dh = (h, w) if info.rotation in (90, 270) else (w, h)  # the decoded picture, before it is turned
+    bad, n, done = 0, -1, False
     try:
         with av.open(info.path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for n, frame in enumerate(container.decode(stream)):
-                if n in wanted:
-                    out[wanted[n]] = frame.to_ndarray(format="rgb24", width=w, height=h)
-                    got += 1
-                    if on_frame:
-                        on_frame(got, len(indices))
-                if got == len(indices) or n >= indices[-1]:
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.FFmpegError:
+                    bad += 1
+                    continue
+                for frame in frames:
+                    n += 1
+                    key = n if info.pts is None else frame.pts
+                    if key is None:
+                        continue
+                    i = wanted.get(key)
+                    if i is not None and not got[i]:
+                        img = frame.to_ndarray(format="rgb24", width=dw, height=dh)
+                        out[i] = np.rot90(img, info.rotation // 90) if info.rotation else img
+                        got[i] = True
+                        if on_frame:
+                            on_frame(int(got.sum()), len(indices))
+                    done = done or key >= last
+                if done:
                     break
-    except av.FFmpegError as e:
-        if got == 0:
+    except av.FFmpegError as e:  # the container itself breaks off: what decoded before is kept
+        if not got.any():
             raise _unreadable(Path(info.path), e) from None
-        log.warning("%s is damaged after frame %d; using the %d frames decoded before it", info.path, n, got)
-    if got == 0:
-        raise FlexSelectError(f"{info.path} contains no decodable video frames")
-    if got < len(indices):  # a truncated file: keep what decoded, in order
-        kept = np.array(sorted(f for f in wanted if f <= n))[:got]
-        log.warning("%s: only %d of %d sampled frames could be decoded", info.path, got, len(indices))
-        return out[:got], kept
+        log.warning("%s is damaged after frame %d; using the frames decoded before it", info.path, n)
+    if bad:
+        log.warning("%s: %d damaged packet(s) could not be decoded and were skipped", info.path, bad)
+    if not got.any():
+        raise FlexSelectError(f"{info.path}: none of the sampled frames could be decoded (the file is damaged)")
+    if not got.all():
+        log.warning("%s: only %d of %d sampled frames could be decoded", info.path, got.sum(), len(indices))
+        return out[got], indices[got]
     return out, indices
 
 

@@ -32,6 +32,15 @@ struct Error : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+// Ctrl-C: request_stop() (async-signal-safe) makes the next check_stop() -- between frame sets, generated tokens
+// and decoded packets -- throw Interrupted, so a run stops cleanly at the next step (the CLI exits 130).
+struct Interrupted : std::runtime_error {
+    Interrupted() : std::runtime_error("interrupted") {}
+};
+void request_stop();
+bool stop_requested();
+void check_stop();
+
 // ---- selection math (selection.cpp; python/flexselect/selection.py) ---------------------------------------------
 
 // G = ceil(F / S) sets; set g holds units g, g+G, g+2G, ... (each set spans the whole video).
@@ -135,29 +144,37 @@ Sequence unit_text_sequence(const std::vector<int32_t> & prefix, const std::vect
 // ---- video (video.cpp) -------------------------------------------------------------------------------------------
 
 struct SamplingOptions {
-    int frames = 0;        // > 0: this many frames at the centres of equal segments
+    int frames = 0;        // > 0: this many frames at the centres of equal segments of the span
     double fps = 0.0;      // > 0 (and frames == 0): this many frames per second
     double start = -1.0;   // seconds; < 0: from the beginning
     double end = -1.0;     // seconds; < 0: to the end
-    int max_frames = 0;    // > 0: cap on sampled frames (fps mode)
+    int max_frames = 0;    // > 0: cap on sampled frames
     int max_side = 0;      // > 0: longest side at most this many pixels
     int pixel_factor = 28; // each side a multiple of this (patch x spatial merge: Qwen2.5-VL 28, Qwen3-VL 32)
 };
 
 struct Clip {
-    int width = 0, height = 0;                  // after resizing: multiples of the pixel factor
+    int width = 0, height = 0;                  // as displayed (rotation applied), resized: multiples of the pixel factor
     std::vector<std::vector<uint8_t>> frames;   // RGB24, height * width * 3 each
-    std::vector<double> timestamps;             // seconds
+    std::vector<double> timestamps;             // seconds from the first frame: each frame's presentation time
     double sample_fps = 0.0;                    // the requested fps if met, else frames / span in seconds
-    int64_t source_frames = 0;                  // frames in the (trimmed) source
-    double source_fps = 0.0;
+    int64_t source_frames = 0;                  // frames in the source
+    double source_fps = 0.0;                    // its average rate
+    std::vector<std::string> warnings;          // damage skipped while decoding (the CLI prints them)
 };
 
-// Frame indices (0-based, within n_frames) at the centres of n equal segments.
-std::vector<int64_t> uniform_indices(int64_t n_frames, int n);
-// Frame indices for sampling at `fps` from a source at `source_fps`, at most max_frames (then uniform).
-std::vector<int64_t> fps_indices(int64_t n_frames, double source_fps, double fps, int max_frames);
-// Frame size fed to the vision tower: longest side <= max_side, then each side rounded to a multiple of `factor`.
+// Which frames to decode, picked in time as python/flexselect/video.py does: `times` are the frames' presentation
+// times (sorted, seconds from the first), `end_s` the end of the last frame. The span runs from the frame shown at
+// start to the end of the last frame shown before end; n frames (frames, round(span * fps), or all) are the ones
+// shown at the centres of n equal segments, duplicates dropped, capped by max_frames. Throws Error on an empty span.
+struct FramePlan {
+    std::vector<int64_t> indices;  // sorted, unique
+    double span_s = 0.0;
+    bool fps_met = false;          // fps sampling took all the frames it asked for
+};
+FramePlan sample_frames(const std::vector<double> & times, double end_s, const SamplingOptions & opts);
+// Frame size fed to the vision tower: longest side <= max_side, then each side rounded to a multiple of `factor`
+// (at least one: a smaller video is scaled up to one merged patch, never further; Python's frame_size is the same).
 void target_size(int width, int height, int max_side, int & out_width, int & out_height, int factor = 28);
 
 // Decodes only what is needed and keeps only the sampled frames. Throws Error on unreadable input.

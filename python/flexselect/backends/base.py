@@ -17,7 +17,7 @@ import torch
 
 from ..defaults import reference_layer_for
 from ..errors import FlexSelectError, check_positive
-from ..selection import Aggregate
+from ..selection import Aggregate, check_finite
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
     from ..video import Clip
@@ -161,6 +161,7 @@ def resolve_reference_layer(backend: Backend, layer: int | None) -> int:
 
 def sample(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator) -> int:
     """Greedy at temperature 0, else temperature + nucleus sampling with a seeded generator (reproducible)."""
+    check_finite(logits, "the next-token logits", masked_ok=True)
     if config.temperature <= 0:
         return int(logits.argmax())
     probs = (logits / config.temperature).softmax(-1).cpu()
