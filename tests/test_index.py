@@ -72,6 +72,32 @@ def test_indexed_scores_equal_unindexed(family_backends, family, set_frames, agg
             assert torch.equal(top_k(indexed, k), top_k(full, k))
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "llava_onevision", "internvl"])
+def test_sets_scored_in_one_batch_equal_unindexed(family_backends, family):
+    backend = family_backends[family]
+    visual = backend.encode(clip())
+    layer = 2
+    sets = frame_sets(visual.num_frames, 3)
+    assert len({len(s) for s in sets}) == 2  # unequal sets: one batch per context length
+    entries = [backend.index_set(visual, frames, backend.prompt(QUESTIONS[0]), layer) for frames in sets]
+    batch_sizes = []
+    hook = backend.text_model.register_forward_pre_hook(
+        lambda _m, _a, kw: batch_sizes.append(kw["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    prompt = backend.prompt(QUESTIONS[1])
+    try:
+        batched = backend.score_indexed_many(entries, visual, prompt, "max")
+    finally:
+        hook.remove()
+    assert sorted(batch_sizes) == sorted(sum(len(s) == n for s in sets) for n in {len(s) for s in sets})
+    for frames, got in zip(sets, batched):
+        full = backend.score(visual, frames, prompt, layer, "max")
+        assert torch.allclose(got, full, rtol=0, atol=ATOL), (got - full).abs().max()
+        k = len(full) // 4
+        assert torch.equal(top_k(got, k), top_k(full, k))
+    assert all(e.cache.get_seq_length() == e.n_context for e in entries)  # the sets' own caches are untouched
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
 def test_follow_up_questions_reuse_the_index_with_identical_results(family_backends, family):
     backend = family_backends[family]

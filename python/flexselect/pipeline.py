@@ -317,6 +317,7 @@ class FlexSelect:
         if selector == "reference" and scored and self.auto_index:
             index, notice = self._index_for(visual, prompt, layer, options.set_frames or SET_FRAMES, sets)
         usage = _IndexUsage(index, notice)
+        reused = self._score_reused(usage, visual, {i: sets[i] for i in scored}, prompt, aggregate)
         scores = torch.full((total,), float("nan"))
         kept = []
         for i, (frames, share) in enumerate(zip(sets, shares)):
@@ -326,6 +327,8 @@ class FlexSelect:
             else:
                 if selector == "lite":
                     set_scores = self.ranker.score(visual, frames, prompt)
+                elif i in reused:
+                    set_scores = reused[i]
                 elif usage.index is not None:
                     set_scores = self._score_indexed(usage, visual, frames, prompt, layer, aggregate)
                 else:
@@ -481,6 +484,18 @@ class FlexSelect:
             "indexing this video: %d frame set(s), about %s", len(sets), gib(planned)
         )
         return self.indexes.reserve(visual, key, planned, getattr(self.backend, "device", None))
+
+    def _score_reused(
+        self, usage: _IndexUsage, visual: VisualTokens, sets: dict[int, list[int]], prompt: Prompt, aggregate: Aggregate
+    ) -> dict[int, torch.Tensor]:
+        """Scores of the sets this video's index already holds, all at once where the backend can batch them (a
+        follow-up question); the other sets are left to `_score_indexed`."""
+        if usage.index is None or not hasattr(self.backend, "score_indexed_many"):
+            return {}
+        held = {i: usage.index.sets[tuple(frames)] for i, frames in sets.items() if tuple(frames) in usage.index.sets}
+        usage.reused += len(held)
+        usage.saved_s += sum(entry.build_s for entry in held.values())
+        return dict(zip(held, self.backend.score_indexed_many(list(held.values()), visual, prompt, aggregate)))
 
     def _score_indexed(
         self,

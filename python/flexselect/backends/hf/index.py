@@ -25,6 +25,8 @@ from ...errors import FlexSelectError
 from ...selection import Aggregate
 from ..base import Prompt, VisualTokens
 
+BATCH_BYTES = 1 << 30  # at most this much of the sets' caches is copied into one batch of question rows
+
 
 @dataclass
 class SetIndex:
@@ -152,6 +154,64 @@ class IndexedScoring:
             self.text_model, [entry.layer], len(prompt.suffix_ids), aggregate, past_key_values=cache, **suffix
         )[entry.layer]
         return scores[entry.columns.to(scores.device)]
+
+    @torch.inference_mode()
+    def score_indexed_many(
+        self, entries: list[SetIndex], visual: VisualTokens, prompt: Prompt, aggregate: Aggregate = "max"
+    ) -> list[torch.Tensor]:
+        """`score_indexed` of several sets at once: sets with as many context rows run their question rows as one
+        batch (row b against set b's cache), so each weight matrix is read once per batch, not once per set. A
+        question's few dozen rows are too few to keep a CPU's cores busy: a pass over them costs about reading the
+        weights, whatever the number of rows. The sets' caches are copied into one per batch, so a batch holds at
+        most BATCH_BYTES of them (and only caches already on the model's device are batched: the rest move there one
+        set at a time)."""
+        from transformers import DynamicCache
+
+        from .shared import batch_attention_scores
+
+        out: list[torch.Tensor | None] = [None] * len(entries)
+        batches: dict[tuple, list[int]] = {}
+        for i, entry in enumerate(entries):
+            batchable = entry.device == str(self.device) and all(
+                type(layer).__name__ == "DynamicLayer" for layer in entry.cache.layers[: entry.layer + 1]
+            )
+            if batchable:
+                batches.setdefault((entry.n_context, entry.layer), []).append(i)
+            else:
+                out[i] = self.score_indexed(entry, visual, prompt, aggregate)
+        for (n_context, layer), members in batches.items():
+            per_batch = max(1, BATCH_BYTES // entries[members[0]].nbytes)
+            for b0 in range(0, len(members), per_batch):
+                group = [entries[i] for i in members[b0 : b0 + per_batch]]
+                if len(group) == 1:  # nothing to batch: no copy of the cache
+                    out[members[b0]] = self.score_indexed(group[0], visual, prompt, aggregate)
+                    continue
+                suffixes = []
+                for entry in group:
+                    inputs = self.scoring_inputs(visual, list(entry.frames), prompt)
+                    if inputs.embeds.shape[1] - len(prompt.suffix_ids) != n_context:
+                        raise FlexSelectError("this index was made for another prompt or video")
+                    self._check_fits(inputs.embeds.shape[1], "scoring pass of a frame set", prompt)
+                    suffixes.append(_split(inputs, n_context)[1])
+                cache = DynamicCache(config=self.text_model.config)
+                for i in range(layer + 1):
+                    cache.update(
+                        torch.cat([e.cache.layers[i].keys for e in group]),
+                        torch.cat([e.cache.layers[i].values for e in group]),
+                        i,
+                    )
+                scores = batch_attention_scores(
+                    self.text_model,
+                    [layer],
+                    len(prompt.suffix_ids),
+                    aggregate,
+                    past_key_values=cache,
+                    inputs_embeds=torch.cat([x["inputs_embeds"] for x in suffixes]),
+                    position_ids=torch.cat([x["position_ids"] for x in suffixes], dim=-2),  # batch dim: [3,] B, N
+                )[layer]
+                for i, entry, row in zip(members[b0 : b0 + per_batch], group, scores):
+                    out[i] = row[entry.columns.to(row.device)]
+        return out
 
     # -- on disk --------------------------------------------------------------------------------------------------
     def index_tensors(self, entry: SetIndex) -> dict[str, torch.Tensor]:

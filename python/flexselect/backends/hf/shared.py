@@ -61,9 +61,9 @@ def _capture_attention(
 
     capture = flexselect_capture
     if capture is not None and module.layer_idx in capture.layers:
-        queries = query[0, :, -capture.n_rows :]
-        capture.scores[module.layer_idx] = question_attention_scores(
-            queries, key[0], slice(0, key.shape[2]), capture.aggregate
+        rows, every_key = -capture.n_rows, slice(0, key.shape[2])
+        capture.scores[module.layer_idx] = torch.stack(
+            [question_attention_scores(q[:, rows:], k, every_key, capture.aggregate) for q, k in zip(query, key)]
         )
         if len(capture.scores) == len(capture.layers):
             raise _CaptureDone
@@ -99,14 +99,23 @@ def _capturing(text_model: nn.Module) -> Iterator[None]:
 def attention_scores(
     text_model: nn.Module, layers: Sequence[int], n_rows: int, aggregate: Aggregate = "max", **inputs: Any
 ) -> dict[int, torch.Tensor]:
-    """Run `text_model(**inputs)` up to the attention of the deepest of `layers` and return, per layer, the scores
-    of every key position (cached ones included, with `past_key_values`) for the last `n_rows` query positions, as
-    `question_attention_scores` defines them. Nothing after the deepest layer's Q/K projections runs, and a given
-    cache is cropped back to its length on return.
+    """Run `text_model(**inputs)` on one sequence up to the attention of the deepest of `layers` and return, per
+    layer, the scores of every key position (cached ones included, with `past_key_values`) for the last `n_rows`
+    query positions, as `question_attention_scores` defines them. Nothing after the deepest layer's Q/K projections
+    runs, and a given cache is cropped back to its length on return.
 
     `inputs` are the language model's own: inputs_embeds, position_ids, optional past_key_values (a cached prefix,
     e.g. a video index), and family extras such as Qwen3-VL's DeepStack (visual_pos_masks, deepstack_visual_embeds).
     """
+    batch = batch_attention_scores(text_model, layers, n_rows, aggregate, **inputs)
+    return {layer: scores[0] for layer, scores in batch.items()}
+
+
+def batch_attention_scores(
+    text_model: nn.Module, layers: Sequence[int], n_rows: int, aggregate: Aggregate = "max", **inputs: Any
+) -> dict[int, torch.Tensor]:
+    """`attention_scores` of a batch of B sequences of equal length (each with its own cached prefix, as one
+    `past_key_values` of batch B): per layer, [B, keys] scores."""
     n_layers = len(text_model.layers)
     for layer in layers:
         if not 0 <= layer < n_layers:
