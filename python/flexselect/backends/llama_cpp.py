@@ -128,6 +128,13 @@ class _GGMLTensor(ctypes.Structure):
 _GGML = None
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (taskset, cpusets), where the OS says; else all of them."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _ggml():
     """libggml-base from the folder llama-cpp-python loads libllama from (its lib folder, or LLAMA_CPP_LIB_PATH for
     a llama.cpp built elsewhere, e.g. GGML_NATIVE=ON): tensor reads and op names for the eval callback."""
@@ -308,7 +315,7 @@ class LlamaCppBackend:
         self.defaults = family_defaults(family)
         self.n_ctx = self.context_length = int(n_ctx)
         self.n_batch = int(min(n_batch, n_ctx))
-        self.n_threads = int(n_threads or len(os.sched_getaffinity(0)))  # the cores we may run on (taskset, cgroups)
+        self.n_threads = int(n_threads or _usable_cores())
         _LOG_TAIL.clear()
         self._install_logger()
         ll = llama_cpp
