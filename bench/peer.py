@@ -21,7 +21,7 @@ a random Qwen2.5-VL whose LM has Qwen2-0.5B's layer shape (896 wide, 14 heads, 2
 scaled vision tower (8 blocks x 320), exported to GGUF f16 + mmproj; random weights time the same as trained ones.
 Frames are 112x168 at 2 fps (4 x 6 = 24 tokens per frame pair); every arm sees all of them (the peer at 2 fps).
 
-    python bench/peer.py                                  # 16 / 32 / 64 frames, -c 512, FlexSelect keeps 96
+    python bench/peer.py                              # 16 / 32 / 64 / 128 frames, -c 1024, FlexSelect keeps 96
 
 TTFT is from the start of work on the video (after model loading) to the first answer token: our CLIs report it in
 their --json stats (decode + encode + select + first token), the peer driver measures the same span. Writes
@@ -141,10 +141,10 @@ def peer(run: dict) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--budget", type=int, default=96, help="visual tokens FlexSelect keeps")
     ap.add_argument("--set-frames", type=int, default=8, help="frame pairs per scoring set")
-    ap.add_argument("--ctx", type=int, default=512, help="llama.cpp context size, the same for every llama.cpp run")
+    ap.add_argument("--ctx", type=int, default=1024, help="llama.cpp context size, the same for every llama.cpp run")
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--cli", default=str(ROOT / "build" / "bin" / "flexselect-cli"))
     ap.add_argument("--cli-native", default=str(ROOT / "build-native" / "bin" / "flexselect-cli"))
