@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -73,6 +74,11 @@ def predicted(shape, frames: int, budget: int, layer: int, set_frames: int) -> d
     encode = plan.vision_flops(shape, req)
     return {
         "ratio": (est.flops["baseline"] - encode) / (est.flops["flexselect"] - encode),
+        "flops": {
+            "baseline": est.flops["baseline"] - encode,
+            "scoring": est.flops["flexselect"] - encode - est.flops["answer_pass"],
+            "answer": est.flops["answer_pass"],
+        },
         "baseline_bytes": baseline.device_bytes["answer_pass"] - est.device_bytes["weights"],
         "flexselect_bytes": max(est.device_bytes["scoring_pass"], est.device_bytes["answer_pass"])
         - est.device_bytes["weights"],
@@ -91,6 +97,9 @@ def main() -> int:
     p.add_argument("--time-limit", type=float, default=900)
     args = p.parse_args()
 
+    # torch's threads (OMP_NUM_THREADS); on a shared, oversubscribed CPU one pinned thread avoids the barrier stalls
+    # that otherwise grow with the number of ops, i.e. with the number of passes
+    threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
     shape = plan.model_shape(ttft.bench_config().to_dict())
     rows, ok = [], True
     for frames in args.frames:
@@ -104,6 +113,7 @@ def main() -> int:
             time_limit=args.time_limit,
             set_frames=args.set_frames,
         )
+        load = os.getloadavg()[0]
         measured = {arm: ttft.run_isolated(ns, arm, frames) for arm in ("baseline", "flexselect")}
         if any("error" in m for m in measured.values()):
             rows.append({"frames": frames, "error": {a: m.get("error") for a, m in measured.items()}})
@@ -117,6 +127,13 @@ def main() -> int:
             "measured_ratio": ratio,
             "predicted_ratio": pred["ratio"],
             "ratio_error": pred["ratio"] / ratio - 1,
+            "load_1m": [load, os.getloadavg()[0]],  # before and after: this machine is shared
+            "seconds": {
+                "baseline": measured["baseline"]["ttft_s"],
+                "scoring": measured["flexselect"]["select_s"],
+                "answer": measured["flexselect"]["ttft_s"] - measured["flexselect"]["select_s"],
+            },
+            "flops": pred["flops"],
         }
         for arm in ("baseline", "flexselect"):
             above = (measured[arm]["peak_memory_mb"]["process_rss"] - measured[arm]["start_rss_mb"]) * 2**20
@@ -147,7 +164,8 @@ def main() -> int:
                 f"{f['baseline'] / f['followup_indexed']:.1f}x (vision encode included)"
             )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cost_model.json").write_text(json.dumps({"checks": rows, "predictions": predictions}, indent=1))
+    out = {"threads": threads, "checks": rows, "predictions": predictions}
+    (RESULTS / "cost_model.json").write_text(json.dumps(out, indent=1))
     print("cost model check:", "within bounds" if ok else "OUT OF BOUNDS")
     return 0 if ok else 1
 

@@ -128,13 +128,21 @@ class _GGMLTensor(ctypes.Structure):
 _GGML = None
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (taskset, cpusets), where the OS says; else all of them."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _ggml():
-    """libggml-base from llama-cpp-python's lib folder: tensor reads and op names for the eval callback."""
+    """libggml-base from the folder llama-cpp-python loads libllama from (its lib folder, or LLAMA_CPP_LIB_PATH for
+    a llama.cpp built elsewhere, e.g. GGML_NATIVE=ON): tensor reads and op names for the eval callback."""
     global _GGML
     if _GGML is None:
         import llama_cpp
 
-        lib_dir = Path(llama_cpp.__file__).parent / "lib"
+        lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
         candidates = sorted(lib_dir.glob("libggml-base.*")) or sorted(lib_dir.glob("ggml-base.*"))
         if not candidates:
             raise FlexSelectError(f"libggml-base not found in {lib_dir}; reinstall llama-cpp-python==0.3.36")
@@ -307,7 +315,7 @@ class LlamaCppBackend:
         self.defaults = family_defaults(family)
         self.n_ctx = self.context_length = int(n_ctx)
         self.n_batch = int(min(n_batch, n_ctx))
-        self.n_threads = int(n_threads or os.cpu_count() or 1)
+        self.n_threads = int(n_threads or _usable_cores())
         _LOG_TAIL.clear()
         self._install_logger()
         ll = llama_cpp
