@@ -155,7 +155,7 @@ def main() -> None:
     }
     for earlier in args.merge:
         old = json.loads(Path(earlier).read_text())
-        result["runs"] += old.get("runs", [])
+        result["runs"] += old.get("runs", [{"merged_from": earlier, "load_avg": "not recorded"}])
         result["seconds"].update(old.get("seconds", {}))
         result["max_abs_diff_torch_onnx"].update(old.get("max_abs_diff_torch_onnx", {}))
         result.update({k: v for k, v in old.items() if k == "reference" or k.endswith("onnx_export_s")})

@@ -252,7 +252,8 @@ def test_host_embeds_ranker_exports_the_two_input_graph(tiny_backend, tmp_path):
     unused = sum(p.numel() for name, p in ranker.named_parameters() if any(r in name for r in remainder))
     needed = sum(p.numel() for p in ranker.parameters()) - unused
     stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
-    assert unused > 0 and needed <= stored < needed + unused // 4, (needed, stored, unused)
+    # (fewer than `needed` where the exporter merged equal constants: the init's all-ones norms and zero biases)
+    assert unused > 0 and stored < needed + unused // 4, (needed, stored, unused)
     onnx_ranker = load_ranker(path, tiny_backend)
     g = torch.Generator().manual_seed(0)
     worst = 0.0
