@@ -12,8 +12,11 @@ at the real shapes (random weights cost what real ones do):
   torch, ONNX Runtime from Python, and ONNX Runtime from C++ (`flexselect-ranker-bench`, when built: `cmake --build
   build --target flexselect-ranker-bench`, with -DFLEXSELECT_BUILD_TESTS=ON).
 Each arm: one warm-up on a small input, then the timed runs (median). The vision tower is shared by all and left out.
+The arms can run in separate (shorter) runs, `--merge` joining the earlier runs' results into the last one's ratios;
+each run records the machine's load averages (as `uptime` shows them) at its start and end.
 
-    python bench/lite_vs_reference.py [--repeats 1] [--cpp build/cpp/tests/flexselect-ranker-bench] [--out FILE]
+    python bench/lite_vs_reference.py [--arms reference qwen2_5_vl host_embeds] [--merge EARLIER.json ...]
+        [--repeats 1] [--cpp build/cpp/tests/flexselect-ranker-bench] [--out FILE]
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -34,6 +39,7 @@ RANKER = dict(
 )
 VIT_WIDTH = 1280  # Qwen2.5-VL's ViT; a token's pre-merger features are its 2x2 group: 4 x 1280
 UNITS, GRID = 16, (10, 11)
+LITE_ARMS = {"qwen2_5_vl": ("lite", 4 * VIT_WIDTH), "host_embeds": ("lite-host_embeds", HOST["hidden_size"])}
 QUESTION = "What does the presenter write on the whiteboard after the break?"
 
 
@@ -92,11 +98,21 @@ def main() -> None:
     ap.add_argument("--out", help="also write the JSON result here")
     ap.add_argument(
         "--arms",
-        choices=["all", "reference", "lite"],
-        default="all",
-        help="run only the reference or only the Lite arms (default all)",
+        nargs="+",
+        choices=["reference", *LITE_ARMS],
+        default=["reference", *LITE_ARMS],
+        help="the host's reference layer and/or the Lite layouts to run (default all)",
     )
+    ap.add_argument("--merge", nargs="*", default=[], help="results of earlier runs of the other arms, to join")
+    ap.add_argument(
+        "--onnx-dir",
+        help="keep the rankers' ONNX exports here and reuse them (the weights are seeded: an export made by "
+        "--export-only, outside a timed run, is the one this run would make; the torch-vs-ONNX score gap checks it)",
+    )
+    ap.add_argument("--export-only", action="store_true", help="only write the exports into --onnx-dir")
     args = ap.parse_args()
+    if args.export_only and not args.onnx_dir:
+        ap.error("--export-only needs --onnx-dir")
 
     import numpy as np
     import onnxruntime
@@ -107,7 +123,7 @@ def main() -> None:
     rows, cols = GRID
     tokens = UNITS * rows * cols
     units = list(range(UNITS))
-    backend = host_backend(1 if args.arms == "lite" else 3)
+    backend = host_backend(3 if "reference" in args.arms and not args.export_only else 1)
     vocab = backend.text_model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     visual = VisualTokens(
@@ -133,93 +149,103 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "onnxruntime": onnxruntime.__version__,
         "torch": torch.__version__,
+        "runs": [],
+        "seconds": {},
+        "max_abs_diff_torch_onnx": {},
     }
+    for earlier in args.merge:
+        old = json.loads(Path(earlier).read_text())
+        result["runs"] += old.get("runs", [{"merged_from": earlier, "load_avg": "not recorded"}])
+        result["seconds"].update(old.get("seconds", {}))
+        result["max_abs_diff_torch_onnx"].update(old.get("max_abs_diff_torch_onnx", {}))
+        result.update({k: v for k, v in old.items() if k == "reference" or k.endswith("onnx_export_s")})
+    run = {"arms": args.arms, "load_avg_start": load_avg()}
 
-    # reference layer of the 7B-shape host, from passes stopping at layers 1 and 2
-    if args.arms == "lite":
-        return lite_arms(args, result, visual, small, units, prompt, vocab, tokens)
-    backend.score(small, [0], prompt, 1)
-    t1 = timed(functools.partial(backend.score, visual, units, prompt, 1), args.repeats)
-    t2 = timed(functools.partial(backend.score, visual, units, prompt, 2), args.repeats)
-    per_layer = t2 - t1
-    reference = t1 + (REFERENCE_LAYER - 1) * per_layer
-    result["reference"] = {
-        "layer_1_s": round(t1, 2),
-        "layer_2_s": round(t2, 2),
-        "per_layer_s": round(per_layer, 2),
-        "estimated_layer_20_s": round(reference, 2),
-    }
+    if "reference" in args.arms and not args.export_only:
+        # the reference layer of the 7B-shape host, from passes stopping at layers 1 and 2
+        backend.score(small, [0], prompt, 1)
+        t1 = timed(functools.partial(backend.score, visual, units, prompt, 1), args.repeats)
+        t2 = timed(functools.partial(backend.score, visual, units, prompt, 2), args.repeats)
+        result["reference"] = {
+            "layer_1_s": round(t1, 2),
+            "layer_2_s": round(t2, 2),
+            "per_layer_s": round(t2 - t1, 2),
+            "estimated_layer_20_s": round(t1 + (REFERENCE_LAYER - 1) * (t2 - t1), 2),
+        }
     del backend
-    if args.arms == "reference":
-        return write(result, args.out)
-    lite_arms(args, result, visual, small, units, prompt, vocab, tokens, reference)
-
-
-def write(result: dict, out: str | None) -> None:
+    layouts = [a for a in args.arms if a in LITE_ARMS]
+    if layouts:
+        lite_arms(args, layouts, result, visual, small, units, prompt, vocab, tokens)
+    run["load_avg_end"] = load_avg()
+    result["runs"].append(run)
+    ratios(result)
     text = json.dumps(result, indent=2)
     print(text)
-    if out:
-        Path(out).write_text(text + "\n")
+    if args.out:
+        Path(args.out).write_text(text + "\n")
 
 
-def lite_arms(
-    args, result: dict, visual, small, units, prompt, vocab: int, tokens: int, reference: float | None = None
-) -> None:
+def load_avg() -> list[float]:
+    """The 1/5/15-minute load averages, as `uptime` shows them (2 = both cores of this machine busy)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def lite_arms(args, layouts: list[str], result: dict, visual, small, units, prompt, vocab: int, tokens: int) -> None:
     import torch
 
+    from flexselect.lite.bundle import ONNX
     from flexselect.lite.host import HostInfo
     from flexselect.lite.onnx_ranker import OnnxRanker
     from flexselect.lite.ranker import LiteRanker
     from flexselect_export.onnx import export_ranker
 
     backend = host_backend(1)  # the rankers only need its tokenizer, family and vision width
-    work = Path(tempfile.mkdtemp(prefix="lite-bench-"))
-    arms: dict[str, float] = {}
-    scores: dict[str, torch.Tensor] = {}
-    for layout, width in (("qwen2_5_vl", 4 * VIT_WIDTH), ("host_embeds", HOST["hidden_size"])):
-        name = "lite" if layout == "qwen2_5_vl" else "lite-host_embeds"
+    work = Path(args.onnx_dir or tempfile.mkdtemp(prefix="lite-bench-"))
+    seconds = result["seconds"]
+    for layout in layouts:
+        name, width = LITE_ARMS[layout]
         reads = "embeds" if layout == "host_embeds" else "vision_features"
         torch.manual_seed(1)
         ranker = LiteRanker.for_host(HostInfo("qwen2_5_vl", width, vocab, reads), width, RANKER, layout).eval()
         ranker.check_compatible(backend)
-        arms[f"{name}-torch"], scores[f"{name}-torch"] = run_arm(ranker, visual, small, units, prompt, args.repeats)
-        t0 = time.perf_counter()
-        path = export_ranker(ranker, work / layout)
-        result[f"{name}-onnx_export_s"] = round(time.perf_counter() - t0, 1)
+        path = work / layout / ONNX
+        if not path.is_file():
+            t0 = time.perf_counter()
+            export_ranker(ranker, work / layout)
+            result[f"{name}-onnx_export_s"] = round(time.perf_counter() - t0, 1)
+        if args.export_only:
+            continue
+        seconds[f"{name}-torch"], torch_scores = run_arm(ranker, visual, small, units, prompt, args.repeats)
         del ranker
         onnx_ranker = OnnxRanker.load(path)
         onnx_ranker.check_compatible(backend)
-        arms[f"{name}-onnx"], scores[f"{name}-onnx"] = run_arm(onnx_ranker, visual, small, units, prompt, args.repeats)
+        seconds[f"{name}-onnx"], onnx_scores = run_arm(onnx_ranker, visual, small, units, prompt, args.repeats)
+        result["max_abs_diff_torch_onnx"][name] = float((torch_scores - onnx_scores).abs().max())
         del onnx_ranker
         if layout == "host_embeds" and Path(args.cpp).is_file():
             question = len(backend.tokenizer(QUESTION, add_special_tokens=False).input_ids)
-            out = subprocess.run(
-                [
-                    args.cpp,
-                    str(path),
-                    str(tokens),
-                    str(width),
-                    str(question),
-                    str(args.repeats),
-                    str(torch.get_num_threads()),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            arms[f"{name}-onnx-cpp"] = statistics.median(json.loads(out.stdout)["score_s"])
-    result["seconds"] = {k: round(v, 2) for k, v in arms.items()}
-    if reference is not None:
-        result["lite_vs_reference"] = {k: round(reference / v, 1) for k, v in arms.items()}
+            command = [args.cpp, str(path), str(tokens), str(width), str(question), str(args.repeats)]
+            out = subprocess.run([*command, str(torch.get_num_threads())], capture_output=True, text=True, check=True)
+            seconds[f"{name}-onnx-cpp"] = statistics.median(json.loads(out.stdout)["score_s"])
+    if not args.onnx_dir:
+        shutil.rmtree(work)
+
+
+def ratios(result: dict) -> None:
+    """Speed ratios of whatever arms the result holds (measured here or merged)."""
+    seconds = result["seconds"]
+    result["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    if "reference" in result:
+        reference = result["reference"]["estimated_layer_20_s"]
+        result["lite_vs_reference"] = {k: round(reference / v, 1) for k, v in seconds.items()}
     result["onnx_vs_torch"] = {
-        n: round(arms[f"{n}-torch"] / arms[f"{n}-onnx"], 2) for n in ("lite", "lite-host_embeds")
+        name: round(seconds[f"{name}-torch"] / seconds[f"{name}-onnx"], 2)
+        for name, _ in LITE_ARMS.values()
+        if f"{name}-onnx" in seconds
     }
-    if "lite-host_embeds-onnx-cpp" in arms:
-        result["onnx_cpp_vs_torch"] = round(arms["lite-host_embeds-torch"] / arms["lite-host_embeds-onnx-cpp"], 2)
-    result["max_abs_diff_torch_onnx"] = {
-        n: float((scores[f"{n}-torch"] - scores[f"{n}-onnx"]).abs().max()) for n in ("lite", "lite-host_embeds")
-    }
-    write(result, args.out)
+    if "lite-host_embeds-onnx-cpp" in seconds:
+        cpp = seconds["lite-host_embeds-onnx-cpp"]
+        result["onnx_cpp_vs_torch"] = round(seconds["lite-host_embeds-torch"] / cpp, 2)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,14 @@ Targets, chosen at export time because one graph does not suit both:
 - `cpu` (default): float32. Opset 23 maps SDPA to ONNX's fused `Attention` op (with `RMSNormalization` and
   `RotaryEmbedding`), run in one kernel by ONNX Runtime >= 1.23; `--opset 18` keeps the decomposed MatMul +
   Softmax graph for older runtimes (>= 1.14). ONNX Runtime's full graph optimizations are applied at load time.
+  ONNX Runtime's CPU attention kernels (this `Attention`, and the contrib `GroupQueryAttention` /
+  `MultiHeadAttention` its transformer optimizer would substitute; the latter's tiled flash path takes no causal
+  mask) compute the whole L x L product even when causal, where torch's flash kernel skips the half above the
+  diagonal; so the CPU graph runs each layer's attention in QUERY_BLOCKS query blocks against only the keys up
+  to each block's end (`LiteRanker.blocked_causal_attention`), and a contrib-op graph would gain nothing here.
 - `cuda`: float16 weights and activations (the scores' softmax stays float32: `question_attention_scores`
-  casts), for the CUDA execution provider (onnxruntime-gpu), where the fused attention kernels take float16.
+  casts), for the CUDA execution provider (onnxruntime-gpu), where the fused attention kernels take float16 and
+  skip the masked blocks themselves (one query block). Not for the CPU: its float16 kernels are few and slow.
 
 Exporter: torch.onnx's dynamo exporter (`torch.export` + onnxscript): sizes stay symbolic (the TorchScript
 exporter could freeze Python-int sizes at the example's values), and tests/test_lite.py runs the graph at other
@@ -50,27 +56,20 @@ TARGETS = ("cpu", "cuda")
 EMBEDS_INPUTS = ("visual_embeds", "question_ids")
 OUTPUT = "scores"
 EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB
+# Causal attention in query blocks per target (LiteRanker.blocked_causal_attention): ONNX Runtime's CPU kernels form
+# the whole L x L product, so the CPU graph skips the blocks above the diagonal itself; its CUDA kernels skip them.
+QUERY_BLOCKS = {"cpu": 4, "cuda": 1}
 
 
 class RankerGraph(nn.Module):
     """What is traced: the ranker's exportable forward (`LiteRanker.graph_forward`) on RankerInputs."""
 
-    def __init__(self, ranker: LiteRanker) -> None:
+    def __init__(self, ranker: LiteRanker, query_blocks: int = 1) -> None:
         super().__init__()
-        self.ranker = ranker
+        self.ranker, self.query_blocks = ranker, query_blocks
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        vision_features: torch.Tensor,
-        visual_rows: torch.Tensor,
-        position_ids: torch.Tensor,
-        score_columns: torch.Tensor,
-        question_rows: torch.Tensor,
-    ) -> torch.Tensor:
-        return self.ranker.graph_forward(
-            input_ids, vision_features, visual_rows, position_ids, score_columns, question_rows
-        )
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.ranker.graph_forward(*inputs, query_blocks=self.query_blocks)
 
 
 class EmbedsGraph(RankerGraph):
@@ -81,15 +80,16 @@ class EmbedsGraph(RankerGraph):
         rows = torch.arange(n, device=visual_embeds.device)
         ids = torch.cat([torch.zeros_like(rows), question_ids])
         positions = torch.arange(ids.shape[0], device=visual_embeds.device)
-        return self.ranker.graph_forward(ids, visual_embeds[None], rows, positions[None], rows, positions[n:])
+        return super().forward(ids, visual_embeds[None], rows, positions[None], rows, positions[n:])
 
 
-def example_inputs(ranker: LiteRanker) -> tuple[tuple[torch.Tensor, ...], dict, tuple[str, ...]]:
-    """Example inputs (sizes only seed the trace), their dynamic axes and names."""
+def example_inputs(ranker: LiteRanker) -> tuple[tuple[torch.Tensor, ...], tuple, tuple[str, ...]]:
+    """Example inputs (sizes only seed the trace), their dynamic axes (as the traced forward's parameters take them)
+    and names."""
     if ranker.layout == "host_embeds":
         n, t = torch.export.Dim("n_visual", min=2), torch.export.Dim("n_question", min=2)
         args = (torch.randn(40, ranker.vision_dim), torch.randint(0, ranker.config.vocab_size, (7,)))
-        return args, {"visual_embeds": {0: n}, "question_ids": {0: t}}, EMBEDS_INPUTS
+        return args, ({0: n}, {0: t}), EMBEDS_INPUTS
     # 3 frames of 16 feature rows (LLaVA: a 4x4 patch grid -> 2x2 pooled + a newline per row = 6 tokens a frame)
     frames, rows = 3, 16
     llava = ranker.layout == "llava_onevision"
@@ -114,13 +114,19 @@ def example_inputs(ranker: LiteRanker) -> tuple[tuple[torch.Tensor, ...], dict, 
         for name, t in zip(INPUTS, example.as_tuple())
     }
     dynamic["position_ids"] = {1: auto}
-    return example.as_tuple(), dynamic, INPUTS
+    return example.as_tuple(), (tuple(dynamic[k] for k in INPUTS),), INPUTS  # RankerGraph.forward(*inputs)
 
 
 def export_ranker(
-    ranker: LiteRanker, out_dir: str | os.PathLike, opset: int = OPSET, target: str = "cpu", notes: dict | None = None
+    ranker: LiteRanker,
+    out_dir: str | os.PathLike,
+    opset: int = OPSET,
+    target: str = "cpu",
+    notes: dict | None = None,
+    query_blocks: int | None = None,
 ) -> Path:
-    """Write `out_dir/ranker.onnx` (and `manifest.json`) for `target`; returns the .onnx path."""
+    """Write `out_dir/ranker.onnx` (and `manifest.json`) for `target`; returns the .onnx path. `query_blocks`
+    overrides the target's (QUERY_BLOCKS), e.g. to compare graphs."""
     if opset not in OPSETS:
         raise FlexSelectError(f"--opset must be one of {OPSETS}, got {opset}")
     if target not in TARGETS:
@@ -129,7 +135,8 @@ def export_ranker(
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if target == "cuda" else torch.float32
     ranker = ranker.to(device="cpu", dtype=dtype).eval()
-    module = (EmbedsGraph(ranker) if ranker.layout == "host_embeds" else RankerGraph(ranker)).eval()
+    blocks = query_blocks or QUERY_BLOCKS[target]
+    module = (EmbedsGraph if ranker.layout == "host_embeds" else RankerGraph)(ranker, blocks).eval()
     args, dynamic, names = example_inputs(ranker)
     args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
     param_bytes = sum(p.numel() * p.element_size() for p in ranker.parameters())
@@ -143,7 +150,7 @@ def export_ranker(
                 opset_version=opset,
                 input_names=list(names),
                 output_names=[OUTPUT],
-                dynamic_shapes=tuple(dynamic[k] for k in names),
+                dynamic_shapes=dynamic,
                 verbose=False,
             )
         program.save(str(staging / ONNX), external_data=param_bytes > EXTERNAL_DATA_BYTES)
@@ -152,6 +159,7 @@ def export_ranker(
             "file": ONNX,
             "opset": opset,
             "target": target,
+            "query_blocks": blocks,
             "inputs": list(names),
             "outputs": [OUTPUT],
             "external_data": (staging / (ONNX + ".data")).is_file(),

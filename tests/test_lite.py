@@ -11,8 +11,10 @@ import types
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from flexselect.errors import FlexSelectError
@@ -22,7 +24,7 @@ from flexselect.lite.host import HostInfo, host_info
 from flexselect.lite.layouts import INPUTS
 from flexselect.lite.loss import hard_rank, soft_rank, spearman_loss
 from flexselect.lite.onnx_ranker import OnnxRanker
-from flexselect.lite.ranker import LiteRanker, decoder_config
+from flexselect.lite.ranker import LiteRanker, blocked_causal_attention, decoder_config
 from flexselect.lite.teacher import TeacherData, build_teacher_data
 from flexselect.lite.train import KEEP_RATIO
 from flexselect.selection import top_k
@@ -222,15 +224,36 @@ def test_onnx_export_matches_torch(trained, tiny_backend, tmp_path):
     assert (old_runtime.score(visual, [0, 1], prompt) - torch_ranker.score(visual, [0, 1], prompt)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("length", [4, 5, 37, 130])
+def test_blocked_causal_attention_is_causal_sdpa(length):
+    """The CPU graph's attention in query blocks gives torch's causal SDPA (grouped KV heads, any length >= blocks)."""
+    g = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(1, h, length, 16, generator=g) for h in (4, 2, 2))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+    for blocks in (2, 4):
+        assert torch.allclose(blocked_causal_attention(q, k, v, blocks), expected, atol=1e-6)
+
+
 def test_host_embeds_ranker_exports_the_two_input_graph(tiny_backend, tmp_path):
     """The layout the C++ runtime runs: post-merger embeddings + question ids, two ONNX inputs."""
-    from flexselect_export.onnx import export_ranker
+    from flexselect_export.onnx import QUERY_BLOCKS, export_ranker
 
     torch.manual_seed(0)
     ranker = LiteRanker.for_host(host_info(tiny_backend), 64, TINY_RANKER, layout="host_embeds").eval()
     assert not ranker.reads_vision_features
     path = export_ranker(ranker, tmp_path)
-    assert json.loads((tmp_path / MANIFEST).read_text())["onnx"]["inputs"] == ["visual_embeds", "question_ids"]
+    onnx_info = json.loads((tmp_path / MANIFEST).read_text())["onnx"]
+    assert onnx_info["inputs"] == ["visual_embeds", "question_ids"] and onnx_info["query_blocks"] == QUERY_BLOCKS["cpu"]
+    # The graph stops at the scoring layer's Q/K: the layers before it attend in query blocks, and of the scoring
+    # layer no V / output projection or MLP weight is in the file.
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node].count("Attention") == QUERY_BLOCKS["cpu"] * ranker.scoring_layer
+    remainder = [f"layers.{ranker.scoring_layer}.{m}" for m in ("self_attn.v_proj", "self_attn.o_proj", "mlp")]
+    unused = sum(p.numel() for name, p in ranker.named_parameters() if any(r in name for r in remainder))
+    needed = sum(p.numel() for p in ranker.parameters()) - unused
+    stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    # (fewer than `needed` where the exporter merged equal constants: the init's all-ones norms and zero biases)
+    assert unused > 0 and stored < needed + unused // 4, (needed, stored, unused)
     onnx_ranker = load_ranker(path, tiny_backend)
     g = torch.Generator().manual_seed(0)
     worst = 0.0
@@ -359,7 +382,6 @@ def test_large_rankers_export_with_external_weights(trained, tiny_backend, tmp_p
 
 def test_hand_made_onnx_ranker_without_manifest(tiny_backend, tmp_path):
     """The C++ runtime's contract: any ONNX model with a float [n, D] and an integer [T] input works."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     def build(d: int) -> Path:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FlexSelectError
@@ -61,17 +62,43 @@ def attention_capture(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    query_blocks: int = 1,
     **kwargs,
 ):
     """Attention-interface function: SDPA, except on a module that holds a `flexselect_capture` dict, where the
-    post-RoPE query [1, H, L, d] and key [1, H_kv, L, d] are stored instead and a zero output is returned."""
+    post-RoPE query [1, H, L, d] and key [1, H_kv, L, d] are stored instead and a zero output is returned.
+    `query_blocks` > 1 (the CPU export, see `blocked_causal_attention`) runs the causal SDPA in query blocks."""
     capture = getattr(module, "flexselect_capture", None)
-    if capture is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if capture is not None:
+        capture["query"], capture["key"] = query, key
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+    if query_blocks > 1 and attention_mask is None:
+        return blocked_causal_attention(query, key, value, query_blocks, kwargs.get("scaling")), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    capture["query"], capture["key"] = query, key
-    return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def blocked_causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: int, scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention [B, L, H, d] of query [B, H, L, d] (key/value [B, H_kv, L, d]) as `blocks` query blocks,
+    each against only the keys up to its own last row.
+
+    ONNX Runtime's CPU kernels (the opset-23 `Attention` and the contrib `GroupQueryAttention` alike, 1.23 to 1.32)
+    form the whole L x L product even when causal, where torch's flash kernel skips the part above the diagonal. In
+    blocks the graph skips most of it itself: (blocks + 1) / (2 blocks) of the products remain. Every L >= blocks
+    gives non-empty blocks (a frame set is far longer); the block bounds stay symbolic in an export.
+    """
+    n = query.shape[2]
+    out = []
+    for b in range(blocks):
+        start, stop = b * n // blocks, (b + 1) * n // blocks
+        rows = torch.arange(start, stop, device=query.device)[:, None]
+        mask = torch.arange(stop, device=query.device)[None] <= rows
+        q, k, v = query[:, :, start:stop], key[:, :, :stop], value[:, :, :stop]
+        out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True))
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous()
 
 
 def _register_attention() -> None:
@@ -203,12 +230,16 @@ class LiteRanker(nn.Module):
         position_ids: torch.Tensor,
         score_columns: torch.Tensor,
         question_rows: torch.Tensor,
+        query_blocks: int = 1,
     ) -> torch.Tensor:
-        """`forward` as an exportable graph: the same scores, without stopping the pass by an exception."""
+        """`forward` as an exportable graph: the same scores, without stopping the pass by an exception.
+        `query_blocks`: causal attention in that many query blocks (`blocked_causal_attention`; the CPU export)."""
         x, positions = self.embed(input_ids, vision_features, visual_rows, position_ids)
         rotary = self.llm.rotary_emb(x, positions)
         for layer in self.llm.layers[: self.scoring_layer]:
-            x = layer(x, attention_mask=None, position_ids=positions, position_embeddings=rotary)
+            x = layer(
+                x, attention_mask=None, position_ids=positions, position_embeddings=rotary, query_blocks=query_blocks
+            )
         block = self.llm.layers[self.scoring_layer]
         capture: dict[str, torch.Tensor] = {}
         block.self_attn.flexselect_capture = capture
