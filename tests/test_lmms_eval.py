@@ -84,8 +84,10 @@ with open(f"{{out}}/rank{{lm.rank}}.json", "w") as f:
 
 
 def test_data_parallel_launch_answers_one_shard_per_process(tiny_model_dir, test_video, tmp_path):
-    """`accelerate launch --num_processes 2` (here its torchrun equivalent on CPU, gloo): each process takes its
-    rank and the world size from accelerate and answers its own shard; together they answer every request once."""
+    """`accelerate launch --num_processes 2`: each process takes its rank and the world size from accelerate and
+    answers its own shard; together they answer every request once. On a CPU-only machine accelerate picks no
+    multi-process launcher by itself, so `--multi_gpu` asks for the one it uses on GPUs (torchrun); with
+    device=cpu the processes then join over gloo."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent), args=ARGS))
     with socket.socket() as s:
@@ -96,12 +98,17 @@ def test_data_parallel_launch_answers_one_shard_per_process(tiny_model_dir, test
         [
             sys.executable,
             "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
             "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
             str(port),
             str(script),
             str(tiny_model_dir),
