@@ -7,6 +7,7 @@ else the skip is listed, with its reason, in the summary at the end of the run.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def test_data_parallel_launch_answers_one_shard_per_process(tiny_model_dir, test
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(
+    launch = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -115,12 +116,19 @@ def test_data_parallel_launch_answers_one_shard_per_process(tiny_model_dir, test
             str(test_video),
             str(tmp_path),
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=900,
+        start_new_session=True,
     )
-    assert r.returncode == 0, r.stderr[-3000:]
+    try:
+        _, stderr = launch.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both workers: nothing is left running
+        launch.communicate()
+        raise
+    assert launch.returncode == 0, stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [(x["rank"], x["world_size"]) for x in results] == [(0, 2), (1, 2)]
     assert results[0]["docs"] == [0, 2, 4] and results[1]["docs"] == [1, 3]
