@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from flexselect.selection import frame_sets, top_k
 from flexselect.video import Clip
 
 
@@ -11,3 +13,32 @@ def random_clip(n_frames: int = 8, height: int = 56, width: int = 84, fps: float
     """Random frames sampled at `fps` from the start: a `Clip` as `load_clip` returns one, without a video file."""
     frames = np.random.default_rng(seed).integers(0, 256, size=(n_frames, height, width, 3), dtype=np.uint8)
     return Clip.from_frames(frames, fps, source="random")
+
+
+def needle_tokens(
+    num_frames: int, tokens_per_frame: int, keep_ratio: float, set_frames: int = 16, seed: int = 0
+) -> np.ndarray:
+    """The sorted token indices of a planted needle: the same number in every frame set (the budget is split in
+    equal shares per set), scattered over the set's frames; `keep_ratio` of all tokens in all."""
+    rng = np.random.default_rng(seed)
+    sets = frame_sets(num_frames, set_frames)
+    per_set = int(num_frames * tokens_per_frame * keep_ratio) // len(sets)
+    tokens = np.arange(tokens_per_frame)
+    in_set = [(np.array(s)[:, None] * tokens_per_frame + tokens).ravel() for s in sets]
+    picks = [rng.choice(candidates, size=per_set, replace=False) for candidates in in_set]
+    return np.sort(np.concatenate(picks))
+
+
+def check_timestamped_answer(pipe, answer, question: str, kept: int) -> None:
+    """What a Qwen3-VL / Qwen3.5 pipeline answer must show: `kept` tokens in time order, each frame set's share its
+    top scores, and a prompt of the kept tokens plus all the text (every unit keeps its timestamp and delimiters)."""
+    visual, selection = answer.visual, answer.selection
+    assert len(selection.kept) == kept
+    assert torch.equal(selection.kept, torch.sort(selection.kept).values)
+    for frames_in_set in selection.sets:
+        tokens = visual.frame_tokens(frames_in_set)
+        kept_here = tokens[torch.isin(tokens, selection.kept)]
+        assert torch.equal(kept_here, tokens[top_k(selection.scores[tokens], len(kept_here))])
+    prompt = pipe.backend.prompt(question)
+    labels = sum(len(pipe.backend._label_ids(s)) + 2 for s in visual.label_seconds)
+    assert answer.generation.prompt_tokens == len(prompt.prefix_ids) + labels + kept + len(prompt.suffix_ids)

@@ -43,21 +43,49 @@ if [ "${FLEXSELECT_SKIP_CPP:-0}" != 1 ]; then
   cmake --build build -j2
 fi
 
-# the ComfyUI tests build their environment from the registry once: a failed setup is a failure here, not a skip
-FLEXSELECT_COMFY_E2E=1 python -m pytest -q -p no:cacheprovider tests
+# the ComfyUI tests build their environment from the registry once: a failed setup is a failure here, not a skip.
+# tests/test_lmms_eval.py runs below, in the side venv that has lmms-eval.
+lmms_ignore=()
+if [ "${FLEXSELECT_LMMS:-1}" != 0 ]; then lmms_ignore=(--ignore=tests/test_lmms_eval.py); fi
+FLEXSELECT_COMFY_E2E=1 python -m pytest -q -p no:cacheprovider "${lmms_ignore[@]}" tests
 
-# lmms-eval is not a dependency (it pins much of its own): its test runs in a side venv, cached like .venv. Opt-in
-# (FLEXSELECT_LMMS=1) for now: in .venv-lmms, lmms-eval 0.7.3 installs, but transformers cannot import
-# Qwen2_5_VLForConditionalGeneration there (torchvision 0.28.0 against torch 2.13.0+cpu, as first seen before).
-if [ "${FLEXSELECT_LMMS:-0}" != 1 ]; then
-  echo "WARNING: tests/test_lmms_eval.py DID NOT RUN (lmms-eval side venv is opt-in: FLEXSELECT_LMMS=1)" >&2
+# lmms-eval is not a dependency (it pins much of its own): its test runs in a side venv. What lmms-eval needs is
+# installed once into a venv under ~/.cache/flexselect, named by a hash of what goes into it (minutes the first time);
+# this checkout's .venv-lmms only adds that venv's packages to its path and installs flexselect itself (seconds).
+# torch is pinned to the local CPU wheel in the install step; torchvision, which lmms-eval requires, is removed after
+# it: the registry's build is a CUDA one that cannot load beside CPU torch, transformers would import it (and then
+# fail to import the Qwen2.5-VL classes), and only lmms-eval's own model wrappers, which these tests never load,
+# use it. A failed setup is a failure; FLEXSELECT_LMMS=0 skips this step (and says so).
+if [ "${FLEXSELECT_LMMS:-1}" = 0 ]; then
+  echo "WARNING: tests/test_lmms_eval.py DID NOT RUN (FLEXSELECT_LMMS=0)" >&2
 else
-  if [ ! -x .venv-lmms/bin/python ]; then python3 -m venv .venv-lmms; fi
-  if .venv-lmms/bin/python -m pip install -q torch==2.13.0 torchvision==0.28.0 -e ".[test]" lmms-eval==0.7.3; then
-    .venv-lmms/bin/python -m pytest -q -p no:cacheprovider tests/test_lmms_eval.py
-  else
-    echo "WARNING: lmms-eval could not be installed into .venv-lmms: tests/test_lmms_eval.py DID NOT RUN" >&2
-  fi
+  lmms_pins=(torch==2.13.0 transformers==5.23.0 lmms-eval==0.7.3 "setuptools>=77")
+  lmms_key=$( {
+    echo "${lmms_pins[*]}"
+    python3 --version
+    python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(p["dependencies"], p["optional-dependencies"]["test"])'
+  } | sha256sum | cut -c1-10)
+  lmms_cache="${FLEXSELECT_CACHE:-$HOME/.cache/flexselect}/lmms-eval-0.7.3-$lmms_key"
+  mkdir -p "$(dirname "$lmms_cache")"
+  (
+    flock 9 # one build at a time; a half-built venv (no "ready") is started again
+    if [ ! -f "$lmms_cache/ready" ]; then
+      rm -rf "$lmms_cache"
+      python3 -m venv "$lmms_cache/venv"
+      # flexselect's own dependencies come with it (".[test]"); flexselect itself is installed per checkout below
+      "$lmms_cache/venv/bin/python" -m pip install -q "${lmms_pins[@]}" ".[test]"
+      "$lmms_cache/venv/bin/python" -m pip uninstall -q -y flexselect torchvision
+      touch "$lmms_cache/ready"
+    fi
+  ) 9>"$lmms_cache.lock"
+  # anew each run (under a second): no pip or setuptools of its own, so the cached venv's serve it
+  rm -rf .venv-lmms && python3 -m venv --without-pip .venv-lmms
+  lmms_site=$("$lmms_cache/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  own_site=$(.venv-lmms/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "import site; site.addsitedir('$lmms_site')" >"$own_site/zz_flexselect_lmms.pth"
+  .venv-lmms/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  .venv-lmms/bin/python -m pytest -q -p no:cacheprovider tests/test_lmms_eval.py
 fi
 if [ "${FLEXSELECT_SKIP_CPP:-0}" != 1 ]; then
   ctest --test-dir build --output-on-failure

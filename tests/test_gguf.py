@@ -274,6 +274,23 @@ def test_mmproj_of_another_model_is_refused(exported, tmp_path, monkeypatch):
         LlamaCppBackend(other_model, exported["f32"][1])
 
 
+def test_ggml_tensor_declaration_is_checked_against_the_library():
+    """The hand-written `struct ggml_tensor` reads a tensor ggml made as ggml's own accessors report it, and a
+    declaration from another ggml (here: GGML_MAX_SRC 8 instead of 10, which moves the name) is refused."""
+    import ctypes
+
+    from flexselect.backends.llama_cpp import ggml
+
+    lib = ggml.library()  # checks the real declaration
+    ggml.check_layout(lib)
+
+    class OtherGGML(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_void_p * 8 if n == "src" else t) for n, t in ggml.GGMLTensor._fields_]
+
+    with pytest.raises(FlexSelectError, match="lays out struct ggml_tensor differently"):
+        ggml.check_layout(lib, OtherGGML)
+
+
 def test_freeing_one_backend_leaves_the_others_working(exported, tmp_path):
     # llama.cpp's logger is process-wide: a freed backend must not leave it pointing at released Python code.
     # In a child process, since the failure is a segmentation fault.

@@ -7,6 +7,7 @@ else the skip is listed, with its reason, in the summary at the end of the run.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -84,36 +85,50 @@ with open(f"{{out}}/rank{{lm.rank}}.json", "w") as f:
 
 
 def test_data_parallel_launch_answers_one_shard_per_process(tiny_model_dir, test_video, tmp_path):
-    """`accelerate launch --num_processes 2` (here its torchrun equivalent on CPU, gloo): each process takes its
-    rank and the world size from accelerate and answers its own shard; together they answer every request once."""
+    """`accelerate launch --num_processes 2`: each process takes its rank and the world size from accelerate and
+    answers its own shard; together they answer every request once. On a CPU-only machine accelerate picks no
+    multi-process launcher by itself, so `--multi_gpu` asks for the one it uses on GPUs (torchrun); with
+    device=cpu the processes then join over gloo."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent), args=ARGS))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(
+    launch = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
             "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
             str(port),
             str(script),
             str(tiny_model_dir),
             str(test_video),
             str(tmp_path),
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=900,
+        start_new_session=True,
     )
-    assert r.returncode == 0, r.stderr[-3000:]
+    try:
+        _, stderr = launch.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both workers: nothing is left running
+        launch.communicate()
+        raise
+    assert launch.returncode == 0, stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [(x["rank"], x["world_size"]) for x in results] == [(0, 2), (1, 2)]
     assert results[0]["docs"] == [0, 2, 4] and results[1]["docs"] == [1, 3]

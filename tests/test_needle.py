@@ -14,8 +14,8 @@ import torch
 from flexselect.backends.base import GenerationConfig, VisualTokens
 from flexselect.backends.hf.qwen2_5_vl import Qwen25VLBackend
 from flexselect.pipeline import FlexSelect, SelectOptions
-from flexselect.selection import frame_sets
 from flexselect.tiny import plant_attention
+from helpers import needle_tokens
 
 LAYER = 2
 FRAMES, GRID = 64, (2, 3)  # 384 visual tokens
@@ -34,20 +34,7 @@ def planted(tiny_model_dir):
         lm.embed_tokens.weight.copy_(question_dir + 0.1 * torch.randn(lm.embed_tokens.weight.shape, generator=gen))
 
     n_tokens = FRAMES * GRID[0] * GRID[1]
-    # Each frame set gets an equal number of needle tokens (budget split is per set, equal shares), scattered
-    # over its frames.
-    rng = np.random.default_rng(0)
-    tpf = GRID[0] * GRID[1]
-    sets = frame_sets(FRAMES, 16)
-    per_set = int(n_tokens * KEEP_RATIO) // len(sets)
-    needle = np.sort(
-        np.concatenate(
-            [
-                rng.choice((np.array(s)[:, None] * tpf + np.arange(tpf)).ravel(), size=per_set, replace=False)
-                for s in sets
-            ]
-        )
-    )
+    needle = needle_tokens(FRAMES, GRID[0] * GRID[1], KEEP_RATIO)
     embeds = torch.randn(n_tokens, hidden, generator=gen)
     embeds[needle] = 1.5 * needle_dir + 0.1 * torch.randn(len(needle), hidden, generator=gen)
     visual = VisualTokens(

@@ -9,7 +9,6 @@ found at a 6.25% keep ratio, the cached answer pass equals uncached full forward
 
 import argparse
 import logging
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from flexselect.defaults import reference_layer_for
 from flexselect.errors import FlexSelectError
 from flexselect.pipeline import FlexSelect, SelectOptions
 from flexselect.selection import frame_sets, top_k
+from helpers import check_timestamped_answer, needle_tokens, random_clip
 
 FAMILIES = ["qwen3_5", "qwen3_5_moe"]
 FULL = [3, 7]  # the tiny models' full-attention layers (interval 4 of 8)
@@ -41,9 +41,8 @@ def backends(model_dirs):
     return {family: load_backend(path, device="cpu", dtype="float32") for family, path in model_dirs.items()}
 
 
-def fake_clip(n_frames=8, height=64, width=96, fps=2.0, seed=0):
-    frames = np.random.default_rng(seed).integers(0, 256, size=(n_frames, height, width, 3), dtype=np.uint8)
-    return SimpleNamespace(frames=frames, timestamps=np.arange(n_frames) / fps, source="fake", sample_fps=fps)
+def fake_clip(n_frames=8):
+    return random_clip(n_frames, height=64, width=96)
 
 
 # -- detection, loading, visual tokens -------------------------------------------------------------------------------
@@ -276,19 +275,8 @@ def planted_needle(backend):
         lm.embed_tokens.weight.copy_(
             question_dir + base_dir + 0.05 * torch.randn(lm.embed_tokens.weight.shape, generator=gen)
         )
-    tpf = GRID[0] * GRID[1]
-    n_tokens = FRAMES * tpf
-    rng = np.random.default_rng(0)
-    sets = frame_sets(FRAMES, 16)
-    per_set = int(n_tokens * KEEP_RATIO) // len(sets)
-    needle = np.sort(
-        np.concatenate(
-            [
-                rng.choice((np.array(s)[:, None] * tpf + np.arange(tpf)).ravel(), size=per_set, replace=False)
-                for s in sets
-            ]
-        )
-    )
+    n_tokens = FRAMES * GRID[0] * GRID[1]
+    needle = needle_tokens(FRAMES, GRID[0] * GRID[1], KEEP_RATIO)
     embeds = base_dir + 0.3 * torch.randn(n_tokens, hidden, generator=gen)
     embeds -= (embeds @ needle_dir)[:, None] * needle_dir  # noise: nothing along the needle direction
     embeds[needle] += 1.5 * needle_dir
@@ -357,17 +345,9 @@ def test_pipeline_answers_end_to_end(family, model_dirs, test_video):
         generation=GenerationConfig(max_new_tokens=3),
         options=SelectOptions(budget=20, set_frames=4),
     )
-    visual, selection = answer.visual, answer.selection
-    assert selection.layer == 7 and answer.stats["reference_layer"] == 7  # the default
-    assert visual.tokens_per_frame == 20 and len(selection.kept) == 20
-    assert torch.equal(selection.kept, torch.sort(selection.kept).values)
-    for frames_in_set in selection.sets:
-        tokens = visual.frame_tokens(frames_in_set)
-        kept_here = tokens[torch.isin(tokens, selection.kept)]
-        assert torch.equal(kept_here, tokens[top_k(selection.scores[tokens], len(kept_here))])
-    prompt = pipe.backend.prompt("What colour is the square?")
-    labels = sum(len(pipe.backend._label_ids(s)) + 2 for s in visual.label_seconds)
-    assert answer.generation.prompt_tokens == len(prompt.prefix_ids) + labels + 20 + len(prompt.suffix_ids)
+    assert answer.selection.layer == 7 and answer.stats["reference_layer"] == 7  # the default
+    assert answer.visual.tokens_per_frame == 20
+    check_timestamped_answer(pipe, answer, "What colour is the square?", kept=20)
     assert isinstance(answer.text, str) and len(answer.generation.token_ids) <= 3
 
 

@@ -5,7 +5,6 @@ carries it), incomplete checkpoints, layer-scan and the pipeline end to end."""
 import argparse
 import json
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from flexselect.backends.hf import qwen3_vl
 from flexselect.backends.hf.qwen2_5_vl import patchify
 from flexselect.errors import FlexSelectError
 from flexselect.selection import frame_sets, top_k
+from helpers import check_timestamped_answer, needle_tokens, random_clip
 
 FAMILIES = ["qwen3_vl", "qwen3_vl_moe"]
 
@@ -37,9 +37,8 @@ def backends(model_dirs):
     return {family: load_backend(path, device="cpu", dtype="float32") for family, path in model_dirs.items()}
 
 
-def fake_clip(n_frames=8, height=64, width=96, fps=2.0, seed=0):
-    frames = np.random.default_rng(seed).integers(0, 256, size=(n_frames, height, width, 3), dtype=np.uint8)
-    return SimpleNamespace(frames=frames, timestamps=np.arange(n_frames) / fps, source="fake", sample_fps=fps)
+def fake_clip(n_frames=8):
+    return random_clip(n_frames, height=64, width=96)
 
 
 # -- detection, loading, visual tokens -------------------------------------------------------------------------------
@@ -321,19 +320,8 @@ def planted_needle(backend):
         lm.embed_tokens.weight.copy_(
             question_dir + base_dir + 0.05 * torch.randn(lm.embed_tokens.weight.shape, generator=gen)
         )
-    tpf = GRID[0] * GRID[1]
-    n_tokens = FRAMES * tpf
-    rng = np.random.default_rng(0)
-    sets = frame_sets(FRAMES, 16)
-    per_set = int(n_tokens * KEEP_RATIO) // len(sets)
-    needle = np.sort(
-        np.concatenate(
-            [
-                rng.choice((np.array(s)[:, None] * tpf + np.arange(tpf)).ravel(), size=per_set, replace=False)
-                for s in sets
-            ]
-        )
-    )
+    n_tokens = FRAMES * GRID[0] * GRID[1]
+    needle = needle_tokens(FRAMES, GRID[0] * GRID[1], KEEP_RATIO)
     embeds = base_dir + 0.1 * torch.randn(n_tokens, hidden, generator=gen)
     deepstack = 0.05 * torch.randn(3, n_tokens, hidden, generator=gen)
     deepstack[0, needle] += 1.5 * needle_dir  # only DeepStack knows where the needle is
@@ -460,32 +448,18 @@ def test_layer_scan_scores_every_layer_like_the_stopped_pass_and_prints_the_laye
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pipeline_answers_end_to_end(family, model_dirs):
-    from flexselect import video
     from flexselect.pipeline import FlexSelect, SelectOptions
 
     pipe = FlexSelect.load(model_dirs[family], device="cpu", dtype="float32")
-    fps, n = 2.0, 16
-    clip_frames = fake_clip(n_frames=n).frames
-    info = video.VideoInfo(path="hand-made", num_frames=n, fps=fps, duration=n / fps, width=96, height=64)
-    clip = video.Clip(frames=clip_frames, timestamps=np.arange(n) / fps, source="hand-made", info=info)
     answer = pipe.answer(
-        clip,
+        fake_clip(n_frames=16),
         "What happens in the video?",
         generation=GenerationConfig(max_new_tokens=3),
         options=SelectOptions(budget=12, set_frames=4, layer=2),
     )
-    visual, selection = answer.visual, answer.selection
-    assert visual.num_frames == 8 and visual.tokens_per_frame == 6
-    assert len(selection.sets) == 2 and len(selection.kept) == 12
-    assert torch.equal(selection.kept, torch.sort(selection.kept).values)
-    for frames_in_set in selection.sets:
-        tokens = visual.frame_tokens(frames_in_set)
-        kept_here = tokens[torch.isin(tokens, selection.kept)]
-        assert torch.equal(kept_here, tokens[top_k(selection.scores[tokens], len(kept_here))])
-    # every unit's timestamp and delimiters stay: the prompt is the kept tokens plus all the text
-    prompt = pipe.backend.prompt("What happens in the video?")
-    labels = sum(len(pipe.backend._label_ids(s)) + 2 for s in visual.label_seconds)
-    assert answer.generation.prompt_tokens == len(prompt.prefix_ids) + labels + 12 + len(prompt.suffix_ids)
+    assert answer.visual.num_frames == 8 and answer.visual.tokens_per_frame == 6
+    assert len(answer.selection.sets) == 2
+    check_timestamped_answer(pipe, answer, "What happens in the video?", kept=12)
     assert len(answer.generation.token_ids) <= 3
 
 

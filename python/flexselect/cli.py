@@ -53,6 +53,10 @@ def add_selection_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layer", type=int, help="reference layer, 0-based (default: the model's, 20 for Qwen2.5-VL-7B)")
     g.add_argument("--set-frames", type=int, help="frame units per frame set (default 64)")
     g.add_argument("--aggregate", choices=["max", "mean"], help="over heads and question tokens (default max)")
+    add_positions_argument(g)
+
+
+def add_positions_argument(g) -> None:  # selection's, and serve's (which selects per request)
     g.add_argument(
         "--positions",
         choices=["original", "compact"],
@@ -108,13 +112,18 @@ def add_answer_command(sub) -> None:
     )
     p.add_argument("video", nargs="?", help="video file (omit for the built-in demo)")
     p.add_argument("questions", nargs="*", metavar="question", help="the question(s)")
+    add_question_arguments(p)
+    p.set_defaults(run=run_answer)
+
+
+def add_question_arguments(p: argparse.ArgumentParser) -> None:
+    """What `answer` and `chat` both take besides the video and questions."""
     add_model_arguments(p)
     add_sampling_arguments(p)
     add_selection_arguments(p)
     add_index_arguments(p)
     add_generation_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per question, one per line")
-    p.set_defaults(run=run_answer)
 
 
 def add_chat_command(sub) -> None:
@@ -126,13 +135,8 @@ def add_chat_command(sub) -> None:
         "questions and answers are given to the answer pass (not to the selection: see README).",
     )
     p.add_argument("video")
-    add_model_arguments(p)
-    add_sampling_arguments(p)
-    add_selection_arguments(p)
-    add_index_arguments(p)
-    add_generation_arguments(p)
+    add_question_arguments(p)
     p.add_argument("--no-history", action="store_true", help="answer each question on its own")
-    p.add_argument("--json", action="store_true", help="print one JSON object per question, one per line")
     p.set_defaults(run=run_chat)
 
 
@@ -160,6 +164,7 @@ def add_index_command(sub) -> None:
 
 
 def load_pipeline(args: argparse.Namespace):
+    """The pipeline of `add_model_arguments` (and, where a command has them, --positions and the index flags)."""
     from .pipeline import FlexSelect
 
     memory = getattr(args, "index_memory", None)
@@ -356,7 +361,6 @@ def add_show_command(sub) -> None:
 def run_show(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .pipeline import FlexSelect
     from .show import selection_sheet, write_animation
     from .video import load_clip, probe
 
@@ -371,16 +375,7 @@ def run_show(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, (".png",))
     animation = check_output_file(args.animate, (".gif", ".mp4")) if args.animate else None
     probe(args.video)  # a bad video is reported before the model loads
-    pipe = FlexSelect.load(
-        args.model,
-        gguf=args.gguf,
-        mmproj=args.mmproj,
-        ranker=args.ranker,
-        device=args.device,
-        dtype=args.dtype,
-        n_ctx=args.n_ctx,
-        n_gpu_layers=args.n_gpu_layers,
-    )
+    pipe = load_pipeline(args)
     d = pipe.defaults
     clip = load_clip(
         args.video,

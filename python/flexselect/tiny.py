@@ -165,8 +165,6 @@ def build_tiny_qwen2_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def _build_tiny_qwen(out_dir, seed: int, config_class, model_class, vision: dict, processor_class: str) -> Path:
-    from transformers import PreTrainedTokenizerFast
-
     out = Path(out_dir)
     if (out / "config.json").is_file():
         return out
@@ -191,26 +189,7 @@ def _build_tiny_qwen(out_dir, seed: int, config_class, model_class, vision: dict
     )
     torch.manual_seed(seed)
     model = model_class(config).eval()
-    # Random init at std 0.02 gives near-uniform attention everywhere; a wider spread makes the tiny model's
-    # rankings decisive, which keeps cross-backend comparisons (f32 vs f16, torch vs llama.cpp) meaningful.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and ("q_proj" in name or "k_proj" in name):
-                p.normal_(0.0, 0.25)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
-    model.save_pretrained(staging)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(staging)
-    (staging / "tokenizer.model").write_bytes(spm_model)  # what the GGUF converter reads
+    _widen(model, "q_proj", "k_proj")
     preprocessor = {
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": processor_class,
@@ -227,9 +206,7 @@ def _build_tiny_qwen(out_dir, seed: int, config_class, model_class, vision: dict
         "min_pixels": 3136,
         "max_pixels": 12845056,
     }
-    (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
-    staging.rename(out)
-    return out
+    return _write_checkpoint(out, model, tok, {"preprocessor_config.json": preprocessor}, CHAT_TEMPLATE, spm_model)
 
 
 # -- other families: LLaVA-OneVision and InternVL on a plain Qwen2 language model (1-D RoPE) ----------------------
@@ -263,16 +240,30 @@ def _tokenizer_with(extra_special: list[str]):
     return tok, {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + extra_special}
 
 
-def _write_checkpoint(out: Path, model, tok, extra_special: list[str], preprocessor: dict, seed: int) -> Path:
-    """Widen Q/K (decisive rankings, as for the Qwen builder) and write model, tokenizer and preprocessor into
-    place atomically."""
-    from transformers import PreTrainedTokenizerFast
-
-    torch.manual_seed(seed)
+def _widen(model, *parts: str, within: str = "") -> None:
+    """Random init at std 0.02 gives near-uniform attention everywhere; a wider spread of the matrices named
+    `parts` (inside `within`) makes the tiny model's rankings decisive, which keeps cross-backend comparisons
+    (f32 vs f16, torch vs llama.cpp) meaningful."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "language_model" in name and ("q_proj" in name or "k_proj" in name):
+            if p.dim() == 2 and within in name and any(part in name for part in parts):
                 p.normal_(0.0, 0.25)
+
+
+def _write_checkpoint(
+    out: Path,
+    model,
+    tok,
+    configs: dict[str, dict],
+    chat_template: str | None = None,
+    spm_model: bytes | None = None,
+    extra_special: list[str] | None = None,
+) -> Path:
+    """Every builder's last step: model, tokenizer (with the family's own special tokens), its SentencePiece
+    model where the GGUF converter reads one, and the preprocessor `configs` (file name: content), written beside
+    `out` and renamed into place, so an interrupted build never leaves a half-written checkpoint."""
+    from transformers import PreTrainedTokenizerFast
+
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     model.save_pretrained(staging)
@@ -281,39 +272,54 @@ def _write_checkpoint(out: Path, model, tok, extra_special: list[str], preproces
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:] + extra_special,
+        additional_special_tokens=SPECIAL_TOKENS[1:] + (extra_special or []),
     )
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(staging)
-    (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    if spm_model is not None:
+        (staging / "tokenizer.model").write_bytes(spm_model)  # what the GGUF converter reads
+    for name, content in configs.items():
+        (staging / name).write_text(json.dumps(content, indent=2))
     staging.rename(out)
     return out
+
+
+def _build_on_qwen2(out_dir, seed: int, extra_special: list[str], model_class, config_of, preprocessor: dict) -> Path:
+    """LLaVA-OneVision and InternVL: the shared tokenizer plus the family's special tokens, a plain Qwen2 language
+    model (`config_of(text_config, token ids)` gives the family's config), Q/K widened in the language model."""
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    tok, ids = _tokenizer_with(extra_special)
+    text = {
+        **TINY_QWEN2_TEXT,
+        "vocab_size": tok.get_vocab_size(),
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+    }
+    torch.manual_seed(seed)
+    model = model_class(config_of(text, ids)).eval()
+    torch.manual_seed(seed)
+    _widen(model, "q_proj", "k_proj", within="language_model")
+    configs = {"preprocessor_config.json": preprocessor}
+    return _write_checkpoint(out, model, tok, configs, extra_special=extra_special)
 
 
 def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """A tiny random LLaVA-OneVision checkpoint (SigLIP tower at 112 px -> 4x4 pooled tokens per frame)."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    out = Path(out_dir)
-    if (out / "config.json").is_file():
-        return out
-    extra = ["<image>", "<video>"]
-    tok, ids = _tokenizer_with(extra)
-    vocab_size = tok.get_vocab_size()
-    config = LlavaOnevisionConfig(
-        text_config={
-            **TINY_QWEN2_TEXT,
-            "vocab_size": vocab_size,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-        },
-        vision_config={**TINY_SQUARE_VISION, "model_type": "siglip_vision_model"},
-        image_token_index=ids["<image>"],
-        video_token_index=ids["<video>"],
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-    )
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    def config_of(text: dict, ids: dict) -> LlavaOnevisionConfig:
+        return LlavaOnevisionConfig(
+            text_config=text,
+            vision_config={**TINY_SQUARE_VISION, "model_type": "siglip_vision_model"},
+            image_token_index=ids["<image>"],
+            video_token_index=ids["<video>"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+
     preprocessor = {
         "image_processor_type": "LlavaOnevisionImageProcessor",
         "do_resize": True,
@@ -322,33 +328,23 @@ def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0) -> Pat
         "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5],
     }
-    return _write_checkpoint(out, model, tok, extra, preprocessor, seed)
+    extra = ["<image>", "<video>"]
+    return _build_on_qwen2(out_dir, seed, extra, LlavaOnevisionForConditionalGeneration, config_of, preprocessor)
 
 
 def build_tiny_internvl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """A tiny random InternVL checkpoint (InternViT at 112 px, pixel shuffle -> 4x4 tokens + <img>/</img>)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    out = Path(out_dir)
-    if (out / "config.json").is_file():
-        return out
-    extra = ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
-    tok, ids = _tokenizer_with(extra)
-    vocab_size = tok.get_vocab_size()
-    config = InternVLConfig(
-        text_config={
-            **TINY_QWEN2_TEXT,
-            "vocab_size": vocab_size,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-        },
-        vision_config=TINY_SQUARE_VISION,
-        image_token_id=ids["<IMG_CONTEXT>"],
-        image_seq_length=16,
-        downsample_ratio=0.5,
-    )
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).eval()
+    def config_of(text: dict, ids: dict) -> InternVLConfig:
+        return InternVLConfig(
+            text_config=text,
+            vision_config=TINY_SQUARE_VISION,
+            image_token_id=ids["<IMG_CONTEXT>"],
+            image_seq_length=16,
+            downsample_ratio=0.5,
+        )
+
     preprocessor = {
         "image_processor_type": "GotOcr2ImageProcessor",
         "do_resize": True,
@@ -357,7 +353,8 @@ def build_tiny_internvl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         "image_mean": [0.485, 0.456, 0.406],
         "image_std": [0.229, 0.224, 0.225],
     }
-    return _write_checkpoint(out, model, tok, extra, preprocessor, seed)
+    extra = ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    return _build_on_qwen2(out_dir, seed, extra, InternVLForConditionalGeneration, config_of, preprocessor)
 
 
 # -- planted attention: the demo's red-square finder and the tests' needles -------------------------------------
@@ -435,8 +432,6 @@ QWEN3_CHAT_TEMPLATE = (
 def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0, moe: bool = False) -> Path:
     """A complete tiny random Qwen3-VL checkpoint folder (`moe`: Qwen3-VL-MoE), with the tokenizer of the tiny
     Qwen2.5-VL (SentencePiece model included, for the GGUF converter) and Qwen3-VL's preprocessor configs."""
-    from transformers import PreTrainedTokenizerFast
-
     if moe:
         from transformers import Qwen3VLMoeConfig as config_class
         from transformers import Qwen3VLMoeForConditionalGeneration as model_class
@@ -470,24 +465,7 @@ def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0, moe: bool = F
     model = model_class(config).eval()
     # As for Qwen2.5-VL: wider Q/K projections make the tiny model's rankings decisive. The DeepStack mergers get
     # the same spread, so their features move the scores (a pass that misplaced them would show).
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and ("q_proj" in name or "k_proj" in name or "deepstack_merger" in name):
-                p.normal_(0.0, 0.25)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
-    model.save_pretrained(staging)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-    )
-    fast.chat_template = QWEN3_CHAT_TEMPLATE
-    fast.save_pretrained(staging)
-    (staging / "tokenizer.model").write_bytes(spm_model)  # what the GGUF converter reads
+    _widen(model, "q_proj", "k_proj", "deepstack_merger")
     common = {
         "do_resize": True,
         "do_rescale": True,
@@ -500,33 +478,24 @@ def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0, moe: bool = F
         "temporal_patch_size": 2,
         "merge_size": 2,
     }
-    (staging / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "Qwen2VLImageProcessorFast",
-                "processor_class": "Qwen3VLProcessor",
-                **common,
-                "size": {"shortest_edge": 65536, "longest_edge": 16777216},
-            },
-            indent=2,
-        )
-    )
-    (staging / "video_preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "video_processor_type": "Qwen3VLVideoProcessor",
-                "processor_class": "Qwen3VLProcessor",
-                **common,
-                "size": {"shortest_edge": 4096, "longest_edge": 25165824},
-                "fps": 2,
-                "min_frames": 4,
-                "max_frames": 768,
-            },
-            indent=2,
-        )
-    )
-    staging.rename(out)
-    return out
+    configs = {
+        "preprocessor_config.json": {
+            "image_processor_type": "Qwen2VLImageProcessorFast",
+            "processor_class": "Qwen3VLProcessor",
+            **common,
+            "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+        },
+        "video_preprocessor_config.json": {
+            "video_processor_type": "Qwen3VLVideoProcessor",
+            "processor_class": "Qwen3VLProcessor",
+            **common,
+            "size": {"shortest_edge": 4096, "longest_edge": 25165824},
+            "fps": 2,
+            "min_frames": 4,
+            "max_frames": 768,
+        },
+    }
+    return _write_checkpoint(out, model, tok, configs, QWEN3_CHAT_TEMPLATE, spm_model)
 
 
 # -- Qwen3.5 and Qwen3.5-MoE: the hybrid Gated DeltaNet / full-attention text stack on the Qwen3-VL vision tower --
@@ -584,8 +553,6 @@ def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0, moe: bool = Fa
     the other builders do would change nothing: the Q/K norm weights are raised instead (softmax temperature ~1/4
     of the default init), which makes the tiny model's rankings decisive.
     """
-    from transformers import PreTrainedTokenizerFast
-
     if moe:
         from transformers import Qwen3_5MoeConfig as config_class
         from transformers import Qwen3_5MoeForConditionalGeneration as model_class
@@ -622,19 +589,6 @@ def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0, moe: bool = Fa
         for name, p in model.named_parameters():
             if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
                 p.fill_(1.0)  # zero-centred RMSNorm: scale 1 + 1 = 2 on each of Q and K
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
-    model.save_pretrained(staging)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-    )
-    fast.save_pretrained(staging)
-    (staging / "tokenizer.model").write_bytes(spm_model)  # what the GGUF converter reads
     preprocessor = {
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen3VLProcessor",
@@ -649,9 +603,7 @@ def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0, moe: bool = Fa
         "temporal_patch_size": 2,
         "merge_size": 2,
     }
-    (staging / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
-    staging.rename(out)
-    return out
+    return _write_checkpoint(out, model, tok, {"preprocessor_config.json": preprocessor}, spm_model=spm_model)
 
 
 def build_tiny_qwen3_5_moe(out_dir: str | os.PathLike, seed: int = 0) -> Path:

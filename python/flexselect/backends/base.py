@@ -7,6 +7,7 @@ frames become visual tokens, where they sit in the prompt, how positions work, w
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -170,3 +171,39 @@ def sample(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator)
         outside = sorted_probs.cumsum(-1) - sorted_probs > config.top_p
         probs[order[outside]] = 0.0
     return int(torch.multinomial(probs / probs.sum(), 1, generator=rng))
+
+
+def answer_tokens(
+    logits: torch.Tensor,
+    feed: Callable[[int], torch.Tensor],
+    config: GenerationConfig,
+    eos_token_ids: set[int],
+    start: float,
+    progress: Progress | None = None,
+    on_token: OnToken | None = None,
+    room: int | None = None,
+) -> tuple[list[int], float, str]:
+    """The answer loop every backend shares, from the prompt's last `logits`: sample (`sample`), stop at an
+    end-of-answer id, after `max_new_tokens`, or once `room` tokens are out (the context is full); else
+    `feed(token)` runs the model on the token and gives the next logits. Returns (token ids, seconds from `start`
+    to the first sampled token, why it stopped: "eos", "max_new_tokens" or "context_full")."""
+    rng = torch.Generator().manual_seed(config.seed)
+    token_ids: list[int] = []
+    ttft = 0.0
+    for step in range(config.max_new_tokens):
+        token = sample(logits, config, rng)
+        if step == 0:
+            ttft = time.perf_counter() - start
+        if token in eos_token_ids:
+            return token_ids, ttft, "eos"
+        token_ids.append(token)
+        if on_token:
+            on_token(token)
+        if progress:
+            progress(step + 1, config.max_new_tokens)
+        if step + 1 == config.max_new_tokens:
+            break
+        if room is not None and len(token_ids) >= room:
+            return token_ids, ttft, "context_full"
+        logits = feed(token)
+    return token_ids, ttft, "max_new_tokens"

@@ -97,7 +97,8 @@ def _answer_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
     from tqdm import tqdm
 
     from ..backends.base import GenerationConfig
-    from ..pipeline import FlexSelect, Sampling, SelectOptions
+    from ..cli import load_pipeline
+    from ..pipeline import Sampling, SelectOptions
 
     if args.model is None and args.gguf is None:
         raise FlexSelectError("no model given: pass --model PATH (or --gguf + --mmproj)")
@@ -110,16 +111,7 @@ def _answer_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
     # Reference-layer scoring never needs the ranker, so one pipeline with it serves every method.
     sampling = Sampling(args.frames, args.fps, args.start, args.end, args.max_frames, args.max_side)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)  # both checked before the model loads
-    pipe = FlexSelect.load(
-        args.model,
-        gguf=args.gguf,
-        mmproj=args.mmproj,
-        ranker=args.ranker,
-        device=args.device,
-        dtype=args.dtype,
-        n_ctx=args.n_ctx,
-        n_gpu_layers=args.n_gpu_layers,
-    )
+    pipe = load_pipeline(args)
     selector_of = {"flexselect": "reference", "lite": "lite"}
     failed: dict[str, str] = {}
 

@@ -76,7 +76,8 @@ class FlexSelectLMM(lmms):
         if _number(batch_size, int) not in (None, 1):
             log.warning("FlexSelect answers one request at a time; batch_size=%s is ignored", batch_size)
         super().__init__()
-        self.accelerator = Accelerator()
+        # on CPU, accelerate joins the launched processes only when told to run on CPU (else each is alone)
+        self.accelerator = Accelerator(cpu=str(device).startswith("cpu"))
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         self._device = self.accelerator.device if device == "auto" else _device_of(device, self.accelerator)
         self.pipe = FlexSelect.load(

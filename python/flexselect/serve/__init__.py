@@ -18,7 +18,7 @@ from ..errors import FlexSelectError
 
 
 def add_serve_command(sub) -> None:
-    from ..cli import add_model_arguments
+    from ..cli import add_model_arguments, add_positions_argument
 
     p = sub.add_parser(
         "serve",
@@ -26,12 +26,7 @@ def add_serve_command(sub) -> None:
         description="Serve one model: a page at / and POST /v1/chat/completions with video parts.",
     )
     add_model_arguments(p)
-    p.add_argument(
-        "--positions",
-        choices=["original", "compact"],
-        default="original",
-        help="answer-pass positions of kept tokens: original (paper) or compact re-gridding",
-    )
+    add_positions_argument(p)
     g = p.add_argument_group("server")
     g.add_argument(
         "--media-dir",
@@ -58,7 +53,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise FlexSelectError(
             f"flexselect serve needs the serve extra ({e.name} is missing): pip install 'flexselect[serve]'"
         ) from None
-    from ..pipeline import FlexSelect
+    from ..cli import load_pipeline
     from .security import check_listen
 
     check_listen(args.host, args.api_key)
@@ -76,17 +71,7 @@ def run_serve(args: argparse.Namespace) -> int:
         sock.bind((args.host, args.port))  # bound before the model loads: a busy port fails in a second, not later
     except OSError as e:
         raise FlexSelectError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
-    pipe = FlexSelect.load(
-        args.model,
-        gguf=args.gguf,
-        mmproj=args.mmproj,
-        ranker=args.ranker,
-        device=args.device,
-        dtype=args.dtype,
-        positions=args.positions,
-        n_ctx=args.n_ctx,
-        n_gpu_layers=args.n_gpu_layers,
-    )
+    pipe = load_pipeline(args)
     model_id = args.model_id or Path(args.model or args.gguf).name.removesuffix(".gguf")
     app = create_app(
         pipe,

@@ -6,6 +6,7 @@ Kept apart from any family's module, so that no adapter imports another family's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,20 @@ def encode_square_frames(
         frame_size=(backend.side, backend.side),
         source=clip.source,
     )
+
+
+def encode_with_projector_inputs(backend, clip: Clip, progress: Progress | None = None):
+    """`backend.encode(clip)`, also keeping what the host's projector reads (`vision_features`, for a Lite ranker):
+    taken by a hook on `multi_modal_projector` as the tower runs, so the tower runs once."""
+    chunks: list[torch.Tensor] = []
+    handle = backend.model.model.multi_modal_projector.register_forward_pre_hook(
+        lambda module, args: chunks.append(args[0].reshape(-1, *args[0].shape[-2:]))
+    )
+    try:
+        visual = backend.encode(clip, progress)
+    finally:
+        handle.remove()
+    return dataclasses.replace(visual, vision_features=torch.cat(chunks))
 
 
 def square_pixels(frames: np.ndarray, side: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ simply sit at consecutive positions.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,8 +24,15 @@ import torch
 
 from ...defaults import family_defaults
 from ..base import Progress, Prompt, VisualTokens
-from .common import consecutive_positions, encode_square_frames, eos_ids, read_preprocessor, template_prompt
-from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
+from .common import (
+    consecutive_positions,
+    encode_square_frames,
+    encode_with_projector_inputs,
+    eos_ids,
+    read_preprocessor,
+    template_prompt,
+)
+from .shared import HFBackend, LayoutedInput, load_pretrained
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
     from ...video import Clip
@@ -56,8 +62,7 @@ class LlavaOnevisionBackend(HFBackend):
         from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
         path = Path(path)
-        dev = resolve_device(device)
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
+        model = load_pretrained(LlavaOnevisionForConditionalGeneration, path, device, dtype)
         return cls(model, AutoTokenizer.from_pretrained(path), read_preprocessor(path))
 
     @torch.inference_mode()
@@ -77,15 +82,7 @@ class LlavaOnevisionBackend(HFBackend):
 
     def encode_with_vision_features(self, clip: Clip, progress: Progress | None = None) -> VisualTokens:
         """`encode`, also keeping the input of the host's projector per frame: [frames, patches, vision_feature_dim]."""
-        chunks: list[torch.Tensor] = []
-        handle = self.model.model.multi_modal_projector.register_forward_pre_hook(
-            lambda module, args: chunks.append(args[0].reshape(-1, *args[0].shape[-2:]))
-        )
-        try:
-            visual = self.encode(clip, progress)
-        finally:
-            handle.remove()
-        return dataclasses.replace(visual, vision_features=torch.cat(chunks))
+        return encode_with_projector_inputs(self, clip, progress)
 
     def prompt(self, question: str) -> Prompt:
         return template_prompt(self.tokenizer, self.family, question)

@@ -29,7 +29,7 @@ from ...mrope import (
 )
 from ..base import Progress, Prompt, VisualTokens
 from .common import eos_ids, read_preprocessor, template_prompt
-from .shared import HFBackend, LayoutedInput, resolve_device, resolve_dtype
+from .shared import HFBackend, LayoutedInput, load_pretrained
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
     from ...video import Clip
@@ -97,8 +97,7 @@ class Qwen25VLBackend(HFBackend):
             from transformers import Qwen2_5_VLForConditionalGeneration as model_class
         else:
             from transformers import Qwen2VLForConditionalGeneration as model_class
-        dev = resolve_device(device)
-        model = model_class.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
+        model = load_pretrained(model_class, path, device, dtype)
         preprocessor = read_preprocessor(path, ("preprocessor_config.json",))
         return cls(model, AutoTokenizer.from_pretrained(path), preprocessor, config.model_type, positions)
 

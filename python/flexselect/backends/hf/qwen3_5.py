@@ -34,7 +34,7 @@ from pathlib import Path
 from ...errors import FlexSelectError
 from .llava_onevision import read_preprocessor
 from .qwen3_vl import Qwen3VLBackend
-from .shared import check_checkpoint_files, resolve_device, resolve_dtype
+from .shared import check_checkpoint_files, load_pretrained
 
 FULL_ATTENTION = "full_attention"
 
@@ -60,8 +60,7 @@ class Qwen35Backend(Qwen3VLBackend):
             from transformers import Qwen3_5MoeForConditionalGeneration as model_class
         else:
             from transformers import Qwen3_5ForConditionalGeneration as model_class
-        dev = resolve_device(device)
-        model = model_class.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
+        model = load_pretrained(model_class, path, device, dtype)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)  # tokenizer.json as is (module docstring)
         return cls(model, tokenizer, read_preprocessor(path), config.model_type, positions)
 

@@ -48,7 +48,7 @@ from ...errors import FlexSelectError
 from ..base import Progress, Prompt, VisualTokens
 from .llava_onevision import read_preprocessor
 from .qwen2_5_vl import ENCODE_CHUNK_UNITS, Qwen25VLBackend, patchify
-from .shared import LayoutedInput, resolve_device, resolve_dtype
+from .shared import LayoutedInput, load_pretrained
 
 if TYPE_CHECKING:  # only for type hints: the models never decode video themselves
     from ...video import Clip
@@ -102,8 +102,7 @@ class Qwen3VLBackend(Qwen25VLBackend):
             from transformers import Qwen3VLMoeForConditionalGeneration as model_class
         else:
             from transformers import Qwen3VLForConditionalGeneration as model_class
-        dev = resolve_device(device)
-        model = model_class.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
+        model = load_pretrained(model_class, path, device, dtype)
         return cls(model, AutoTokenizer.from_pretrained(path), read_preprocessor(path), config.model_type, positions)
 
     # -- frames -> visual tokens --------------------------------------------------------------------------------

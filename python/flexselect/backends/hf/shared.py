@@ -28,7 +28,7 @@ from torch import nn
 
 from ...errors import FlexSelectError
 from ...selection import Aggregate, question_attention_scores
-from ..base import Generation, GenerationConfig, OnToken, Progress, Prompt, VisualTokens, sample
+from ..base import Generation, GenerationConfig, OnToken, Progress, Prompt, VisualTokens, answer_tokens
 from .index import IndexedScoring
 
 CAPTURE_ATTENTION = "flexselect_capture"
@@ -242,6 +242,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def load_pretrained(model_class, path: Path, device: str, dtype: str) -> nn.Module:
+    """A checkpoint's model on the device asked for ("auto": CUDA where there is one) in the dtype asked for."""
+    dev = resolve_device(device)
+    return model_class.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
+
+
 class HFBackend(IndexedScoring):
     """Base of the transformers backends (see module docstring); `IndexedScoring` adds the video index."""
 
@@ -336,24 +342,10 @@ class HFBackend(IndexedScoring):
         self._check_fits(inputs.embeds.shape[1] + config.max_new_tokens, "answer", prompt, config.max_new_tokens)
         cache = DynamicCache(config=self.text_model.config)
         hidden = self.text_model(**inputs.model_inputs(), past_key_values=cache, use_cache=True).last_hidden_state
-        rng = torch.Generator().manual_seed(config.seed)
-        token_ids: list[int] = []
-        ttft = 0.0
         position = inputs.next_position
-        for step in range(config.max_new_tokens):
-            logits = self.model.lm_head(hidden[:, -1]).float()[0]
-            token = sample(logits, config, rng)
-            if step == 0:
-                ttft = time.perf_counter() - start
-            if token in self.eos_token_ids:
-                break
-            token_ids.append(token)
-            if on_token:
-                on_token(token)
-            if progress:
-                progress(step + 1, config.max_new_tokens)
-            if step + 1 == config.max_new_tokens:
-                break
+
+        def feed(token: int) -> torch.Tensor:
+            nonlocal position
             pos = torch.full((1, 1), position, device=self.device, dtype=torch.long)
             if inputs.position_ids.dim() == 3:
                 pos = pos.expand(inputs.position_ids.shape[0], 1, 1)
@@ -364,6 +356,10 @@ class HFBackend(IndexedScoring):
                 use_cache=True,
             ).last_hidden_state
             position += 1
+            return self.model.lm_head(hidden[:, -1]).float()[0]
+
+        first = self.model.lm_head(hidden[:, -1]).float()[0]
+        token_ids, ttft, _ = answer_tokens(first, feed, config, self.eos_token_ids, start, progress, on_token)
         return Generation(
             text=self.decode(token_ids).strip(), token_ids=token_ids, ttft_s=ttft, prompt_tokens=inputs.embeds.shape[1]
         )

@@ -74,9 +74,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..defaults import family_defaults, prompt_text
-from ..errors import FlexSelectError
-from ..mrope import (
+from ...defaults import family_defaults, prompt_text
+from ...errors import FlexSelectError
+from ...mrope import (
     PIXEL_FACTOR,
     compact_positions,
     frame_size,
@@ -85,11 +85,13 @@ from ..mrope import (
     time_interval,
     video_positions,
 )
-from ..selection import Aggregate, question_attention_scores
-from .base import Generation, GenerationConfig, OnToken, Progress, Prompt, VisualTokens, sample
+from ...selection import Aggregate, question_attention_scores
+from ..base import Generation, GenerationConfig, OnToken, Progress, Prompt, VisualTokens, answer_tokens
+from . import ggml
+from .capture import Capture
 
 if TYPE_CHECKING:
-    from ..video import Clip
+    from ...video import Clip
 
 log = logging.getLogger("flexselect")
 
@@ -99,33 +101,9 @@ QWEN3_ARCHS = {"qwen3vl": "qwen3_vl", "qwen3vlmoe": "qwen3_vl_moe", "qwen35": "q
 QWEN3_PROJECTOR = "qwen3vl_merger"
 QWEN3_PIXEL_FACTOR = 32  # patch 16 x spatial merge 2
 TEMPORAL_PATCH = 2
-GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 LOG_ERROR = 4
-GGML_TYPE_F32 = 0
 _LOG_TAIL: collections.deque[str] = collections.deque(maxlen=5)  # llama.cpp's last error lines
 _LOG_CALLBACK = None
-
-
-class _GGMLTensor(ctypes.Structure):
-    """The head of `struct ggml_tensor` (ggml.h of the vendored ggml 0.25.3), enough to read shape, type and name."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
-        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
-        ("op", ctypes.c_int),
-        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
-        ("flags", ctypes.c_int32),
-        ("src", ctypes.c_void_p * GGML_MAX_SRC),
-        ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t),
-        ("data", ctypes.c_void_p),
-        ("name", ctypes.c_char * GGML_MAX_NAME),
-    ]
-
-
-_GGML = None
 
 
 def _usable_cores() -> int:
@@ -133,82 +111,6 @@ def _usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):  # Linux
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def _ggml():
-    """libggml-base from the folder llama-cpp-python loads libllama from (its lib folder, or LLAMA_CPP_LIB_PATH for
-    a llama.cpp built elsewhere, e.g. GGML_NATIVE=ON): tensor reads and op names for the eval callback."""
-    global _GGML
-    if _GGML is None:
-        import llama_cpp
-
-        lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
-        candidates = sorted(lib_dir.glob("libggml-base.*")) or sorted(lib_dir.glob("ggml-base.*"))
-        if not candidates:
-            raise FlexSelectError(f"libggml-base not found in {lib_dir}; reinstall llama-cpp-python==0.3.36")
-        lib = ctypes.CDLL(str(candidates[0]))
-        lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-        lib.ggml_backend_tensor_get.restype = None
-        lib.ggml_op_desc.argtypes = [ctypes.c_void_p]
-        lib.ggml_op_desc.restype = ctypes.c_char_p
-        lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
-        lib.ggml_nbytes.restype = ctypes.c_size_t
-        lib.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
-        lib.ggml_is_contiguous.restype = ctypes.c_bool
-        _GGML = lib
-    return _GGML
-
-
-class _Capture:
-    """The eval callback's state: which layer to capture, what was captured, whether to stop after it."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.abort = True
-        self.want_q = False
-        self.q_name = self.k_name = b""
-        self.q: list[np.ndarray] = []
-        self.k: list[np.ndarray] = []
-        self.done = False  # both captured in the current micro-batch (reset before every llama_decode)
-        self.error: str | None = None
-
-    def start(self, layer: int, abort: bool) -> None:
-        self.active, self.abort = True, abort
-        self.q_name, self.k_name = f"Qcur-{layer}".encode(), f"Kcur-{layer}".encode()
-        self.q, self.k = [], []
-        self.done = False
-        self.error = None
-
-    def stop(self) -> None:
-        self.active = False
-
-    def __call__(self, tensor_p: int, ask: bool, _user: int) -> bool:
-        if not self.active:
-            return False
-        t = ctypes.cast(tensor_p, ctypes.POINTER(_GGMLTensor)).contents
-        name = t.name
-        if self.done and self.abort:
-            return ask  # ask for the first node of a later graph split, then stop that split too
-        if name != self.q_name and name != self.k_name:
-            return False
-        if _ggml().ggml_op_desc(tensor_p) != b"ROPE":
-            return False  # the pre-RoPE projection views carry the same name
-        if ask:
-            return True
-        if name == self.q_name and not self.want_q:
-            self.q.append(None)
-        else:
-            shape = (t.ne[2], t.ne[1], t.ne[0])  # tokens, heads, head_dim (ggml's ne is fastest-first)
-            if t.type != 0 or not _ggml().ggml_is_contiguous(tensor_p):
-                self.error = f"{name.decode()} is not a contiguous f32 tensor (type {t.type})"
-                return False  # an exception cannot cross the C callback: reported after llama_decode
-            out = np.empty(shape, dtype=np.float32)
-            _ggml().ggml_backend_tensor_get(tensor_p, out.ctypes.data, 0, out.nbytes)
-            (self.q if name == self.q_name else self.k).append(out)
-        if len(self.q) == len(self.k):
-            self.done = True
-            return not self.abort
-        return True
 
 
 @dataclass
@@ -255,13 +157,14 @@ class LlamaCppBackend:
         if positions not in ("original", "compact"):
             raise FlexSelectError(f"positions must be 'original' or 'compact', got {positions!r}")
         self._ll, self._mtmd = llama_cpp, mtmd_cpp
+        ggml.library()  # the eval callback's ctypes layer, checked here: an error cannot cross the C callback
         self.positions = positions
         self.abort_after_reference = abort_after_reference
         gguf_path = Path(gguf_path)
         self._check_files(gguf_path, mmproj_path)
         mmproj_path = Path(mmproj_path)
         self.paths = (gguf_path, mmproj_path)  # an on-disk index records which files it was made with
-        from .gguf_info import inspect_gguf
+        from ..gguf_info import inspect_gguf
 
         text_info, proj_info = inspect_gguf(gguf_path), inspect_gguf(mmproj_path)
         if text_info["architecture"] == "clip":
@@ -332,7 +235,7 @@ class LlamaCppBackend:
         self.row_width = ll.llama_model_n_embd_inp(self.model)  # mtmd's rows (Qwen3-VL: main + DeepStack slices)
         self.hidden_size = ll.llama_model_n_embd(self.model) if self.qwen3 else self.row_width  # VisualTokens.embeds
 
-        self._capture = _Capture()
+        self._capture = Capture()
         self._cb = ll.ggml_backend_sched_eval_callback(self._capture)  # keep a reference: C holds the pointer
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = self.n_ctx
@@ -344,7 +247,7 @@ class LlamaCppBackend:
         cparams.cb_eval_user_data = None
         cparams.no_perf = True
         if kv_f32:  # llama.cpp's KV cache is f16 even for an f32 GGUF; f32 for exact comparisons with transformers
-            cparams.type_k = cparams.type_v = GGML_TYPE_F32
+            cparams.type_k = cparams.type_v = ggml.GGML_TYPE_F32
         if n_gpu_layers == 0 or not ll.llama_supports_gpu_offload():
             # flash attention pays off on GPUs; on CPU it made a 3072-token prefill 2.5x slower (bench/runtimes.py)
             cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -521,7 +424,7 @@ class LlamaCppBackend:
     ) -> VisualTokens:
         """mtmd's [main | DeepStack level 0 | level 1 | ...] rows as transformers' Qwen3-VL visual tokens."""
         # one definition of the type and of the unit times: the transformers adapter's
-        from .hf.qwen3_vl import DeepStackVisualTokens, unit_seconds
+        from ..hf.qwen3_vl import DeepStackVisualTokens, unit_seconds
 
         d = self.hidden_size
         rows_t = torch.from_numpy(rows)
@@ -617,13 +520,16 @@ class LlamaCppBackend:
                 f"--budget or fewer --frames, or a larger --n-ctx (at least {n_tokens})"
             )
 
-    def _run_layout(self, prompt: Prompt, embeds: np.ndarray, positions: torch.Tensor, logits_last: bool) -> None:
+    @staticmethod
+    def _qwen2_runs(prompt: Prompt, embeds: np.ndarray, positions: torch.Tensor):
+        """Qwen2.5-VL / Qwen2-VL's [prefix][visual rows][suffix] as decode runs (those of `_qwen3_layout`)."""
         p, v = len(prompt.prefix_ids), embeds.shape[0]
         pos = positions.numpy()
-        self._ll.llama_memory_clear(self.mem, True)
-        self._decode(pos[:, :p], tokens=prompt.prefix_ids.numpy())
-        self._decode(pos[:, p : p + v], embeds=embeds)
-        self._decode(pos[:, p + v :], tokens=prompt.suffix_ids.numpy(), logits_last=logits_last)
+        return [
+            (prompt.prefix_ids.numpy(), None, pos[:, :p]),
+            (None, embeds, pos[:, p : p + v]),
+            (prompt.suffix_ids.numpy(), None, pos[:, p + v :]),
+        ]
 
     def scoring_layout(self, visual: VisualTokens, frames: list[int], prompt: Prompt):
         offsets = video_positions(len(frames), visual.grid, visual.time_interval)
@@ -696,7 +602,7 @@ class LlamaCppBackend:
 
     def _label_ids(self, seconds: float) -> list[int]:
         # the Qwen3-VL processor's "<t seconds>", as the transformers adapter writes it
-        from .hf.qwen3_vl import timestamp_label
+        from ..hf.qwen3_vl import timestamp_label
 
         label = timestamp_label(seconds)
         if label not in self._labels:
@@ -730,51 +636,11 @@ class LlamaCppBackend:
         if self.qwen3:
             return self._qwen3_reference_qk(visual, frames, prompt, layer, abort)[:2]
         embeds, positions = self.scoring_layout(visual, frames, prompt)
-        self._check_fits(positions.shape[1], "scoring pass of one frame set")
-        cap = self._capture
-        cap.start(layer, self.abort_after_reference if abort is None else abort)
-        try:
-            p, v = len(prompt.prefix_ids), embeds.shape[0]
-            pos = positions.numpy()
-            self._ll.llama_memory_clear(self.mem, True)
-            cap.want_q = False
-            self._decode(pos[:, :p], tokens=prompt.prefix_ids.numpy())
-            self._decode(pos[:, p : p + v], embeds=embeds)
-            n_before = len(cap.q)
-            cap.want_q = True
-            self._decode(pos[:, p + v :], tokens=prompt.suffix_ids.numpy())
-        finally:
-            cap.stop()
-            self._ll.llama_memory_clear(self.mem, True)
-        if cap.error:
-            raise FlexSelectError(f"could not read the reference layer's tensors: {cap.error}")
-        if not cap.k or any(q is None for q in cap.q[n_before:]):
-            raise FlexSelectError(f"llama.cpp gave no Qcur-{layer}/Kcur-{layer} tensors: is this a qwen2vl GGUF?")
-        q = torch.from_numpy(np.concatenate(cap.q[n_before:]))  # [T, H, d]
-        k = torch.from_numpy(np.concatenate(cap.k))  # [N, H_kv, d]
-        if k.shape[0] != positions.shape[1]:
-            raise FlexSelectError(f"captured keys for {k.shape[0]} of {positions.shape[1]} positions")
-        return q.transpose(0, 1), k.transpose(0, 1)
+        return self._captured_qk(self._qwen2_runs(prompt, embeds, positions), layer, abort)
 
-    def _check_attention_layer(self, layer: int) -> None:
-        valid = getattr(self, "attention_layers", None)
-        if valid is not None and layer not in valid:
-            raise FlexSelectError(
-                f"reference layer {layer} is a linear-attention layer, which has no attention map to score; this "
-                f"model's full-attention layers are {', '.join(map(str, valid))}: pass one of them as --layer"
-            )
-
-    def _qwen3_reference_qk(
-        self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, abort: bool | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Qwen3-VL / Qwen3.5: (queries of the suffix rows, keys of all positions, visual columns) at `layer`."""
-        self._check_attention_layer(layer)
-        units = sorted(frames)
-        if units != list(frames):
-            raise FlexSelectError("a frame set must list its frames in time order")
-        runs, columns, _ = self._qwen3_layout(
-            visual, units, [visual.frame_tokens([u]) for u in units], prompt, compact=False
-        )
+    def _captured_qk(self, runs, layer: int, abort: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode `runs` (the last: the question suffix) from an empty memory with the capture on: the suffix rows'
+        queries [H, T, d] and the keys of all positions [H_kv, N, d] at `layer`."""
         n_total = sum(pos.shape[1] for _, _, pos in runs)
         self._check_fits(n_total, "scoring pass of one frame set")
         cap = self._capture
@@ -796,7 +662,28 @@ class LlamaCppBackend:
         k = torch.from_numpy(np.concatenate(cap.k))  # [N, H_kv, d]
         if k.shape[0] != n_total:
             raise FlexSelectError(f"captured keys for {k.shape[0]} of {n_total} positions")
-        return q.transpose(0, 1), k.transpose(0, 1), columns
+        return q.transpose(0, 1), k.transpose(0, 1)
+
+    def _check_attention_layer(self, layer: int) -> None:
+        valid = getattr(self, "attention_layers", None)
+        if valid is not None and layer not in valid:
+            raise FlexSelectError(
+                f"reference layer {layer} is a linear-attention layer, which has no attention map to score; this "
+                f"model's full-attention layers are {', '.join(map(str, valid))}: pass one of them as --layer"
+            )
+
+    def _qwen3_reference_qk(
+        self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, abort: bool | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Qwen3-VL / Qwen3.5: (queries of the suffix rows, keys of all positions, visual columns) at `layer`."""
+        self._check_attention_layer(layer)
+        units = sorted(frames)
+        if units != list(frames):
+            raise FlexSelectError("a frame set must list its frames in time order")
+        runs, columns, _ = self._qwen3_layout(
+            visual, units, [visual.frame_tokens([u]) for u in units], prompt, compact=False
+        )
+        return *self._captured_qk(runs, layer, abort), columns
 
     def score(
         self, visual: VisualTokens, frames: list[int], prompt: Prompt, layer: int, aggregate: Aggregate = "max"
@@ -929,7 +816,7 @@ class LlamaCppBackend:
 
     def identity(self) -> dict:
         """What an on-disk index must match: the family, the model and projector files (size and content hash)."""
-        from ..index import file_identity
+        from ...index import file_identity
 
         gguf, mmproj = self.paths
         return {
@@ -977,40 +864,26 @@ class LlamaCppBackend:
                 prompt,
                 compact=self.positions == "compact",
             )
-            n_prompt = sum(pos.shape[1] for _, _, pos in runs)
-            self._check_fits(n_prompt + 1, "answer prompt")
-            self._ll.llama_memory_clear(self.mem, True)
-            self._run_runs(runs, logits_last=True)
         else:
             embeds, positions, next_position = self.answer_layout(visual, kept, prompt)
-            n_prompt = positions.shape[1]
-            self._check_fits(n_prompt + 1, "answer prompt")
-            self._run_layout(prompt, embeds, positions, logits_last=True)
-        rng = torch.Generator().manual_seed(config.seed)
-        token_ids: list[int] = []
-        ttft = 0.0
+            runs = self._qwen2_runs(prompt, embeds, positions)
+        n_prompt = sum(pos.shape[1] for _, _, pos in runs)
+        self._check_fits(n_prompt + 1, "answer prompt")
+        self._ll.llama_memory_clear(self.mem, True)
+        self._run_runs(runs, logits_last=True)
         position = next_position
-        stopped = "max_new_tokens"
-        for step in range(config.max_new_tokens):
-            token = sample(self._logits(), config, rng)
-            if step == 0:
-                ttft = time.perf_counter() - start
-            if token in self.eos_token_ids:
-                stopped = "eos"
-                break
-            token_ids.append(token)
-            if on_token:
-                on_token(token)
-            if progress:
-                progress(step + 1, config.max_new_tokens)
-            if step + 1 == config.max_new_tokens:
-                break
-            if n_prompt + len(token_ids) >= self.n_ctx:
-                stopped = "context_full"
-                log.warning("the llama.cpp context (%d tokens) is full; the answer is cut short", self.n_ctx)
-                break
+
+        def feed(token: int) -> torch.Tensor:
+            nonlocal position
             self._decode(np.full((3, 1), position, dtype=np.int64), tokens=np.array([token]), logits_last=True)
             position += 1
+            return self._logits()
+
+        token_ids, ttft, stopped = answer_tokens(
+            self._logits(), feed, config, self.eos_token_ids, start, progress, on_token, room=self.n_ctx - n_prompt
+        )
+        if stopped == "context_full":
+            log.warning("the llama.cpp context (%d tokens) is full; the answer is cut short", self.n_ctx)
         text = self.decode(token_ids).strip()
         total = time.perf_counter() - start
         return Generation(
