@@ -13,9 +13,13 @@ python -m pip install -q --upgrade pip
 # llama-cpp-python compiles llama.cpp (~6 min on 2 cores, once; pip caches the wheel); GGML_NATIVE off for portability.
 CMAKE_ARGS="-DGGML_NATIVE=OFF" python -m pip install -q torch==2.13.0 -e ".[test,lite,gguf,plot,lint,serve]"
 
-# the serve tests drive Debian's chromium with Playwright (never `playwright install`: no browser download)
-if ! command -v chromium >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+# the serve tests drive Debian's chromium with Playwright (never `playwright install`: no browser download);
+# llama.cpp's own video path, the peer in bench/peer.py (tests/test_bench_peer.py), shells out to the ffmpeg binary
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v ffmpeg >/dev/null || missing+=(ffmpeg)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # Style first (seconds): ruff lint + format and clang-format over cpp/, with the configs in pyproject.toml and

@@ -154,7 +154,7 @@ struct SamplingOptions {
 };
 
 struct Clip {
-    int width = 0, height = 0;                  // as displayed (rotation applied), resized: multiples of the pixel factor
+    int width = 0, height = 0;                  // as displayed (rotated), resized: multiples of the pixel factor
     std::vector<std::vector<uint8_t>> frames;   // RGB24, height * width * 3 each
     std::vector<double> timestamps;             // seconds from the first frame: each frame's presentation time
     double sample_fps = 0.0;                    // the requested fps if met, else frames / span in seconds
