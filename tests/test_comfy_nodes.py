@@ -291,6 +291,38 @@ def test_a_follow_up_reuses_the_video_index_says_where_and_free_models_drops_it(
     assert pipe.indexes.nbytes == 0
 
 
+@pytest.fixture(scope="module")
+def qwen3_models(pack, env, tmp_path_factory):
+    """Tiny Qwen3-VL and Qwen3.5 checkpoint folders and their GGUF + mmproj, in a second LLM model folder (one GGUF
+    pair per subfolder, so the loader's automatic mmproj finds exactly one)."""
+    from flexselect.tiny import build_tiny_qwen3_5, build_tiny_qwen3_vl
+    from flexselect_export.gguf import export_gguf
+
+    root = tmp_path_factory.mktemp("llm-qwen3")
+    for family, build in (("qwen3_vl", build_tiny_qwen3_vl), ("qwen3_5", build_tiny_qwen3_5)):
+        export_gguf(build(root / f"tiny-{family}"), root / f"gguf-{family}", "f16")
+    pack.folder_paths.add_model_folder_path(pack.compat.LLM_FOLDER, str(root))
+    return root
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("source", ["folder", "gguf"])
+def test_qwen3_vl_and_qwen3_5_load_select_and_answer(pack, env, qwen3_models, family, source):
+    """The Load Video-LLM node lists and loads a Qwen3-VL / Qwen3.5 checkpoint folder and its GGUF; FlexSelect and
+    Answer run on it."""
+    name = f"tiny-{family}" if source == "folder" else f"gguf-{family}/model.gguf"
+    assert name in pack.N.model_choices()
+    model = pack.N.FlexSelectLoadModel.execute(name, pack.N.AUTO_MMPROJ, "cpu", "float32", 32768)[0]
+    assert pack.N.models.get(model).backend.family == family
+    clip = load_clip(pack)[0]
+    selection, heatmap, info = select(pack, clip, model, "What is red?", budget=8)
+    assert len(selection.kept) == 8 and selection.kept_per_unit.sum() == 8
+    assert info.startswith("kept 8 of ") and heatmap.ndim == 4
+    (answer,) = pack.N.FlexSelectAnswer.execute(selection, model, 4, 0.0, 1.0, 0).args
+    assert isinstance(answer, str)
+    pack.N.models.free()
+
+
 def test_second_question_reuses_the_encoded_clip(pack, env):
     clip = load_clip(pack)[0]
     model = load_model(pack, env)
