@@ -417,15 +417,15 @@ def test_cancel_stops_selection_between_frame_sets(pack, env, monkeypatch):
 
 
 def test_cancel_stops_the_answer_between_tokens(pack, env, monkeypatch):
-    from flexselect.backends.hf import shared as hf
+    from flexselect.backends import base
 
     clip = load_clip(pack, frames=FRAMES)[0]
     model = load_model(pack, env)
     selection = select(pack, clip, model, set_frames=2)[0]
     monkeypatch.setattr(pack.caches.models.get(model).backend, "eos_token_ids", set())  # never stops by itself
     sampled = []
-    real_sample = hf.sample
-    monkeypatch.setattr(hf, "sample", lambda *a: sampled.append(1) or real_sample(*a))
+    real_sample = base.sample  # the answer loop every backend shares (base.answer_tokens)
+    monkeypatch.setattr(base, "sample", lambda *a: sampled.append(1) or real_sample(*a))
     calls = interrupt_at(pack, monkeypatch, 3)  # 1: node start, 2: after token 1, 3: after token 2
     with pytest.raises(Interrupted):
         pack.N.FlexSelectAnswer.execute(selection, model, 64, 0.0, 1.0, 0)
