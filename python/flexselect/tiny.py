@@ -429,6 +429,21 @@ QWEN3_CHAT_TEMPLATE = (
 )
 
 
+# Qwen3-VL's frame processing (16-pixel patches, 2x2 merge, pixels to [-1, 1]); Qwen3.5 reuses its video side.
+QWEN3_PROCESSING = {
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "rescale_factor": 1 / 255,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+}
+
+
 def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0, moe: bool = False) -> Path:
     """A complete tiny random Qwen3-VL checkpoint folder (`moe`: Qwen3-VL-MoE), with the tokenizer of the tiny
     Qwen2.5-VL (SentencePiece model included, for the GGUF converter) and Qwen3-VL's preprocessor configs."""
@@ -466,29 +481,17 @@ def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0, moe: bool = F
     # As for Qwen2.5-VL: wider Q/K projections make the tiny model's rankings decisive. The DeepStack mergers get
     # the same spread, so their features move the scores (a pass that misplaced them would show).
     _widen(model, "q_proj", "k_proj", "deepstack_merger")
-    common = {
-        "do_resize": True,
-        "do_rescale": True,
-        "do_normalize": True,
-        "do_convert_rgb": True,
-        "rescale_factor": 1 / 255,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "patch_size": 16,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-    }
     configs = {
         "preprocessor_config.json": {
             "image_processor_type": "Qwen2VLImageProcessorFast",
             "processor_class": "Qwen3VLProcessor",
-            **common,
+            **QWEN3_PROCESSING,
             "size": {"shortest_edge": 65536, "longest_edge": 16777216},
         },
         "video_preprocessor_config.json": {
             "video_processor_type": "Qwen3VLVideoProcessor",
             "processor_class": "Qwen3VLProcessor",
-            **common,
+            **QWEN3_PROCESSING,
             "size": {"shortest_edge": 4096, "longest_edge": 25165824},
             "fps": 2,
             "min_frames": 4,
@@ -592,16 +595,7 @@ def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0, moe: bool = Fa
     preprocessor = {
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen3VLProcessor",
-        "do_resize": True,
-        "do_rescale": True,
-        "do_normalize": True,
-        "do_convert_rgb": True,
-        "rescale_factor": 1 / 255,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "patch_size": 16,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
+        **QWEN3_PROCESSING,
     }
     return _write_checkpoint(out, model, tok, {"preprocessor_config.json": preprocessor}, spm_model=spm_model)
 
