@@ -42,3 +42,17 @@ def check_timestamped_answer(pipe, answer, question: str, kept: int) -> None:
     prompt = pipe.backend.prompt(question)
     labels = sum(len(pipe.backend._label_ids(s)) + 2 for s in visual.label_seconds)
     assert answer.generation.prompt_tokens == len(prompt.prefix_ids) + labels + kept + len(prompt.suffix_ids)
+
+
+def save_tiny_ranker(backend, path) -> None:
+    """A tiny random `host_embeds` Lite ranker for `backend`, saved as a bundle at `path` (what the ComfyUI ranker
+    dropdown and loader list and load)."""
+    from flexselect.lite.bundle import save_bundle
+    from flexselect.lite.host import host_info
+    from flexselect.lite.ranker import LiteRanker, decoder_config
+
+    host = host_info(backend)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = decoder_config("host_embeds", {**shape, "num_key_value_heads": 2}, host.vocab_size)
+    torch.manual_seed(0)
+    save_bundle(LiteRanker(config, host, "host_embeds", backend.hidden_size), path)

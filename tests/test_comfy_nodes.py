@@ -21,6 +21,7 @@ import torch
 
 import comfy_workflow as W
 from comfy_env import comfy_or_skip, import_comfyui
+from helpers import save_tiny_ranker
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE_IDS = {
@@ -551,25 +552,8 @@ def test_library_messages_lose_their_cli_flags(pack, cli, node):
 
 # -- rankers ----------------------------------------------------------------------------------------------------------
 def test_ranker_dropdown_and_path(pack, env, tiny_backend):
-    from flexselect.lite.bundle import save_bundle
-    from flexselect.lite.host import host_info
-    from flexselect.lite.ranker import LiteRanker, decoder_config
-
     folder = env.root / "rankers"
-    host = host_info(tiny_backend)
-    config = decoder_config(
-        "host_embeds",
-        {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        },
-        host.vocab_size,
-    )
-    torch.manual_seed(0)
-    save_bundle(LiteRanker(config, host, "host_embeds", tiny_backend.hidden_size), folder / "tiny-ranker")
+    save_tiny_ranker(tiny_backend, folder / "tiny-ranker")
     (folder / "exported.onnx").write_bytes(b"")  # a bare ONNX ranker is listed (load_ranker takes .onnx files)
     for decoy in ("weights.pt", "model.pth", "pytorch_model.bin", "other.safetensors", "no-manifest/x.safetensors"):
         (folder / decoy).parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from comfy_env import (
     server_environment,
     torchvision_stub,
 )
+from helpers import save_tiny_ranker
 
 pytestmark = pytest.mark.comfy_server
 
@@ -65,26 +66,7 @@ def install_pack(custom_nodes: Path, python: Path) -> Path:
 
 
 def write_tiny_ranker(folder: Path, tiny_backend) -> None:
-    import torch
-
-    from flexselect.lite.bundle import save_bundle
-    from flexselect.lite.host import host_info
-    from flexselect.lite.ranker import LiteRanker, decoder_config
-
-    host = host_info(tiny_backend)
-    config = decoder_config(
-        "host_embeds",
-        {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        },
-        host.vocab_size,
-    )
-    torch.manual_seed(0)
-    save_bundle(LiteRanker(config, host, "host_embeds", tiny_backend.hidden_size), folder / "tiny-ranker")
+    save_tiny_ranker(tiny_backend, folder / "tiny-ranker")
     for decoy in ("weights.pt", "model.bin", "other.safetensors"):  # what load_ranker refuses: never offered
         (folder / decoy).write_bytes(b"")
 
