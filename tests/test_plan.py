@@ -49,6 +49,34 @@ def test_the_7b_shape_is_the_published_one():
     assert est.flops["baseline"] > est.flops["flexselect"] > est.flops["followup_indexed"]
 
 
+def test_time_is_flops_plus_a_fixed_cost_per_pass():
+    shape = plan.model_shape(QWEN_7B)
+    indexed, plain = (
+        plan.estimate(shape, plan.request(shape, 256, 560, 308, index=i), 2, materialised_attention=False)
+        for i in (True, False)
+    )
+    # building the index splits each set's pass in two (context rows, then the question's): the same FLOPs
+    assert indexed.flops["flexselect"] == pytest.approx(plain.flops["flexselect"], rel=1e-12)
+    assert len(indexed.passes["flexselect"]) == len(plain.passes["flexselect"]) + indexed.request.sets
+    speed = plan.Throughput(flops_per_s=1e14, pass_rows=0.0)
+    assert indexed.seconds(shape, speed) == {arm: f / 1e14 for arm, f in indexed.flops.items()}
+    slow = indexed.seconds(shape, plan.Throughput(1e14, pass_rows=64.0))
+    layer_params = sum(shape.layer_active_params[: indexed.request.layer])
+    one_question_pass = 2 * 64 * layer_params / 1e14
+    sets = indexed.request.sets
+    assert slow["followup_indexed"] - indexed.seconds(shape, speed)["followup_indexed"] == pytest.approx(
+        sets * one_question_pass + 2 * 64 * sum(shape.layer_active_params) / 1e14
+    )
+    assert slow["baseline"] / slow["flexselect"] < indexed.flops["baseline"] / indexed.flops["flexselect"]
+
+
+def test_measured_throughput_is_positive_and_sane(tiny_model_dir):
+    import torch
+
+    speed = plan.measured_throughput("cpu", torch.float32, plan.model_shape(tiny_model_dir))
+    assert speed.flops_per_s > 1e8 and 0 <= speed.pass_rows < 1e5
+
+
 @pytest.mark.parametrize("builder", [build_tiny_llava_onevision, build_tiny_internvl])
 def test_every_family_has_a_shape(builder, tmp_path):
     shape = plan.model_shape(builder(tmp_path / "m"))

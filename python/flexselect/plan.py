@@ -12,9 +12,12 @@ family, dense or MoE, no weights read). The memory of a stage is what it holds b
 - answer pass: the KV cache of the kept tokens + prompt + answer, one layer's activations, the logits row;
 - video index (optional): per frame set the KV of layers 0..L-1 and the layer-L keys.
 
-FLOPs count the matrix multiplications (2 per multiply-add) of the active parameters and the attention products;
-TTFT predictions divide by one throughput, so their *ratios* are the cost model's claim (bench/cost_model.py checks
-them against measurements). `check_fits` is what every run asks before it starts.
+FLOPs count the matrix multiplications (2 per multiply-add) of the active parameters and the attention products,
+per arm and per pass (`Pass`: tokens through layers after a cached context). Time is the FLOPs at the device's
+large-product throughput plus a fixed cost per pass through a layer: a matrix product of r rows takes as long as one of
+r + `pass_rows` rows at full speed (`Throughput`, measured on the device), which is what makes a question's few dozen
+rows dear. The predicted *ratios* are the cost model's claim (bench/cost_model.py checks them against measurements).
+`check_fits` is what every run asks before it starts.
 """
 
 from __future__ import annotations
@@ -182,13 +185,43 @@ class Request:
         return min(self.units, self.set_units) * self.tokens_per_unit + TEXT_TOKENS
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass of the language model: `tokens` new rows through its first `layers` layers, after `context`
+    cached ones."""
+
+    tokens: int
+    layers: int
+    context: int = 0
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """A device's matrix-product speed: a product of r rows takes (r + pass_rows) / flops_per_s of the time per row
+    of a large one. `pass_rows` (tens of rows on a CPU) is the cost of a pass as such: reading the weights and the
+    small product running below peak."""
+
+    flops_per_s: float
+    pass_rows: float
+
+
 @dataclass
 class Estimate:
     device_bytes: dict[str, int]  # stage -> bytes held at its peak, on the model's device (weights included)
     host_bytes: dict[str, int]  # decoded frames (on CPU, the same pool as the device)
     flops: dict[str, float]  # arm -> FLOPs to the first answer token
     request: Request
+    passes: dict[str, list[Pass]] = field(default_factory=dict)  # arm -> its language-model passes
     notes: list[str] = field(default_factory=list)
+
+    def seconds(self, shape: ModelShape, throughput: Throughput) -> dict[str, float]:
+        """Each arm's predicted time to the first answer token: its FLOPs, plus `pass_rows` rows through the layers
+        of each of its passes, at `flops_per_s`."""
+        fixed = {
+            arm: sum(2.0 * throughput.pass_rows * sum(shape.layer_active_params[: p.layers]) for p in passes)
+            for arm, passes in self.passes.items()
+        }
+        return {arm: (f + fixed.get(arm, 0.0)) / throughput.flops_per_s for arm, f in self.flops.items()}
 
     @property
     def peak_device_bytes(self) -> int:
@@ -205,7 +238,8 @@ class Estimate:
 
 
 def prefill_flops(shape: ModelShape, tokens: int, layers: int, context: int = 0) -> float:
-    """Matmul FLOPs of `tokens` new tokens through the first `layers` layers (after `context` cached ones)."""
+    """Matmul FLOPs of `tokens` new tokens through the first `layers` layers (after `context` cached ones): a
+    `Pass`."""
     weights = 2.0 * tokens * sum(shape.layer_active_params[:layers])
     attention_layers = sum(1 for i in shape.attention_layers if i < layers)
     # q.k and p.v over the causal span: each new token sees the context and, on average, half the new tokens.
@@ -246,21 +280,23 @@ def estimate(shape: ModelShape, req: Request, dtype_bytes: int, materialised_att
         device["video_index"] = weights + visual + req.sets * n * per_token
     frames = req.frames * req.frame_hw[0] * req.frame_hw[1] * 3
     text = TEXT_TOKENS
-    encode = vision_flops(shape, req)
-    baseline = encode + prefill_flops(shape, req.visual_tokens + text, shape.num_layers)
-    answer_prefill = prefill_flops(shape, req.budget + text, shape.num_layers)
-    scoring_flops = sum(
-        prefill_flops(shape, min(req.set_units, req.units - g) * req.tokens_per_unit + text, req.layer)
-        for g in range(0, req.units, req.set_units)
-    )
-    followup = prefill_flops(shape, text, req.layer, context=req.set_tokens) * req.sets + answer_prefill
-    flops = {
-        "baseline": baseline,
-        "flexselect": encode + scoring_flops + answer_prefill,
-        "followup_indexed": followup,
-        "answer_pass": answer_prefill,
+    set_sizes = [min(req.set_units, req.units - g) * req.tokens_per_unit for g in range(0, req.units, req.set_units)]
+    answer = [Pass(req.budget + text, shape.num_layers)]
+    if req.index:  # the first question builds the index: each set's context rows, then the question's against them
+        scoring = [p for n in set_sizes for p in (Pass(n, req.layer), Pass(text, req.layer, context=n))]
+    else:
+        scoring = [Pass(n + text, req.layer) for n in set_sizes]
+    passes = {
+        "baseline": [Pass(req.visual_tokens + text, shape.num_layers)],
+        "flexselect": scoring + answer,
+        "followup_indexed": [Pass(text, req.layer, context=n) for n in set_sizes] + answer,
+        "answer_pass": answer,
     }
-    return Estimate(device, {"decoded_frames": frames}, flops, req)
+    flops = {arm: sum(prefill_flops(shape, p.tokens, p.layers, p.context) for p in ps) for arm, ps in passes.items()}
+    encode = vision_flops(shape, req)
+    flops["baseline"] += encode
+    flops["flexselect"] += encode
+    return Estimate(device, {"decoded_frames": frames}, flops, req, passes)
 
 
 def check_fits(
@@ -405,22 +441,31 @@ def recommend(
     return last
 
 
-def measured_flops_per_s(device: str, dtype) -> float:
-    """This device's matmul throughput, from a few square products (about a second): the time predictions' unit."""
+def measured_throughput(device: str, dtype, shape: ModelShape) -> Throughput:
+    """This device's `Throughput` on the model's MLP product (hidden -> intermediate), timed at a question's 32 rows
+    and at 1024 (about a second): the time predictions' unit."""
     import time
 
     import torch
 
-    n = 2048 if device.startswith("cuda") else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    a @ a  # warm-up
-    runs, t0 = 0, time.perf_counter()
-    while runs < 3 or time.perf_counter() - t0 < 0.3:
-        a @ a
-        runs += 1
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return 2.0 * n**3 * runs / (time.perf_counter() - t0)
+    weight = torch.randn(shape.intermediate, shape.hidden, device=device, dtype=dtype)
+
+    def seconds(rows: int) -> float:
+        x = torch.randn(rows, shape.hidden, device=device, dtype=dtype)
+        torch.nn.functional.linear(x, weight)  # warm-up
+        best = math.inf
+        for _ in range(3):
+            runs, t0 = 0, time.perf_counter()
+            while runs < 2 or time.perf_counter() - t0 < 0.05:
+                torch.nn.functional.linear(x, weight)
+                runs += 1
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / runs)
+        return best
+
+    per_row = seconds(1024) / 1024
+    return Throughput(2.0 * shape.hidden * shape.intermediate / per_row, max(0.0, seconds(32) / per_row - 32))
 
 
 # -- command line ------------------------------------------------------------------------------------------------
@@ -470,8 +515,8 @@ def run_plan(args) -> int:
             raise FlexSelectError(f"--memory must be a positive number of GiB, got {args.memory}")
         free, name = int(args.memory * GiB), f"{args.memory:g} GiB (--memory)"
     plan = recommend(shape, duration, width, height, free, host, dtype.itemsize, device == "cpu")
-    throughput = measured_flops_per_s(device, dtype)
-    seconds = {arm: f / throughput for arm, f in plan.estimate.flops.items()}
+    throughput = measured_throughput(device, dtype, shape)
+    seconds = plan.estimate.seconds(shape, throughput)
     if args.json:
         print(
             json.dumps(
@@ -485,7 +530,8 @@ def run_plan(args) -> int:
                     "free_bytes": free,
                     "estimate": plan.estimate.to_dict(),
                     "predicted_seconds": seconds,
-                    "flops_per_s": throughput,
+                    "flops_per_s": throughput.flops_per_s,
+                    "pass_rows": throughput.pass_rows,
                 }
             )
         )
@@ -505,7 +551,8 @@ def run_plan(args) -> int:
         print(f"  {stage.replace('_', ' '):<14} {need / GiB:8.2f} GiB")
     print(f"  decoded frames {plan.estimate.host_bytes['decoded_frames'] / GiB:8.2f} GiB (host memory)")
     print(
-        f"time to first token at {throughput / 1e9:.0f} GFLOP/s measured here: full tokens "
+        f"time to first token at {throughput.flops_per_s / 1e9:.0f} GFLOP/s and {throughput.pass_rows:.0f} rows "
+        "per pass measured here: full tokens "
         f"{seconds['baseline']:.1f} s, FlexSelect {seconds['flexselect']:.1f} s "
         f"({seconds['baseline'] / seconds['flexselect']:.1f}x), follow-up with the index "
         f"{seconds['followup_indexed']:.1f} s (a compute-bound estimate: memory-bound stages run slower)"
