@@ -46,3 +46,18 @@ def test_peer_context_overflow_is_one_line(peer_inputs):
     proc = run_peer(peer_inputs, "--ctx", "128")
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("context overflow: the prompt is ")
+
+
+def test_mtmd_cli_times_read_off_its_output():
+    """bench/peer.py times llama-mtmd-cli by when its output arrives: loaded (stderr warning) -> prompt evaluated
+    (a newline on stdout) -> first answer token."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from peer import mtmd_cli_times
+
+    err = [(0.5, b"load_tensors: ...\n"), (2.0, b"WARN: This is an experimental CLI for testing\n")]
+    out = [(9.0, b"\n"), (9.25, b"The"), (9.5, b" cat")]
+    assert mtmd_cli_times({"err": err, "out": out}) == (7.25, 7.5)
+    # the newline and the first token in one read; an answer that ended at once counts the prefill
+    assert mtmd_cli_times({"err": err, "out": [(9.0, b"\nThe")]}) == (7.0, 7.0)
+    assert mtmd_cli_times({"err": err, "out": [(9.0, b"\n")]}) == (7.0, 7.0)
+    assert mtmd_cli_times({"err": err[:1], "out": out}) is None  # never got past loading
