@@ -90,7 +90,7 @@ def predicted(shape, frames: int, budget: int, layer: int, set_frames: int, thro
             "answer": est.flops["answer_pass"],
         },
         "baseline_bytes": baseline.device_bytes["answer_pass"] - est.device_bytes["weights"],
-        "flexselect_bytes": max(est.device_bytes["scoring_pass"], est.device_bytes["answer_pass"])
+        "flexselect_bytes": max(est.device_bytes[s] for s in ("scoring_pass", "answer_pass", "video_index"))
         - est.device_bytes["weights"],
         "weights_bytes": est.device_bytes["weights"],
         "request": req,

@@ -10,7 +10,8 @@ family, dense or MoE, no weights read). The memory of a stage is what it holds b
   (the language model's attention runs in fused sdpa kernels, on CPU too: bench/cost_model.py measured this; the
   question rows' scores at the reference layer are a few MB);
 - answer pass: the KV cache of the kept tokens + prompt + answer, one layer's activations, the logits row;
-- video index (optional): per frame set the KV of layers 0..L-1 and the layer-L keys.
+- video index (optional): per frame set the KV of layers 0..L-1 and the layer-L keys, held while the later sets are
+  scored and the answer pass runs.
 
 FLOPs count the matrix multiplications (2 per multiply-add) of the active parameters and the attention products,
 per arm and per pass (`Pass`: tokens through layers after a cached context). Time is the FLOPs at the device's
@@ -274,10 +275,10 @@ def estimate(shape: ModelShape, req: Request, dtype_bytes: int, materialised_att
         "scoring_pass": weights + visual + scoring,
         "answer_pass": weights + visual + answer,
     }
-    if req.index:
+    if req.index:  # held from its first set on and through the answer pass (it is kept for the follow-ups)
         index_layers = sum(1 for i in shape.attention_layers if i < req.layer)
         per_token = (2 * index_layers + 1) * shape.kv_heads * shape.head_dim * b
-        device["video_index"] = weights + visual + req.sets * n * per_token
+        device["video_index"] = weights + visual + req.sets * n * per_token + max(scoring, answer)
     frames = req.frames * req.frame_hw[0] * req.frame_hw[1] * 3
     text = TEXT_TOKENS
     set_sizes = [min(req.set_units, req.units - g) * req.tokens_per_unit for g in range(0, req.units, req.set_units)]
@@ -451,18 +452,19 @@ def measured_throughput(device: str, dtype, shape: ModelShape) -> Throughput:
     weight = torch.randn(shape.intermediate, shape.hidden, device=device, dtype=dtype)
 
     def seconds(rows: int) -> float:
+        """The median of 5 timings of about 0.1 s each (a small product's time varies from run to run)."""
         x = torch.randn(rows, shape.hidden, device=device, dtype=dtype)
         torch.nn.functional.linear(x, weight)  # warm-up
-        best = math.inf
-        for _ in range(3):
+        times = []
+        for _ in range(5):
             runs, t0 = 0, time.perf_counter()
-            while runs < 2 or time.perf_counter() - t0 < 0.05:
+            while runs < 2 or time.perf_counter() - t0 < 0.1:
                 torch.nn.functional.linear(x, weight)
                 runs += 1
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - t0) / runs)
-        return best
+            times.append((time.perf_counter() - t0) / runs)
+        return sorted(times)[2]
 
     per_row = seconds(1024) / 1024
     return Throughput(2.0 * shape.hidden * shape.intermediate / per_row, max(0.0, seconds(32) / per_row - 32))
