@@ -56,3 +56,16 @@ def save_tiny_ranker(backend, path) -> None:
     config = decoder_config("host_embeds", {**shape, "num_key_value_heads": 2}, host.vocab_size)
     torch.manual_seed(0)
     save_bundle(LiteRanker(config, host, "host_embeds", backend.hidden_size), path)
+
+
+def cpu_backends(model_dirs: dict) -> dict:
+    """A float32 CPU backend per family in `model_dirs` (family -> checkpoint folder)."""
+    from flexselect.backends import load_backend
+
+    return {family: load_backend(path, device="cpu", dtype="float32") for family, path in model_dirs.items()}
+
+
+def qwen3_clip(n_frames: int = 8) -> Clip:
+    """Random 64 x 96 frames: 2 x 3 merged tokens per unit of the tiny Qwen3-VL / Qwen3.5 checkpoints (16-pixel
+    patches, merged 2 x 2)."""
+    return random_clip(n_frames, height=64, width=96)

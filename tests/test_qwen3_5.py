@@ -22,7 +22,7 @@ from flexselect.defaults import reference_layer_for
 from flexselect.errors import FlexSelectError
 from flexselect.pipeline import FlexSelect, SelectOptions
 from flexselect.selection import frame_sets, top_k
-from helpers import check_timestamped_answer, needle_tokens, random_clip
+from helpers import check_timestamped_answer, cpu_backends, needle_tokens, qwen3_clip
 
 FAMILIES = ["qwen3_5", "qwen3_5_moe"]
 FULL = [3, 7]  # the tiny models' full-attention layers (interval 4 of 8)
@@ -38,11 +38,7 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backends(model_dirs):
-    return {family: load_backend(path, device="cpu", dtype="float32") for family, path in model_dirs.items()}
-
-
-def fake_clip(n_frames=8):
-    return random_clip(n_frames, height=64, width=96)
+    return cpu_backends(model_dirs)
 
 
 # -- detection, loading, visual tokens -------------------------------------------------------------------------------
@@ -69,7 +65,7 @@ def test_tokenizer_is_the_checkpoints_own(backends, model_dirs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_visual_tokens_equal_transformers_video_features_without_deepstack(family, backends):
     backend = backends[family]
-    clip = fake_clip(n_frames=7)
+    clip = qwen3_clip(n_frames=7)
     visual = backend.encode(clip)
     assert visual.num_frames == 4 and visual.grid == (2, 3) and visual.deepstack.shape[0] == 0
     patches, (t, gh, gw) = patchify(backend.pixels(clip.frames), 16, 2, 2)
@@ -99,7 +95,7 @@ def eager_attentions(backend, inputs):
 @pytest.mark.parametrize("set_frames", [64, 3])  # one frame set, several
 def test_scores_equal_eager_attention_at_each_full_attention_layer(family, set_frames, backends):
     backend = backends[family]
-    visual = backend.encode(fake_clip(n_frames=16))
+    visual = backend.encode(qwen3_clip(n_frames=16))
     prompt = backend.prompt("What color is the car?")
     rows = len(prompt.suffix_ids)
     worst = 0.0
@@ -122,7 +118,7 @@ def test_linear_layers_before_the_reference_carry_the_state_of_a_full_forward(fa
     and the linear layers do mix the sequence there (dropping one visual token changes the rows after it): their
     convolution and recurrent state ran over the whole prefix + set + question, from zero, as in that forward."""
     backend = backends[family]
-    visual = backend.encode(fake_clip(n_frames=6))
+    visual = backend.encode(qwen3_clip(n_frames=6))
     prompt = backend.prompt("Where is it?")
     inputs = backend.scoring_inputs(visual, [0, 1, 2], prompt)
     entering = []
@@ -151,7 +147,7 @@ def test_linear_layers_before_the_reference_carry_the_state_of_a_full_forward(fa
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scoring_pass_stops_after_the_reference_layers_qk(family, backends):
     backend = backends[family]
-    visual = backend.encode(fake_clip(n_frames=6))
+    visual = backend.encode(qwen3_clip(n_frames=6))
     layers = backend.text_model.layers
     calls = []
     hooks = [layers[i].register_forward_hook(lambda m, a, o, i=i: calls.append(("layer", i))) for i in range(8)]
@@ -176,7 +172,7 @@ def test_scoring_pass_stops_after_the_reference_layers_qk(family, backends):
 @pytest.mark.parametrize("layer", [0, 2, 5, 6])
 def test_a_linear_attention_layer_is_refused_with_the_valid_ones(layer, backends):
     backend = backends["qwen3_5"]
-    visual = backend.encode(fake_clip(n_frames=4))
+    visual = backend.encode(qwen3_clip(n_frames=4))
     with pytest.raises(FlexSelectError, match=rf"layer {layer} is a linear-attention layer.* are 3, 7"):
         FlexSelect(backend).select(visual, backend.prompt("What?"), options=SelectOptions(budget=6, layer=layer))
     with pytest.raises(FlexSelectError, match="out of range: this model has layers 0..7"):
@@ -196,7 +192,7 @@ def test_default_layer_is_the_full_attention_layer_nearest_qwen2_5_vl_depth(back
         assert reference_layer_for(family, n, full) == expected
         assert abs(expected - 20 / 28 * n) <= 2  # nearest of a grid of step 4
     backend = backends["qwen3_5"]
-    visual = backend.encode(fake_clip(n_frames=8))
+    visual = backend.encode(qwen3_clip(n_frames=8))
     reference_layer_for.cache_clear()
     with caplog.at_level(logging.WARNING, logger="flexselect"):
         selection = FlexSelect(backend).select(visual, backend.prompt("What?"), options=SelectOptions(budget=6))
@@ -210,7 +206,7 @@ def test_layer_scan_scans_only_the_full_attention_layers_and_prints_the_layer_to
     from flexselect.layer_scan import layer_scores, make_scan_examples, run_layer_scan
 
     backend = backends["qwen3_5"]
-    visual = backend.encode(fake_clip(n_frames=8))
+    visual = backend.encode(qwen3_clip(n_frames=8))
     prompt = backend.prompt("What colour is the square?")
     scanned = layer_scores(backend, visual, list(range(visual.num_frames)), prompt)  # one row per full layer
     assert scanned.shape == (len(FULL), visual.num_tokens)
@@ -317,7 +313,7 @@ def test_cached_answer_pass_equals_uncached_full_forwards(family, backends):
     """Greedy decoding with the hybrid cache (linear layers' conv/recurrent state + full layers' KV) gives the
     tokens that re-running the whole sequence without a cache gives at every step."""
     backend = backends[family]
-    visual = backend.encode(fake_clip(n_frames=8))
+    visual = backend.encode(qwen3_clip(n_frames=8))
     prompt = backend.prompt("What happens?")
     kept = torch.tensor([0, 4, 5, 13, 20])
     steps = 4

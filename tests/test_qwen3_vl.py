@@ -16,7 +16,7 @@ from flexselect.backends.hf import qwen3_vl
 from flexselect.backends.hf.qwen2_5_vl import patchify
 from flexselect.errors import FlexSelectError
 from flexselect.selection import frame_sets, top_k
-from helpers import check_timestamped_answer, needle_tokens, random_clip
+from helpers import check_timestamped_answer, cpu_backends, needle_tokens, qwen3_clip
 
 FAMILIES = ["qwen3_vl", "qwen3_vl_moe"]
 
@@ -34,11 +34,7 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backends(model_dirs):
-    return {family: load_backend(path, device="cpu", dtype="float32") for family, path in model_dirs.items()}
-
-
-def fake_clip(n_frames=8):
-    return random_clip(n_frames, height=64, width=96)
+    return cpu_backends(model_dirs)
 
 
 # -- detection, loading, visual tokens -------------------------------------------------------------------------------
@@ -53,7 +49,7 @@ def test_family_is_detected_and_loaded(family, model_dirs, backends):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_visual_tokens_and_deepstack_equal_transformers_video_features(family, backends, monkeypatch):
     backend = backends[family]
-    clip = fake_clip(n_frames=7)  # odd: the last unit repeats its last frame
+    clip = qwen3_clip(n_frames=7)  # odd: the last unit repeats its last frame
     monkeypatch.setattr(qwen3_vl, "ENCODE_CHUNK_UNITS", 2)
     chunked = backend.encode(clip)
     assert chunked.num_frames == 4 and chunked.grid == (2, 3) and chunked.frame_size == (64, 96)
@@ -84,7 +80,7 @@ def full_video_ids(backend, visual, prompt):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_answer_pass_positions_and_deepstack_are_the_full_video_forwards(family, backends):
     backend = backends[family]
-    clip = fake_clip(n_frames=12)
+    clip = qwen3_clip(n_frames=12)
     visual = backend.encode(clip)
     prompt = backend.prompt("What happens?")
     ids, types = full_video_ids(backend, visual, prompt)
@@ -140,7 +136,7 @@ def test_answer_pass_positions_and_deepstack_are_the_full_video_forwards(family,
 
 def test_compact_layout_closes_the_gaps_of_units_that_keep_little(backends, model_dirs):
     backend = load_backend(model_dirs["qwen3_vl"], device="cpu", dtype="float32", positions="compact")
-    visual = backends["qwen3_vl"].encode(fake_clip(n_frames=12))
+    visual = backends["qwen3_vl"].encode(qwen3_clip(n_frames=12))
     prompt = backend.prompt("What happens?")
     kept = torch.tensor([0, 4, 5, 13, 32, 35])
     compact = backend.answer_inputs(visual, kept, prompt)
@@ -153,7 +149,7 @@ def test_compact_layout_closes_the_gaps_of_units_that_keep_little(backends, mode
 
 def test_scoring_pass_writes_the_sets_units_with_their_own_timestamps(backends):
     backend = backends["qwen3_vl"]
-    visual = backend.encode(fake_clip(n_frames=12))
+    visual = backend.encode(qwen3_clip(n_frames=12))
     prompt = backend.prompt("Where?")
     inputs = backend.scoring_inputs(visual, [1, 4], prompt)
     text = torch.ones(inputs.embeds.shape[1], dtype=torch.bool)
@@ -198,7 +194,7 @@ def eager_scores(backend, inputs, rows):
 @pytest.mark.parametrize("set_frames", [64, 3])  # one frame set, several
 def test_scores_equal_eager_attention_with_deepstack_and_qk_norms(family, set_frames, backends):
     backend = backends[family]
-    visual = backend.encode(fake_clip(n_frames=16))
+    visual = backend.encode(qwen3_clip(n_frames=16))
     prompt = backend.prompt("What color is the car?")
     rows = len(prompt.suffix_ids)
     sets = frame_sets(visual.num_frames, set_frames)
@@ -226,7 +222,7 @@ def test_scores_equal_eager_attention_with_deepstack_and_qk_norms(family, set_fr
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scoring_pass_never_runs_the_deeper_layers(family, backends):
     backend = backends[family]
-    visual = backend.encode(fake_clip(n_frames=6))
+    visual = backend.encode(qwen3_clip(n_frames=6))
     layers = backend.text_model.layers
     calls = []
     hooks = [layers[i].register_forward_hook(lambda m, a, o, i=i: calls.append(("layer", i))) for i in range(4)]
@@ -254,7 +250,7 @@ def test_past_key_values_prefix_gives_the_same_scores_and_is_left_as_it_was(back
     from flexselect.backends.hf.shared import attention_scores
 
     backend = backends["qwen3_vl"]
-    visual = backend.encode(fake_clip(n_frames=6))
+    visual = backend.encode(qwen3_clip(n_frames=6))
     prompt = backend.prompt("Where is it?")
     inputs = backend.scoring_inputs(visual, [0, 1, 2], prompt)
     rows = len(prompt.suffix_ids)
@@ -416,7 +412,7 @@ def test_layer_scan_scores_every_layer_like_the_stopped_pass_and_prints_the_laye
     from flexselect.layer_scan import add_layer_scan_command, layer_scores
 
     backend = backends["qwen3_vl"]
-    visual = backend.encode(fake_clip(n_frames=6))
+    visual = backend.encode(qwen3_clip(n_frames=6))
     prompt = backend.prompt("What colour is the square?")
     frames = list(range(visual.num_frames))
     every = layer_scores(backend, visual, frames, prompt)
@@ -452,7 +448,7 @@ def test_pipeline_answers_end_to_end(family, model_dirs):
 
     pipe = FlexSelect.load(model_dirs[family], device="cpu", dtype="float32")
     answer = pipe.answer(
-        fake_clip(n_frames=16),
+        qwen3_clip(n_frames=16),
         "What happens in the video?",
         generation=GenerationConfig(max_new_tokens=3),
         options=SelectOptions(budget=12, set_frames=4, layer=2),
@@ -466,7 +462,7 @@ def test_pipeline_answers_end_to_end(family, model_dirs):
 def test_mean_aggregate_equals_eager_attention_mean(backends):
     """aggregate="mean" over the captured question rows equals the mean of eager attention over heads and rows."""
     backend = backends["qwen3_vl"]
-    visual = backend.encode(fake_clip(n_frames=4))
+    visual = backend.encode(qwen3_clip(n_frames=4))
     prompt = backend.prompt("Why?")
     inputs = backend.scoring_inputs(visual, [0, 1], prompt)
     mean = backend.layer_scores(inputs, [1], len(prompt.suffix_ids), "mean")[1]
