@@ -282,16 +282,16 @@ def estimate(shape: ModelShape, req: Request, dtype_bytes: int, materialised_att
     frames = req.frames * req.frame_hw[0] * req.frame_hw[1] * 3
     text = TEXT_TOKENS
     set_sizes = [min(req.set_units, req.units - g) * req.tokens_per_unit for g in range(0, req.units, req.set_units)]
-    answer = [Pass(req.budget + text, shape.num_layers)]
+    answer_passes = [Pass(req.budget + text, shape.num_layers)]
     if req.index:  # the first question builds the index: each set's context rows, then the question's against them
-        scoring = [p for n in set_sizes for p in (Pass(n, req.layer), Pass(text, req.layer, context=n))]
+        scoring_passes = [p for n in set_sizes for p in (Pass(n, req.layer), Pass(text, req.layer, context=n))]
     else:
-        scoring = [Pass(n + text, req.layer) for n in set_sizes]
+        scoring_passes = [Pass(n + text, req.layer) for n in set_sizes]
     passes = {
         "baseline": [Pass(req.visual_tokens + text, shape.num_layers)],
-        "flexselect": scoring + answer,
-        "followup_indexed": [Pass(text, req.layer, context=n) for n in set_sizes] + answer,
-        "answer_pass": answer,
+        "flexselect": scoring_passes + answer_passes,
+        "followup_indexed": [Pass(text, req.layer, context=n) for n in set_sizes] + answer_passes,
+        "answer_pass": answer_passes,
     }
     flops = {arm: sum(prefill_flops(shape, p.tokens, p.layers, p.context) for p in ps) for arm, ps in passes.items()}
     encode = vision_flops(shape, req)
