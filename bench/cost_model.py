@@ -109,6 +109,8 @@ def main() -> int:
     p.add_argument("--time-limit", type=float, default=900)
     p.add_argument("--repeats", type=int, default=3, help="runs of each arm in its process; the fastest counts")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
 
     # torch's threads (OMP_NUM_THREADS); on a shared, oversubscribed CPU one pinned thread avoids the barrier stalls
     # that otherwise grow with the number of ops, i.e. with the number of passes

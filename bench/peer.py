@@ -193,6 +193,8 @@ def main() -> int:
     ap.add_argument("--cache", default=os.environ.get("FLEXSELECT_BENCH_DIR", Path(tempfile.gettempdir()) / "fs-bench"))
     ap.add_argument("--out", default=str(HERE / "results" / "peer.json"))
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     if not Path(args.cli).is_file():
         sys.exit(f"{args.cli} not found: build the C++ runtime first (cmake --build build --target flexselect-cli)")
 
@@ -256,7 +258,7 @@ def main() -> int:
             needle_frames=(frames // 3,),
         )  # fmt: skip
         table = arms(video, frames)
-        best: dict[str, dict] = {}
+        runs: dict[str, list[dict]] = {name: [] for name in table}
         for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every arm alike
             for name, (cmd, env, parse) in table.items():
                 load = os.getloadavg()[0]
@@ -266,12 +268,11 @@ def main() -> int:
                 row |= {"process_wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"]}
                 done = f"TTFT {row['ttft_s']:.2f} s, total {row['total_s']:.2f} s" if row["ok"] else row["error"]
                 print(f"{frames:4d} frames  {name:24s} {done}; RSS {row['peak_rss_mb'] or 0:.0f} MB", file=sys.stderr)
-                kept = best.get(name)
-                runs = (kept or {}).get("ttft_runs_s", []) + ([row["ttft_s"]] if row["ok"] else [])
-                if kept is None or (row["ok"] and (not kept["ok"] or row["ttft_s"] < kept["ttft_s"])):
-                    best[name] = row
-                best[name]["ttft_runs_s"] = runs
-        results.extend(best.values())
+                runs[name].append(row)
+        for rows in runs.values():  # the fastest completed run of each arm, or its last failure
+            done = [r for r in rows if r["ok"]]
+            results.append(min(done, key=lambda r: r["ttft_s"]) if done else rows[-1])
+            results[-1]["ttft_runs_s"] = [r["ttft_s"] for r in done]
 
     lines = report(results, args)
     print("\n".join(lines))

@@ -299,6 +299,8 @@ def main() -> None:
     p.add_argument("--one", nargs=2, metavar=("FAMILY", "ARM"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS / "ttft", help="results stem: writes STEM.json and STEM.png")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     args.budget = args.budget or 32 * args.grid[0] * args.grid[1]
     if args.one:
         family, arm = args.one
