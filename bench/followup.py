@@ -270,6 +270,8 @@ def main() -> None:
     p.add_argument("--cpp-frames", type=int, default=64)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "flexselect" / "bench"))
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     args.budget = args.budget or 32 * args.grid[0] * args.grid[1]
     config = {k: v for k, v in vars(args).items() if k not in ("frames", "merge", "skip_cpp", "cache")}
     previous = json.loads((RESULTS / "followup.json").read_text()) if args.merge else {}
